@@ -1,0 +1,155 @@
+//! Map keys and values shared by the eBPF programs and the daemon.
+//!
+//! Every type is `#[repr(C)]` with explicit padding so both sides agree on the layout byte
+//! for byte. Addresses and ports are kept in network byte order, as the kernel hands them to
+//! `sock_addr` programs, so the datapath never swaps bytes.
+#![no_std]
+
+/// Names of the maps, as the eBPF object declares them and as they are pinned in bpffs.
+/// The kernel keeps at most 15 characters of a map name.
+pub mod map_names {
+    /// (netns cookie, VIP) → load-balancer id: the VIP table, scoped per sandbox.
+    pub const VIPS: &str = "MESHD_VIPS";
+    /// load-balancer id → table size and VIP.
+    pub const LBS: &str = "MESHD_LBS";
+    /// (load-balancer id, slot) → backend address: the Maglev lookup tables.
+    pub const MAGLEV: &str = "MESHD_MAGLEV";
+    /// (socket cookie, backend, port) → VIP: what `recvmsg4`/`getpeername4` show the app.
+    pub const REVNAT: &str = "MESHD_REVNAT";
+    /// (load-balancer id, backend) → connections (per CPU).
+    pub const BACKEND_CONNS: &str = "MESHD_BE_CONNS";
+    /// load-balancer id → connections (per CPU).
+    pub const LB_CONNS: &str = "MESHD_LB_CONNS";
+    /// load-balancer id → (service id, network id): lets a restarted meshd adopt the ids.
+    pub const LB_META: &str = "MESHD_LB_META";
+
+    pub const ALL: [&str; 7] = [VIPS, LBS, MAGLEV, REVNAT, BACKEND_CONNS, LB_CONNS, LB_META];
+}
+
+/// Names of the programs in the eBPF object.
+pub mod prog_names {
+    pub const CONNECT4: &str = "meshd_connect4";
+    pub const SENDMSG4: &str = "meshd_sendmsg4";
+    pub const RECVMSG4: &str = "meshd_recvmsg4";
+    pub const GETPEERNAME4: &str = "meshd_getpeername4";
+}
+
+/// Capacities of the maps. Large maps are created without preallocation so an idle node
+/// pays only for what it holds.
+pub mod capacity {
+    pub const VIPS: u32 = 1 << 18;
+    pub const LBS: u32 = 1 << 16;
+    pub const MAGLEV: u32 = 1 << 22;
+    pub const REVNAT: u32 = 1 << 18;
+    pub const BACKEND_CONNS: u32 = 1 << 18;
+    pub const LB_CONNS: u32 = 1 << 16;
+}
+
+/// Key of the VIP table: a VIP is visible only from the network namespaces of containers
+/// attached to its network.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VipKey {
+    pub netns_cookie: u64,
+    /// IPv4 address, network byte order.
+    pub ip: u32,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipValue {
+    pub lb_id: u32,
+    pub _pad: u32,
+}
+
+/// One load balancer: a service's VIP on one network.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LbValue {
+    /// The VIP, network byte order.
+    pub vip: u32,
+    /// Size of the Maglev table (a prime); 0 means no live backend.
+    pub table_size: u32,
+    pub backend_count: u32,
+    pub flags: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MaglevKey {
+    pub lb_id: u32,
+    pub slot: u32,
+}
+
+/// A backend as the datapath needs it: the task's address on the VIP's network.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendValue {
+    /// IPv4 address, network byte order.
+    pub ip: u32,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendKey {
+    pub lb_id: u32,
+    /// IPv4 address, network byte order.
+    pub ip: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RevNatKey {
+    pub socket_cookie: u64,
+    /// Backend address and port, network byte order.
+    pub ip: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RevNatValue {
+    /// VIP address and port, network byte order.
+    pub ip: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Docker object ids are 25 characters; 32 bytes leave room, zero padded.
+pub const ID_LEN: usize = 32;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LbMeta {
+    pub service_id: [u8; ID_LEN],
+    pub network_id: [u8; ID_LEN],
+}
+
+/// A well-mixed 64-bit hash (the splitmix64 finaliser). Socket cookies are sequential, so
+/// they must be mixed before they pick a Maglev slot.
+#[inline(always)]
+pub fn mix64(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), made only of integers, with explicit padding.
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipValue {}
+    unsafe impl aya::Pod for LbValue {}
+    unsafe impl aya::Pod for MaglevKey {}
+    unsafe impl aya::Pod for BackendValue {}
+    unsafe impl aya::Pod for BackendKey {}
+    unsafe impl aya::Pod for RevNatKey {}
+    unsafe impl aya::Pod for RevNatValue {}
+    unsafe impl aya::Pod for LbMeta {}
+}

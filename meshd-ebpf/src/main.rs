@@ -1,0 +1,157 @@
+//! Socket-level load balancing for service VIPs.
+//!
+//! `connect4` and `sendmsg4` rewrite a VIP destination to a backend chosen from the VIP's
+//! Maglev table, once per socket: no per-packet NAT, no conntrack entry, nothing to time
+//! out. `recvmsg4` and `getpeername4` translate the backend back to the VIP so the
+//! application only ever sees the address it asked for. A VIP is looked up together with the
+//! caller's network-namespace cookie: only containers attached to the VIP's network see it,
+//! and sockets in namespaces meshd does not know pass through untouched.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{bpf_sock_addr, BPF_F_NO_PREALLOC},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map},
+    maps::{HashMap, LruHashMap, PerCpuHashMap},
+    programs::SockAddrContext,
+};
+use meshd_common::{
+    capacity, mix64, BackendKey, BackendValue, LbMeta, LbValue, MaglevKey, RevNatKey,
+    RevNatValue, VipKey, VipValue,
+};
+
+#[map(name = "MESHD_VIPS")]
+static VIPS: HashMap<VipKey, VipValue> = HashMap::pinned(capacity::VIPS, BPF_F_NO_PREALLOC);
+
+#[map(name = "MESHD_LBS")]
+static LBS: HashMap<u32, LbValue> = HashMap::pinned(capacity::LBS, BPF_F_NO_PREALLOC);
+
+#[map(name = "MESHD_MAGLEV")]
+static MAGLEV: HashMap<MaglevKey, BackendValue> =
+    HashMap::pinned(capacity::MAGLEV, BPF_F_NO_PREALLOC);
+
+#[map(name = "MESHD_REVNAT")]
+static REVNAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::pinned(capacity::REVNAT, 0);
+
+#[map(name = "MESHD_BE_CONNS")]
+static BACKEND_CONNS: PerCpuHashMap<BackendKey, u64> =
+    PerCpuHashMap::pinned(capacity::BACKEND_CONNS, BPF_F_NO_PREALLOC);
+
+#[map(name = "MESHD_LB_CONNS")]
+static LB_CONNS: PerCpuHashMap<u32, u64> =
+    PerCpuHashMap::pinned(capacity::LB_CONNS, BPF_F_NO_PREALLOC);
+
+/// Read only by userspace (it maps ids back to Docker objects after a restart); declared here
+/// so it is created and pinned with the others.
+#[map(name = "MESHD_LB_META")]
+static LB_META: HashMap<u32, LbMeta> = HashMap::pinned(capacity::LBS, BPF_F_NO_PREALLOC);
+
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+
+#[cgroup_sock_addr(connect4)]
+pub fn meshd_connect4(ctx: SockAddrContext) -> i32 {
+    balance(ctx.sock_addr)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn meshd_sendmsg4(ctx: SockAddrContext) -> i32 {
+    balance(ctx.sock_addr)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn meshd_recvmsg4(ctx: SockAddrContext) -> i32 {
+    reverse(ctx.sock_addr);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn meshd_getpeername4(ctx: SockAddrContext) -> i32 {
+    reverse(ctx.sock_addr);
+    ALLOW
+}
+
+#[inline(always)]
+fn balance(sa: *mut bpf_sock_addr) -> i32 {
+    // SAFETY: the kernel hands every sock_addr program a valid context.
+    let (vip, port) = unsafe { ((*sa).user_ip4, (*sa).user_port as u16) };
+    let netns_cookie = unsafe { bpf_get_netns_cookie(sa.cast()) };
+    let key = VipKey {
+        netns_cookie,
+        ip: vip,
+        _pad: 0,
+    };
+    let Some(entry) = VIPS.get_ptr(&key) else {
+        return ALLOW;
+    };
+    let lb_id = unsafe { (*entry).lb_id };
+    let Some(lb) = LBS.get_ptr(&lb_id) else {
+        return ALLOW;
+    };
+    let table_size = unsafe { (*lb).table_size };
+    if table_size == 0 {
+        // A VIP with no live task: fail the connect at once instead of letting it time out.
+        return DENY;
+    }
+    let socket_cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
+    let slot = (mix64(socket_cookie ^ ((vip as u64) << 32)) % table_size as u64) as u32;
+    let Some(backend) = MAGLEV.get_ptr(&MaglevKey { lb_id, slot }) else {
+        return ALLOW;
+    };
+    let backend_ip = unsafe { (*backend).ip };
+    unsafe { (*sa).user_ip4 = backend_ip };
+
+    let rev_key = RevNatKey {
+        socket_cookie,
+        ip: backend_ip,
+        port,
+        _pad: 0,
+    };
+    let rev = RevNatValue {
+        ip: vip,
+        port,
+        _pad: 0,
+    };
+    let _ = REVNAT.insert(&rev_key, &rev, 0);
+
+    // Per-CPU counters: a plain increment is race free. Userspace creates the entries.
+    if let Some(count) = LB_CONNS.get_ptr_mut(&lb_id) {
+        unsafe { *count += 1 };
+    }
+    let be_key = BackendKey {
+        lb_id,
+        ip: backend_ip,
+    };
+    if let Some(count) = BACKEND_CONNS.get_ptr_mut(&be_key) {
+        unsafe { *count += 1 };
+    }
+    ALLOW
+}
+
+#[inline(always)]
+fn reverse(sa: *mut bpf_sock_addr) {
+    let (ip, port) = unsafe { ((*sa).user_ip4, (*sa).user_port as u16) };
+    let key = RevNatKey {
+        socket_cookie: unsafe { bpf_get_socket_cookie(sa.cast()) },
+        ip,
+        port,
+        _pad: 0,
+    };
+    if let Some(rev) = REVNAT.get_ptr(&key) {
+        unsafe {
+            (*sa).user_ip4 = (*rev).ip;
+            (*sa).user_port = (*rev).port as u32;
+        }
+    }
+}
+
+#[no_mangle]
+#[link_section = "license"]
+pub static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,332 @@
+//! meshd's local API for meshctl: one JSON request line in, one JSON answer line out, over a
+//! unix socket only root can open.
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Write},
+    net::Ipv4Addr,
+    os::unix::fs::PermissionsExt,
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader as TokioBufReader},
+    net::UnixListener,
+};
+use tracing::warn;
+
+use crate::{
+    daemon::{unix_ms, Shared},
+    model::EndpointMode,
+};
+
+pub const DEFAULT_SOCKET: &str = "/run/meshd/meshd.sock";
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+pub enum Request {
+    Status,
+    Services,
+    Service { name: String },
+    Maps,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Answer {
+    pub ok: bool,
+    #[serde(default)]
+    pub data: Value,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// Stops serving when dropped.
+pub struct ApiGuard(tokio::task::JoinHandle<()>);
+
+impl Drop for ApiGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+pub fn serve(path: &Path, shared: Arc<Shared>) -> Result<ApiGuard> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    // A socket left by a killed meshd would make bind fail.
+    let _ = std::fs::remove_file(path);
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("bind API socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(ApiGuard(tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = stream.into_split();
+                let mut line = String::new();
+                let mut reader = TokioBufReader::new(r);
+                if reader.read_line(&mut line).await.is_err() {
+                    return;
+                }
+                let answer = match serde_json::from_str::<Request>(&line) {
+                    Ok(req) => match handle(&shared, req) {
+                        Ok(data) => Answer {
+                            ok: true,
+                            data,
+                            error: None,
+                        },
+                        Err(e) => Answer {
+                            ok: false,
+                            data: Value::Null,
+                            error: Some(format!("{e:#}")),
+                        },
+                    },
+                    Err(e) => Answer {
+                        ok: false,
+                        data: Value::Null,
+                        error: Some(format!("bad request: {e}")),
+                    },
+                };
+                let mut out = serde_json::to_vec(&answer).unwrap_or_default();
+                out.push(b'\n');
+                if let Err(e) = w.write_all(&out).await {
+                    warn!(error = %e, "API client went away");
+                }
+            });
+        }
+    })))
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ServiceSummary {
+    pub id: String,
+    pub name: String,
+    pub mode: EndpointMode,
+    pub vips: BTreeMap<String, Ipv4Addr>,
+    pub backends: usize,
+    pub connections: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BackendView {
+    pub ip: Ipv4Addr,
+    pub task_id: String,
+    pub node_id: String,
+    pub node: String,
+    pub slot: Option<u64>,
+    pub state: String,
+    pub connections: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VipView {
+    pub network_id: String,
+    pub network: String,
+    pub vip: Ipv4Addr,
+    pub table_size: u32,
+    pub connections: u64,
+    /// Local sandboxes (containers) that see this VIP.
+    pub sandboxes: Vec<String>,
+    pub backends: Vec<BackendView>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ServiceView {
+    pub id: String,
+    pub name: String,
+    pub mode: EndpointMode,
+    pub vips: Vec<VipView>,
+    /// Tasks of the service that are not backends, and why.
+    pub not_serving: Vec<Value>,
+}
+
+fn handle(shared: &Shared, req: Request) -> Result<Value> {
+    match req {
+        Request::Status => {
+            let snap = shared.snapshot.lock().unwrap();
+            Ok(json!({
+                "node_id": snap.node_id,
+                "uptime_s": (unix_ms().saturating_sub(snap.started_unix_ms)) / 1000,
+                "docker": snap.docker,
+                "datapath": {
+                    "kind": "ebpf",
+                    "pin_dir": snap.pin_dir,
+                    "cgroup": snap.cgroup,
+                    "adopted_at_start": snap.adopted,
+                    "last_apply": snap.last_apply,
+                    "applies_with_changes": snap.applies_with_changes,
+                },
+                "counts": {
+                    "services": snap.state.services.len(),
+                    "tasks": snap.state.tasks.len(),
+                    "networks": snap.state.networks.len(),
+                    "nodes": snap.state.nodes.len(),
+                    "local_sandboxes": snap.state.sandboxes.len(),
+                    "load_balancers": snap.desired.lbs.len(),
+                    "vip_entries": snap.desired.vips.len(),
+                },
+                "event_to_map": snap.latency(),
+                "rejected": snap.rejected(),
+            }))
+        }
+        Request::Services => {
+            let counters = shared.datapath.lock().unwrap().counters()?;
+            let snap = shared.snapshot.lock().unwrap();
+            let list: Vec<ServiceSummary> = snap
+                .state
+                .services
+                .values()
+                .map(|s| {
+                    let lbs: Vec<_> = snap
+                        .desired
+                        .lbs
+                        .iter()
+                        .filter(|(r, _)| r.service_id == s.id)
+                        .collect();
+                    ServiceSummary {
+                        id: s.id.clone(),
+                        name: s.name.clone(),
+                        mode: s.mode,
+                        vips: s
+                            .vips
+                            .iter()
+                            .map(|(n, ip)| {
+                                let name = snap.state.networks.get(n).map_or(n, |n| &n.name);
+                                (name.clone(), *ip)
+                            })
+                            .collect(),
+                        backends: lbs.iter().map(|(_, lb)| lb.backends.len()).max().unwrap_or(0),
+                        connections: lbs
+                            .iter()
+                            .map(|(r, _)| counters.per_lb.get(*r).copied().unwrap_or(0))
+                            .sum(),
+                    }
+                })
+                .collect();
+            Ok(serde_json::to_value(list)?)
+        }
+        Request::Service { name } => {
+            let counters = shared.datapath.lock().unwrap().counters()?;
+            let snap = shared.snapshot.lock().unwrap();
+            let s = snap
+                .state
+                .services
+                .values()
+                .find(|s| s.name == name || s.id == name || s.id.starts_with(&name))
+                .with_context(|| format!("no service named {name:?}"))?;
+            let node_name = |id: &str| {
+                snap.state
+                    .nodes
+                    .get(id)
+                    .map(|n| n.hostname.clone())
+                    .unwrap_or_default()
+            };
+            let mut vips = Vec::new();
+            for (r, lb) in snap.desired.lbs.iter().filter(|(r, _)| r.service_id == s.id) {
+                let sandboxes = snap
+                    .desired
+                    .vips
+                    .iter()
+                    .filter(|(_, lr)| *lr == r)
+                    .filter_map(|((cookie, _), _)| {
+                        snap.state
+                            .sandboxes
+                            .iter()
+                            .find(|sb| sb.netns_cookie == *cookie)
+                            .map(|sb| sb.name.clone())
+                    })
+                    .collect();
+                let backends = lb
+                    .backends
+                    .iter()
+                    .map(|b| BackendView {
+                        ip: b.ip,
+                        task_id: b.task_id.clone(),
+                        node: node_name(&b.node_id),
+                        node_id: b.node_id.clone(),
+                        slot: b.slot,
+                        state: "running".into(),
+                        connections: counters
+                            .per_backend
+                            .get(&(r.clone(), b.ip))
+                            .copied()
+                            .unwrap_or(0),
+                    })
+                    .collect();
+                vips.push(VipView {
+                    network_id: r.network_id.clone(),
+                    network: lb.network_name.clone(),
+                    vip: lb.vip,
+                    table_size: lb.table_size,
+                    connections: counters.per_lb.get(r).copied().unwrap_or(0),
+                    sandboxes,
+                    backends,
+                });
+            }
+            let backend_ids: Vec<&str> = snap
+                .desired
+                .lbs
+                .iter()
+                .filter(|(r, _)| r.service_id == s.id)
+                .flat_map(|(_, lb)| lb.backends.iter().map(|b| b.task_id.as_str()))
+                .collect();
+            let not_serving = snap
+                .state
+                .tasks
+                .iter()
+                .filter(|t| t.service_id == s.id && !backend_ids.contains(&t.id.as_str()))
+                .map(|t| {
+                    let why = if !t.is_live() {
+                        format!("state {} / desired {}", t.state, t.desired_state)
+                    } else if snap.state.nodes.get(&t.node_id).is_some_and(|n| n.is_down()) {
+                        "node down".to_string()
+                    } else {
+                        "no address on a VIP network".to_string()
+                    };
+                    json!({"task_id": t.id, "node": node_name(&t.node_id), "slot": t.slot, "why": why})
+                })
+                .collect();
+            Ok(serde_json::to_value(ServiceView {
+                id: s.id.clone(),
+                name: s.name.clone(),
+                mode: s.mode,
+                vips,
+                not_serving,
+            })?)
+        }
+        Request::Maps => {
+            let dump = shared.datapath.lock().unwrap().dump()?;
+            Ok(serde_json::to_value(dump)?)
+        }
+    }
+}
+
+/// Used by meshctl: send one request, read one answer.
+pub fn call(socket: &Path, req: &Request) -> Result<Value> {
+    let stream = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
+        format!(
+            "cannot reach meshd at {} (is meshd running? `systemctl status meshd`)",
+            socket.display()
+        )
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut w = &stream;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    w.write_all(&line)?;
+    let mut answer = String::new();
+    BufReader::new(&stream).read_line(&mut answer)?;
+    let answer: Answer = serde_json::from_str(&answer).context("meshd sent an unreadable answer")?;
+    if answer.ok {
+        Ok(answer.data)
+    } else {
+        anyhow::bail!("{}", answer.error.unwrap_or_else(|| "meshd failed".into()))
+    }
+}

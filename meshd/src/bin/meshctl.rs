@@ -1,0 +1,153 @@
+//! meshctl: what meshd sees and what it programmed.
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use meshd::api::{call, Request, ServiceSummary, ServiceView};
+use serde_json::Value;
+
+#[derive(Parser)]
+#[command(version, about = "Inspect meshd: services, VIPs, backends, counters")]
+struct Cli {
+    /// meshd's API socket.
+    #[arg(long, global = true, env = "MESHCTL_SOCKET", default_value = meshd::api::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Print the raw JSON answer.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Docker connection, datapath, counts, rejected objects, event-to-map latency.
+    Status,
+    /// Every service with its VIPs, live backends and connection count.
+    Services,
+    /// One service: VIP per network, backends with task, node, state, counters.
+    Service { name: String },
+    /// The kernel maps as read back from the kernel.
+    Maps,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(&cli) {
+        eprintln!("meshctl: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    let req = match &cli.command {
+        Command::Status => Request::Status,
+        Command::Services => Request::Services,
+        Command::Service { name } => Request::Service { name: name.clone() },
+        Command::Maps => Request::Maps,
+    };
+    let data = call(&cli.socket, &req)?;
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&data)?);
+        return Ok(());
+    }
+    match cli.command {
+        Command::Status => print_status(&data),
+        Command::Services => {
+            let list: Vec<ServiceSummary> = serde_json::from_value(data)?;
+            println!(
+                "{:<24} {:<6} {:>8} {:>12}  VIPS",
+                "NAME", "MODE", "BACKENDS", "CONNECTIONS"
+            );
+            for s in list {
+                let vips: Vec<String> = s.vips.iter().map(|(n, ip)| format!("{n}={ip}")).collect();
+                println!(
+                    "{:<24} {:<6} {:>8} {:>12}  {}",
+                    s.name,
+                    format!("{:?}", s.mode).to_lowercase(),
+                    s.backends,
+                    s.connections,
+                    vips.join(" ")
+                );
+            }
+        }
+        Command::Service { .. } => {
+            let s: ServiceView = serde_json::from_value(data)?;
+            println!("service {} ({}) mode {:?}", s.name, s.id, s.mode);
+            for v in &s.vips {
+                println!(
+                    "  network {} VIP {}  maglev table {}  connections {}  seen by {} local container(s)",
+                    v.network,
+                    v.vip,
+                    v.table_size,
+                    v.connections,
+                    v.sandboxes.len()
+                );
+                println!(
+                    "    {:<16} {:<26} {:<12} {:>5} {:<8} {:>12}",
+                    "BACKEND", "TASK", "NODE", "SLOT", "STATE", "CONNECTIONS"
+                );
+                for b in &v.backends {
+                    println!(
+                        "    {:<16} {:<26} {:<12} {:>5} {:<8} {:>12}",
+                        b.ip,
+                        b.task_id,
+                        b.node,
+                        b.slot.map(|s| s.to_string()).unwrap_or_default(),
+                        b.state,
+                        b.connections
+                    );
+                }
+            }
+            for t in &s.not_serving {
+                println!(
+                    "  not serving: task {} on {}: {}",
+                    t["task_id"].as_str().unwrap_or(""),
+                    t["node"].as_str().unwrap_or(""),
+                    t["why"].as_str().unwrap_or("")
+                );
+            }
+        }
+        Command::Maps => println!("{}", serde_json::to_string_pretty(&data)?),
+    }
+    Ok(())
+}
+
+fn print_status(d: &Value) {
+    let docker = &d["docker"];
+    println!("node            {}", d["node_id"].as_str().unwrap_or("?"));
+    println!(
+        "docker          {} ({}), events {}, syncs {} ok / {} failed",
+        docker["manager"].as_str().unwrap_or(""),
+        if docker["connected"] == true { "connected" } else { "NOT connected" },
+        if docker["events_connected"] == true { "following" } else { "NOT following" },
+        docker["syncs"],
+        docker["failed_syncs"],
+    );
+    if let Some(e) = docker["last_error"].as_str() {
+        println!("last error      {e}");
+    }
+    let dp = &d["datapath"];
+    println!(
+        "datapath        ebpf, cgroup {}, pins {}",
+        dp["cgroup"].as_str().unwrap_or(""),
+        dp["pin_dir"].as_str().unwrap_or("")
+    );
+    println!("adopted         {}", dp["adopted_at_start"]);
+    println!("counts          {}", d["counts"]);
+    let l = &d["event_to_map"];
+    println!(
+        "event→map       {} samples, p50 {:.2} ms, p99 {:.2} ms",
+        l["samples"], l["p50_ms"].as_f64().unwrap_or(0.0), l["p99_ms"].as_f64().unwrap_or(0.0)
+    );
+    let rejected = d["rejected"].as_array().cloned().unwrap_or_default();
+    println!("rejected        {}", rejected.len());
+    for r in rejected {
+        println!(
+            "  {} {}: {}",
+            r["kind"].as_str().unwrap_or(""),
+            r["id"].as_str().unwrap_or(""),
+            r["reason"].as_str().unwrap_or("")
+        );
+    }
+}

@@ -1,0 +1,312 @@
+//! The control loop: Docker → ClusterState → compile → Desired → datapath diff.
+//!
+//! Task changes have no Docker events, and swarm reports a new task `running` a little after
+//! the container event that hints at it; so every event opens a short window of fast
+//! `/tasks` polling, and a slower poll catches what no event announces (tasks on other
+//! nodes). A failed read never touches the datapath: the kernel keeps forwarding what it has.
+use std::{
+    collections::VecDeque,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Result;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::{
+    compile::{compile, Desired},
+    datapath::ebpf::{AdoptReport, ApplyStats, EbpfDatapath},
+    model::{ClusterState, Rejected},
+    source::{docker::DockerSource, docker_api::DockerApi},
+};
+
+pub struct Config {
+    pub manager: DockerApi,
+    pub local: DockerApi,
+    pub pin_dir: PathBuf,
+    pub cgroup: PathBuf,
+    pub api_socket: PathBuf,
+    pub poll_interval: Duration,
+    pub fast_poll_interval: Duration,
+    pub fast_window: Duration,
+}
+
+/// Event-to-map latencies kept for `meshctl status` and the benchmark.
+const LATENCY_SAMPLES: usize = 1000;
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DockerStatus {
+    pub manager: String,
+    pub local: String,
+    pub connected: bool,
+    pub events_connected: bool,
+    pub last_error: Option<String>,
+    pub last_sync_unix_ms: u64,
+    pub syncs: u64,
+    pub failed_syncs: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LatencySummary {
+    pub samples: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    /// The most recent samples, oldest first, in milliseconds.
+    pub recent_ms: Vec<f64>,
+}
+
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub node_id: String,
+    pub docker: DockerStatus,
+    pub state: ClusterState,
+    pub desired: Desired,
+    pub adopted: AdoptReport,
+    pub last_apply: ApplyStats,
+    pub applies_with_changes: u64,
+    pub event_to_map: VecDeque<Duration>,
+    pub pin_dir: String,
+    pub cgroup: String,
+    pub started_unix_ms: u64,
+}
+
+impl Snapshot {
+    pub fn rejected(&self) -> &[Rejected] {
+        &self.state.rejected
+    }
+
+    pub fn latency(&self) -> LatencySummary {
+        let mut v: Vec<f64> = self
+            .event_to_map
+            .iter()
+            .map(|d| d.as_secs_f64() * 1000.0)
+            .collect();
+        let recent = v.clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        let pick = |q: f64| {
+            if v.is_empty() {
+                0.0
+            } else {
+                v[((v.len() as f64 - 1.0) * q).round() as usize]
+            }
+        };
+        LatencySummary {
+            samples: v.len(),
+            p50_ms: pick(0.5),
+            p99_ms: pick(0.99),
+            max_ms: v.last().copied().unwrap_or(0.0),
+            recent_ms: recent,
+        }
+    }
+}
+
+/// What the API reads: the latest snapshot, and the datapath for counters and map dumps.
+pub struct Shared {
+    pub snapshot: Mutex<Snapshot>,
+    pub datapath: Mutex<EbpfDatapath>,
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+enum Hint {
+    Event(Instant),
+    EventsConnected(bool),
+}
+
+/// Follows `/events` on one engine, reconnecting with backoff; every event is a hint to
+/// re-read. A reconnect is a hint too: events may have been missed while the stream was down.
+async fn follow_events(api: DockerApi, query: &'static str, tx: mpsc::UnboundedSender<Hint>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match api.events(query).await {
+            Ok(mut stream) => {
+                backoff = Duration::from_millis(100);
+                let _ = tx.send(Hint::EventsConnected(true));
+                let _ = tx.send(Hint::Event(Instant::now()));
+                loop {
+                    match stream.next().await {
+                        Ok(Some(Ok(ev))) => {
+                            debug!(
+                                kind = ev.get("Type").and_then(|v| v.as_str()).unwrap_or(""),
+                                action = ev.get("Action").and_then(|v| v.as_str()).unwrap_or(""),
+                                "docker event"
+                            );
+                            if tx.send(Hint::Event(Instant::now())).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(Some(Err(reason))) => warn!(reason, "skipped a malformed event"),
+                        Ok(None) => {
+                            warn!(endpoint = api.endpoint(), "event stream closed");
+                            break;
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "event stream failed");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, ?backoff, "cannot open event stream"),
+        }
+        let _ = tx.send(Hint::EventsConnected(false));
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+const SWARM_EVENTS: &str =
+    "filters=%7B%22type%22%3A%5B%22service%22%2C%22network%22%2C%22node%22%5D%7D";
+const CONTAINER_EVENTS: &str = "filters=%7B%22type%22%3A%5B%22container%22%2C%22network%22%5D%7D";
+const ALL_EVENTS: &str = "filters=%7B%22type%22%3A%5B%22service%22%2C%22network%22%2C%22node%22%2C%22container%22%5D%7D";
+
+pub async fn run(cfg: Config) -> Result<()> {
+    let datapath = EbpfDatapath::open(&cfg.pin_dir, &cfg.cgroup)?;
+    let mut source = DockerSource::new(cfg.manager.clone(), cfg.local.clone());
+    let shared = Arc::new(Shared {
+        snapshot: Mutex::new(Snapshot {
+            adopted: datapath.adopted.clone(),
+            pin_dir: cfg.pin_dir.display().to_string(),
+            cgroup: cfg.cgroup.display().to_string(),
+            started_unix_ms: unix_ms(),
+            docker: DockerStatus {
+                manager: cfg.manager.endpoint().into(),
+                local: cfg.local.endpoint().into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        }),
+        datapath: Mutex::new(datapath),
+    });
+    let api = crate::api::serve(&cfg.api_socket, shared.clone())?;
+
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    if cfg.manager.endpoint() == cfg.local.endpoint() {
+        tokio::spawn(follow_events(cfg.manager.clone(), ALL_EVENTS, tx.clone()));
+    } else {
+        tokio::spawn(follow_events(cfg.manager.clone(), SWARM_EVENTS, tx.clone()));
+        tokio::spawn(follow_events(cfg.local.clone(), CONTAINER_EVENTS, tx.clone()));
+    }
+    drop(tx);
+
+    let mut poll = tokio::time::interval(cfg.poll_interval);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut fast_until = Instant::now();
+    // The latest event not yet reflected in a map change: the start of a latency sample.
+    let mut unattributed_event: Option<Instant> = None;
+    let mut backoff = Duration::from_millis(100);
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut first = true;
+
+    loop {
+        if !first {
+            let fast = Instant::now() < fast_until;
+            tokio::select! {
+                hint = rx.recv() => match hint {
+                    Some(Hint::Event(t)) => {
+                        unattributed_event = Some(t);
+                        fast_until = t + cfg.fast_window;
+                    }
+                    Some(Hint::EventsConnected(up)) => {
+                        shared.snapshot.lock().unwrap().docker.events_connected = up;
+                        continue;
+                    }
+                    None => {}
+                },
+                _ = poll.tick() => {}
+                _ = tokio::time::sleep(cfg.fast_poll_interval), if fast => {}
+                _ = tokio::signal::ctrl_c() => break,
+                _ = sigterm.recv() => break,
+            }
+            // Coalesce a burst of events into one read.
+            while let Ok(h) = rx.try_recv() {
+                match h {
+                    Hint::Event(t) => {
+                        unattributed_event = Some(t);
+                        fast_until = t + cfg.fast_window;
+                    }
+                    Hint::EventsConnected(up) => {
+                        shared.snapshot.lock().unwrap().docker.events_connected = up
+                    }
+                }
+            }
+            if Instant::now() >= fast_until {
+                unattributed_event = None;
+            }
+        }
+        first = false;
+
+        let state = match source.fetch().await {
+            Ok(s) => {
+                backoff = Duration::from_millis(100);
+                s
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot read Docker state; the datapath keeps what it has");
+                {
+                    let mut snap = shared.snapshot.lock().unwrap();
+                    snap.docker.connected = false;
+                    snap.docker.last_error = Some(e.to_string());
+                    snap.docker.failed_syncs += 1;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let node_id = if shared.snapshot.lock().unwrap().node_id.is_empty() {
+            source.node_id().await.unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let desired = compile(&state);
+        let applied = shared.datapath.lock().unwrap().apply(&desired);
+        let mut snap = shared.snapshot.lock().unwrap();
+        if !node_id.is_empty() {
+            snap.node_id = node_id;
+        }
+        snap.docker.connected = true;
+        snap.docker.last_error = None;
+        snap.docker.syncs += 1;
+        snap.docker.last_sync_unix_ms = unix_ms();
+        match applied {
+            Ok(stats) => {
+                snap.last_apply = stats;
+                if stats.writes + stats.deletes > 0 {
+                    snap.applies_with_changes += 1;
+                    if let Some(t) = unattributed_event.take() {
+                        let took = t.elapsed();
+                        if snap.event_to_map.len() == LATENCY_SAMPLES {
+                            snap.event_to_map.pop_front();
+                        }
+                        snap.event_to_map.push_back(took);
+                        info!(
+                            writes = stats.writes,
+                            deletes = stats.deletes,
+                            event_to_map_us = took.as_micros() as u64,
+                            "datapath updated"
+                        );
+                    } else {
+                        info!(writes = stats.writes, deletes = stats.deletes, "datapath updated");
+                    }
+                }
+            }
+            Err(e) => warn!(error = %format!("{e:#}"), "applying to the datapath failed; will retry"),
+        }
+        snap.state = state;
+        snap.desired = desired;
+    }
+    info!("stopping; pinned programs and maps keep forwarding");
+    drop(api);
+    let _ = std::fs::remove_file(&cfg.api_socket);
+    Ok(())
+}

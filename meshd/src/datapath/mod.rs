@@ -1,0 +1,3 @@
+//! Appliers that turn `Desired` into kernel state.
+pub mod ebpf;
+pub mod tables;

@@ -1,0 +1,12 @@
+//! meshd: service networking for Docker Swarm on a kernel datapath.
+//!
+//! Data flows one way: `source` (Docker API) → `model::ClusterState` → `compile` (pure) →
+//! `compile::Desired` → `datapath` appliers, which write only the difference.
+pub mod api;
+pub mod compile;
+pub mod daemon;
+pub mod datapath;
+pub mod diff;
+pub mod maglev;
+pub mod model;
+pub mod source;

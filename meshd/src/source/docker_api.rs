@@ -1,0 +1,315 @@
+//! A minimal Docker Engine API client on hyper: GET JSON and the `/events` stream, over a
+//! unix socket, plain TCP, or TCP with TLS (client certificate, as `dockerd --tlsverify`).
+//!
+//! Why not bollard: its typed `Task` has no `NetworksAttachments` (where task addresses
+//! are), and its typed lists fail whole on one malformed object. meshd reads raw JSON and
+//! decodes each object on its own, so a bad object is rejected alone.
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http_body_util::{BodyExt, Empty};
+use hyper::{body::Incoming, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use thiserror::Error;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::{TcpStream, UnixStream},
+};
+
+/// API version meshd speaks: Docker 20.10's, accepted by every newer engine.
+pub const API_VERSION: &str = "v1.41";
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Error)]
+pub enum ApiError {
+    #[error("connect to {endpoint}: {source}")]
+    Connect {
+        endpoint: String,
+        source: std::io::Error,
+    },
+    #[error("TLS with {endpoint}: {source}")]
+    Tls {
+        endpoint: String,
+        source: std::io::Error,
+    },
+    #[error("HTTP to {endpoint}: {source}")]
+    Http {
+        endpoint: String,
+        source: hyper::Error,
+    },
+    #[error("GET {path}: status {status}: {body}")]
+    Status {
+        path: String,
+        status: StatusCode,
+        body: String,
+    },
+    #[error("GET {path}: answer is not JSON: {source}")]
+    Json {
+        path: String,
+        source: serde_json::Error,
+    },
+    #[error("GET {path}: no answer in {timeout:?}")]
+    Timeout { path: String, timeout: Duration },
+    #[error("TLS configuration: {0}")]
+    TlsConfig(String),
+    #[error("bad docker host {0:?}: expected unix:///path or tcp://host:port")]
+    BadHost(String),
+}
+
+/// TLS material for a TCP endpoint.
+#[derive(Clone, Debug, Default)]
+pub struct TlsFiles {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Clone)]
+enum Endpoint {
+    Unix(PathBuf),
+    Tcp {
+        host: String,
+        port: u16,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    },
+}
+
+#[derive(Clone)]
+pub struct DockerApi {
+    endpoint: Endpoint,
+    display: String,
+}
+
+trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+impl DockerApi {
+    /// `host` is `unix:///var/run/docker.sock`, a bare socket path, or `tcp://host:port`.
+    /// TLS is used for TCP when any TLS file is given.
+    pub fn new(host: &str, tls: &TlsFiles) -> Result<Self, ApiError> {
+        let endpoint = if let Some(path) = host.strip_prefix("unix://") {
+            Endpoint::Unix(PathBuf::from(path))
+        } else if host.starts_with('/') {
+            Endpoint::Unix(PathBuf::from(host))
+        } else if let Some(rest) = host.strip_prefix("tcp://") {
+            let (h, p) = rest
+                .rsplit_once(':')
+                .ok_or_else(|| ApiError::BadHost(host.into()))?;
+            let port = p.parse().map_err(|_| ApiError::BadHost(host.into()))?;
+            let tls = if tls.ca.is_some() || tls.cert.is_some() || tls.key.is_some() {
+                Some(Arc::new(client_config(tls)?))
+            } else {
+                None
+            };
+            Endpoint::Tcp {
+                host: h.to_string(),
+                port,
+                tls,
+            }
+        } else {
+            return Err(ApiError::BadHost(host.into()));
+        };
+        Ok(Self {
+            endpoint,
+            display: host.to_string(),
+        })
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.display
+    }
+
+    async fn connect(&self) -> Result<Box<dyn Io>, ApiError> {
+        let endpoint = self.display.clone();
+        match &self.endpoint {
+            Endpoint::Unix(path) => UnixStream::connect(path)
+                .await
+                .map(|s| Box::new(s) as Box<dyn Io>)
+                .map_err(|source| ApiError::Connect { endpoint, source }),
+            Endpoint::Tcp { host, port, tls } => {
+                let tcp = TcpStream::connect((host.as_str(), *port))
+                    .await
+                    .map_err(|source| ApiError::Connect {
+                        endpoint: endpoint.clone(),
+                        source,
+                    })?;
+                let _ = tcp.set_nodelay(true);
+                match tls {
+                    None => Ok(Box::new(tcp)),
+                    Some(config) => {
+                        let name = rustls::pki_types::ServerName::try_from(host.clone())
+                            .map_err(|e| ApiError::TlsConfig(format!("server name {host}: {e}")))?;
+                        let stream = tokio_rustls::TlsConnector::from(config.clone())
+                            .connect(name, tcp)
+                            .await
+                            .map_err(|source| ApiError::Tls { endpoint, source })?;
+                        Ok(Box::new(stream))
+                    }
+                }
+            }
+        }
+    }
+
+    async fn send(&self, path: &str) -> Result<hyper::Response<Incoming>, ApiError> {
+        let io = self.connect().await?;
+        let http_err = |source| ApiError::Http {
+            endpoint: self.display.clone(),
+            source,
+        };
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(http_err)?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = Request::get(format!("/{API_VERSION}{path}"))
+            .header("host", "docker")
+            .body(Empty::<Bytes>::new())
+            .expect("a GET request with a valid path");
+        sender.send_request(req).await.map_err(http_err)
+    }
+
+    /// GET `path` (under the API version) and parse the answer as JSON.
+    pub async fn get_json(&self, path: &str) -> Result<serde_json::Value, ApiError> {
+        let fut = async {
+            let resp = self.send(path).await?;
+            let status = resp.status();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|source| ApiError::Http {
+                    endpoint: self.display.clone(),
+                    source,
+                })?
+                .to_bytes();
+            if !status.is_success() {
+                return Err(ApiError::Status {
+                    path: path.into(),
+                    status,
+                    body: String::from_utf8_lossy(&body).trim().to_string(),
+                });
+            }
+            serde_json::from_slice(&body).map_err(|source| ApiError::Json {
+                path: path.into(),
+                source,
+            })
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, fut)
+            .await
+            .map_err(|_| ApiError::Timeout {
+                path: path.into(),
+                timeout: REQUEST_TIMEOUT,
+            })?
+    }
+
+    /// Opens `/events` (with `query`, already URL-encoded) and returns the stream.
+    pub async fn events(&self, query: &str) -> Result<EventStream, ApiError> {
+        let path = format!("/events?{query}");
+        let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.send(&path))
+            .await
+            .map_err(|_| ApiError::Timeout {
+                path: path.clone(),
+                timeout: REQUEST_TIMEOUT,
+            })??;
+        if !resp.status().is_success() {
+            return Err(ApiError::Status {
+                path,
+                status: resp.status(),
+                body: String::new(),
+            });
+        }
+        Ok(EventStream {
+            body: resp.into_body(),
+            buf: BytesMut::new(),
+        })
+    }
+}
+
+/// The `/events` body: one JSON object per line.
+pub struct EventStream {
+    body: Incoming,
+    buf: BytesMut,
+}
+
+impl EventStream {
+    /// The next event; `Ok(None)` when the engine closed the stream. A line that is not JSON
+    /// comes back as an error value for that line only.
+    pub async fn next(&mut self) -> Result<Option<Result<serde_json::Value, String>>, ApiError> {
+        loop {
+            if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+                let line = self.buf.split_to(pos + 1);
+                let line = &line[..line.len() - 1];
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                return Ok(Some(
+                    serde_json::from_slice(line).map_err(|e| format!("bad event line: {e}")),
+                ));
+            }
+            match self.body.frame().await {
+                None => return Ok(None),
+                Some(Err(source)) => {
+                    return Err(ApiError::Http {
+                        endpoint: "events".into(),
+                        source,
+                    })
+                }
+                Some(Ok(frame)) => {
+                    if let Ok(mut data) = frame.into_data() {
+                        while data.has_remaining() {
+                            let chunk = data.chunk();
+                            self.buf.extend_from_slice(chunk);
+                            let n = chunk.len();
+                            data.advance(n);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn read_pem(path: &Path) -> Result<Vec<u8>, ApiError> {
+    std::fs::read(path).map_err(|e| ApiError::TlsConfig(format!("read {}: {e}", path.display())))
+}
+
+fn client_config(files: &TlsFiles) -> Result<rustls::ClientConfig, ApiError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = files
+        .ca
+        .as_ref()
+        .ok_or_else(|| ApiError::TlsConfig("--tls-ca is required for TLS".into()))?;
+    for cert in rustls_pemfile::certs(&mut read_pem(ca)?.as_slice()) {
+        let cert = cert.map_err(|e| ApiError::TlsConfig(format!("{}: {e}", ca.display())))?;
+        roots
+            .add(cert)
+            .map_err(|e| ApiError::TlsConfig(format!("{}: {e}", ca.display())))?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ApiError::TlsConfig(e.to_string()))?
+        .with_root_certificates(roots);
+    match (&files.cert, &files.key) {
+        (Some(cert), Some(key)) => {
+            let chain = rustls_pemfile::certs(&mut read_pem(cert)?.as_slice())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| ApiError::TlsConfig(format!("{}: {e}", cert.display())))?;
+            let key_der = rustls_pemfile::private_key(&mut read_pem(key)?.as_slice())
+                .map_err(|e| ApiError::TlsConfig(format!("{}: {e}", key.display())))?
+                .ok_or_else(|| ApiError::TlsConfig(format!("{}: no private key", key.display())))?;
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| ApiError::TlsConfig(e.to_string()))
+        }
+        (None, None) => Ok(builder.with_no_client_auth()),
+        _ => Err(ApiError::TlsConfig(
+            "--tls-cert and --tls-key go together".into(),
+        )),
+    }
+}
