@@ -182,8 +182,10 @@ impl EbpfDatapath {
                 .with_context(|| format!("program {name} missing"))?
                 .try_into()?;
             prog.load().with_context(|| format!("verify/load {name}"))?;
+            // bpf_link attachments to a cgroup always stack (the kernel rejects the MULTI
+            // flag on links), so two meshd generations can overlap during a restart.
             let link_id = prog
-                .attach(&cgroup_file, CgroupAttachMode::AllowMultiple)
+                .attach(&cgroup_file, CgroupAttachMode::Single)
                 .with_context(|| format!("attach {name} at {}", cgroup.display()))?;
             let link: FdLink = prog.take_link(link_id)?.try_into()?;
             let pin = link_pin(pin_dir, name);

@@ -1,0 +1,150 @@
+//! A small tool that lives in the lab image next to busybox, for what busybox lacks here:
+//! a UDP server, UDP and peer-address probes, and the benchmark's echo server and clients.
+//! std only, so it runs in a bare image with just the C library beside it.
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    time::{Duration, Instant},
+};
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: labtool udp-serve PORT | udp-ask ADDR:PORT [--connected] | peer ADDR:PORT |\n\
+         \x20      tcp-echo PORT | rr ADDR:PORT SECONDS | crr ADDR:PORT SECONDS"
+    );
+    std::process::exit(2)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap_or_else(|_| usage())
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    match a.as_slice() {
+        ["udp-serve", port] => udp_serve(port.parse().unwrap_or_else(|_| usage())),
+        ["udp-ask", target, rest @ ..] => udp_ask(addr(target), rest.contains(&"--connected")),
+        ["peer", target] => {
+            let s = TcpStream::connect_timeout(&addr(target), Duration::from_secs(3))
+                .unwrap_or_else(|e| fail(&format!("connect {target}: {e}")));
+            println!("{}", s.peer_addr().unwrap());
+        }
+        ["tcp-echo", port] => tcp_echo(port.parse().unwrap_or_else(|_| usage())),
+        ["rr", target, secs] => rr(addr(target), secs.parse().unwrap_or_else(|_| usage())),
+        ["crr", target, secs] => crr(addr(target), secs.parse().unwrap_or_else(|_| usage())),
+        _ => usage(),
+    }
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("labtool: {msg}");
+    std::process::exit(1)
+}
+
+/// Answers every datagram with this container's hostname.
+fn udp_serve(port: u16) {
+    let sock = UdpSocket::bind(("0.0.0.0", port)).unwrap_or_else(|e| fail(&e.to_string()));
+    let name = hostname();
+    let mut buf = [0u8; 1500];
+    loop {
+        if let Ok((_, from)) = sock.recv_from(&mut buf) {
+            let _ = sock.send_to(name.as_bytes(), from);
+        }
+    }
+}
+
+/// Sends one datagram and prints "<answer> from <source address>": the source must be the
+/// address asked, even when a load balancer sent it elsewhere.
+fn udp_ask(target: SocketAddr, connected: bool) {
+    let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = [0u8; 1500];
+    let (n, from) = if connected {
+        sock.connect(target).unwrap_or_else(|e| fail(&format!("connect: {e}")));
+        sock.send(b"hi").unwrap_or_else(|e| fail(&format!("send: {e}")));
+        let n = sock.recv(&mut buf).unwrap_or_else(|e| fail(&format!("recv: {e}")));
+        (n, sock.peer_addr().unwrap())
+    } else {
+        sock.send_to(b"hi", target)
+            .unwrap_or_else(|e| fail(&format!("send: {e}")));
+        sock.recv_from(&mut buf)
+            .unwrap_or_else(|e| fail(&format!("recv: {e}")))
+    };
+    println!("{} from {}", String::from_utf8_lossy(&buf[..n]), from);
+}
+
+/// Echoes 64-byte requests, one thread per connection; a connection that sends "Q" after
+/// connecting gets one reply and is closed by the client.
+fn tcp_echo(port: u16) {
+    let l = TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| fail(&e.to_string()));
+    for s in l.incoming().flatten() {
+        std::thread::spawn(move || {
+            let mut s = s;
+            let _ = s.set_nodelay(true);
+            let mut buf = [0u8; 64];
+            while s.read_exact(&mut buf).is_ok() {
+                if s.write_all(&buf).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+fn report(kind: &str, mut lat: Vec<Duration>, elapsed: Duration) {
+    lat.sort();
+    let q = |p: f64| {
+        if lat.is_empty() {
+            0.0
+        } else {
+            lat[((lat.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e6
+        }
+    };
+    println!(
+        "{{\"kind\":\"{kind}\",\"ops\":{},\"per_s\":{:.1},\"p50_us\":{:.1},\"p99_us\":{:.1}}}",
+        lat.len(),
+        lat.len() as f64 / elapsed.as_secs_f64(),
+        q(0.5),
+        q(0.99)
+    );
+}
+
+/// Request/response on one connection for `secs` seconds.
+fn rr(target: SocketAddr, secs: f64) {
+    let mut s = TcpStream::connect(target).unwrap_or_else(|e| fail(&format!("connect: {e}")));
+    s.set_nodelay(true).unwrap();
+    let mut buf = [7u8; 64];
+    let mut lat = Vec::new();
+    let start = Instant::now();
+    while start.elapsed().as_secs_f64() < secs {
+        let t = Instant::now();
+        s.write_all(&buf).unwrap();
+        s.read_exact(&mut buf).unwrap();
+        lat.push(t.elapsed());
+    }
+    report("rr", lat, start.elapsed());
+}
+
+/// Connect, one request/response, close, for `secs` seconds.
+fn crr(target: SocketAddr, secs: f64) {
+    let mut buf = [7u8; 64];
+    let mut lat = Vec::new();
+    let start = Instant::now();
+    while start.elapsed().as_secs_f64() < secs {
+        let t = Instant::now();
+        let mut s = TcpStream::connect(target).unwrap_or_else(|e| fail(&format!("connect: {e}")));
+        s.set_nodelay(true).unwrap();
+        s.write_all(&buf).unwrap();
+        s.read_exact(&mut buf).unwrap();
+        drop(s);
+        lat.push(t.elapsed());
+    }
+    report("crr", lat, start.elapsed());
+}

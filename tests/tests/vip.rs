@@ -1,0 +1,236 @@
+//! Service VIPs on a real single-node dockerd swarm with meshd's eBPF datapath.
+//! One scenario, step by step, so one swarm serves every check (2-core CI).
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{ensure, Context, Result};
+use meshd_tests::{pinned_map_len, require_root, run_tag, wait_for, Meshd, Node, PinGuard, IMAGE};
+use serde_json::Value;
+
+const WEB_CMD: &str = "hostname > /www/index.html; exec httpd -f -p 80 -h /www";
+
+fn counts(out: &str) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for l in out.lines().filter(|l| !l.is_empty()) {
+        *m.entry(l.trim().to_string()).or_default() += 1;
+    }
+    m
+}
+
+fn short(ids: &[String]) -> Vec<String> {
+    ids.iter().map(|c| c[..12].to_string()).collect()
+}
+
+fn backends(meshd: &Meshd, service: &str) -> usize {
+    meshd
+        .ctl(&["service", service])
+        .ok()
+        .and_then(|v| v["vips"][0]["backends"].as_array().map(Vec::len))
+        .unwrap_or(usize::MAX)
+}
+
+fn get_many(node: &Node, n: usize, url: &str) -> Result<BTreeMap<String, usize>> {
+    let out = node.exec(
+        "client",
+        &format!("for i in $(seq {n}); do timeout 3 wget -qO- {url} || echo FAILED; done"),
+    )?;
+    Ok(counts(&out))
+}
+
+#[test]
+fn service_vips_on_a_real_swarm() {
+    if !require_root("service_vips_on_a_real_swarm") {
+        return;
+    }
+    let tag = run_tag();
+    let node = Node::start(&format!("{tag}v1"), "192.168.77.1").expect("node");
+    let pins = PinGuard(PathBuf::from(format!("/sys/fs/bpf/{tag}v1")));
+    let result = scenario(&node, &pins);
+    if let Err(e) = &result {
+        let log = std::fs::read_to_string(node.dir.join("meshd.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        eprintln!("meshd log (last lines, newest first):\n{}", tail.join("\n"));
+        panic!("{e:#}");
+    }
+}
+
+fn scenario(node: &Node, pins: &PinGuard) -> Result<()> {
+    node.swarm_init()?;
+    node.import_image()?;
+    let mut meshd = Meshd::start(node, &pins.0)?;
+    node.docker(&["network", "create", "-d", "overlay", "--attachable", "front"])?;
+    node.docker(&["network", "create", "-d", "overlay", "--attachable", "other"])?;
+    node.docker(&[
+        "service", "create", "-d", "--no-resolve-image", "--name", "web", "--network", "front",
+        "--replicas", "3", "--stop-grace-period", "5s", IMAGE, "sh", "-c", WEB_CMD,
+    ])?;
+    node.docker(&["run", "-d", "--name", "client", "--network", "front", IMAGE, "sleep", "1d"])?;
+    node.docker(&["run", "-d", "--name", "outsider", "--network", "other", IMAGE, "sleep", "1d"])?;
+    let tasks = short(&node.wait_running("web", 3)?);
+    let vip = node.docker(&[
+        "service", "inspect", "web", "--format", "{{(index .Endpoint.VirtualIPs 0).Addr}}",
+    ])?;
+    let vip = vip.trim().split('/').next().unwrap().to_string();
+    wait_for("meshd to program 3 backends", Duration::from_secs(10), || {
+        (backends(&meshd, "web") == 3).then_some(())
+    })?;
+
+    // 1. 300 sequential connections by name: every task answers, none below 20%.
+    let seen = get_many(node, 300, "http://web/")?;
+    ensure!(!seen.contains_key("FAILED"), "some requests failed: {seen:?}");
+    for t in &tasks {
+        let n = seen.get(t).copied().unwrap_or(0);
+        ensure!(n >= 60, "task {t} answered {n} of 300 (< 20%): {seen:?}");
+    }
+    ensure!(seen.len() == 3, "answers from unknown hosts: {seen:?}");
+    // The application sees the VIP as its peer, not the task.
+    let peer = node.exec("client", &format!("labtool peer {vip}:80"))?;
+    ensure!(peer.trim() == format!("{vip}:80"), "getpeername gave {peer:?}, want {vip}:80");
+    let svc = meshd.ctl(&["service", "web"])?;
+    let conns = svc["vips"][0]["connections"].as_u64().unwrap_or(0);
+    ensure!(conns >= 301, "VIP counter {conns} < 301 connections made");
+    let per_backend: u64 = svc["vips"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["connections"].as_u64().unwrap_or(0))
+        .sum();
+    ensure!(per_backend == conns, "backend counters {per_backend} != VIP counter {conns}");
+
+    // 2. Scale to 5: the new tasks answer within 2 s of running.
+    node.docker(&["service", "scale", "-d", "web=5"])?;
+    let five = short(&node.wait_running("web", 5)?);
+    let running_at = Instant::now();
+    let mut all = BTreeMap::new();
+    while all.len() < 5 {
+        ensure!(
+            running_at.elapsed() < Duration::from_secs(2),
+            "within 2 s of running only {} of 5 tasks answered: {all:?}",
+            all.len()
+        );
+        for (k, v) in get_many(node, 20, "http://web/")? {
+            ensure!(k != "FAILED", "a request failed while scaling up");
+            *all.entry(k).or_insert(0) += v;
+        }
+    }
+    for t in &five {
+        ensure!(all.contains_key(t), "new task {t} never answered");
+    }
+    eprintln!("scale 3→5: all tasks answering {:?} after running", running_at.elapsed());
+
+    // 3. Scale to 1: tasks told to shut down get no new connection, even during their 5 s
+    //    grace period while they still listen.
+    node.docker(&["service", "scale", "-d", "web=1"])?;
+    let drained_at = Instant::now();
+    wait_for("meshd to drain to 1 backend", Duration::from_secs(2), || {
+        (backends(&meshd, "web") == 1).then_some(())
+    })?;
+    eprintln!("scale 5→1: drained in {:?}", drained_at.elapsed());
+    let survivor = meshd.ctl(&["service", "web"])?["vips"][0]["backends"][0]["task_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let seen = get_many(node, 40, "http://web/")?;
+    ensure!(seen.len() == 1 && !seen.contains_key("FAILED"), "after scale to 1: {seen:?}");
+    let survivor_container = node.docker(&[
+        "inspect", &survivor, "--format", "{{.Status.ContainerStatus.ContainerID}}",
+    ])?;
+    ensure!(
+        seen.contains_key(&survivor_container.trim()[..12]),
+        "answers {seen:?} are not from the surviving task {survivor}"
+    );
+
+    // 4. A UDP service answers through its VIP, and replies come from the VIP.
+    node.docker(&[
+        "service", "create", "-d", "--no-resolve-image", "--name", "echo", "--network", "front",
+        "--replicas", "2", "--stop-grace-period", "1s", IMAGE, "labtool", "udp-serve", "5353",
+    ])?;
+    let echo_tasks = short(&node.wait_running("echo", 2)?);
+    let echo_vip = node.docker(&[
+        "service", "inspect", "echo", "--format", "{{(index .Endpoint.VirtualIPs 0).Addr}}",
+    ])?;
+    let echo_vip = echo_vip.trim().split('/').next().unwrap().to_string();
+    wait_for("meshd to program the UDP service", Duration::from_secs(10), || {
+        (backends(&meshd, "echo") == 2).then_some(())
+    })?;
+    for mode in ["", " --connected"] {
+        let out = node.exec("client", &format!("labtool udp-ask {echo_vip}:5353{mode}"))?;
+        let (who, from) = out.trim().split_once(" from ").context("udp-ask output")?;
+        ensure!(echo_tasks.iter().any(|t| t == who), "UDP answer from {who}, not a task");
+        ensure!(from == format!("{echo_vip}:5353"), "UDP reply source {from}, want the VIP");
+    }
+
+    // 5. A container on another network neither sees nor reaches the VIP.
+    let out = node.exec("outsider", &format!("timeout 3 wget -qO- http://{vip}/ || echo UNREACHABLE"))?;
+    ensure!(out.contains("UNREACHABLE"), "outsider reached the VIP: {out}");
+    let svc = meshd.ctl(&["service", "web"])?;
+    let seen_by: Vec<String> = serde_json::from_value(svc["vips"][0]["sandboxes"].clone())?;
+    ensure!(seen_by.iter().any(|s| s == "client"), "client not in VIP scope: {seen_by:?}");
+    ensure!(!seen_by.iter().any(|s| s == "outsider"), "outsider in VIP scope: {seen_by:?}");
+
+    // 6. kill -9 meshd: the pinned datapath keeps the VIP answering.
+    node.docker(&["service", "scale", "-d", "web=3"])?;
+    node.wait_running("web", 3)?;
+    wait_for("3 backends again", Duration::from_secs(10), || {
+        (backends(&meshd, "web") == 3).then_some(())
+    })?;
+    meshd.kill9();
+    let seen = get_many(node, 30, "http://web/")?;
+    ensure!(!seen.contains_key("FAILED"), "VIP failed with meshd dead: {seen:?}");
+    ensure!(seen.len() == 3, "with meshd dead, answers came from {seen:?}");
+
+    // 7. Restart: the pinned state is adopted and nothing is rewritten.
+    let lbs_before = pinned_map_len(&pins.0, "MESHD_LBS")?;
+    let slots_before = pinned_map_len(&pins.0, "MESHD_MAGLEV")?;
+    meshd.restart()?;
+    let st = meshd.status()?;
+    let adopted = &st["datapath"]["adopted_at_start"];
+    ensure!(adopted["load_balancers"] == lbs_before, "adopted {adopted} vs {lbs_before} pinned LBs");
+    ensure!(adopted["replaced_links"] == 4, "old links not replaced: {adopted}");
+    ensure!(
+        st["datapath"]["applies_with_changes"] == 0,
+        "restart rewrote maps though nothing changed: {st}"
+    );
+    ensure!(pinned_map_len(&pins.0, "MESHD_MAGLEV")? == slots_before, "Maglev slots changed");
+    let seen = get_many(node, 30, "http://web/")?;
+    ensure!(seen.len() == 3 && !seen.contains_key("FAILED"), "after restart: {seen:?}");
+
+    // 8. Removing the service clears its entries from the kernel maps.
+    let vips_before = pinned_map_len(&pins.0, "MESHD_VIPS")?;
+    let web_scope = meshd.ctl(&["service", "web"])?["vips"][0]["sandboxes"]
+        .as_array()
+        .map_or(0, Vec::len);
+    let web_table = meshd.ctl(&["service", "web"])?["vips"][0]["table_size"]
+        .as_u64()
+        .unwrap() as usize;
+    node.docker(&["service", "rm", "web"])?;
+    wait_for("web to leave meshctl", Duration::from_secs(5), || {
+        let list = meshd.ctl(&["services"]).ok()?;
+        (!list.as_array()?.iter().any(|s| s["name"] == "web")).then_some(())
+    })?;
+    wait_for("web's map entries to be deleted", Duration::from_secs(5), || {
+        let lbs = pinned_map_len(&pins.0, "MESHD_LBS").ok()?;
+        (lbs == lbs_before - 1).then_some(())
+    })?;
+    // The removed service's sandboxes (its own tasks) left the scope of other VIPs too, so
+    // count only what must be gone at least.
+    let vips_after = pinned_map_len(&pins.0, "MESHD_VIPS")?;
+    ensure!(
+        vips_after + web_scope <= vips_before,
+        "VIP entries {vips_before} → {vips_after}, web had {web_scope}"
+    );
+    ensure!(
+        pinned_map_len(&pins.0, "MESHD_MAGLEV")? + web_table <= slots_before,
+        "web's Maglev slots still pinned"
+    );
+    let dump: Value = meshd.ctl(&["maps"])?;
+    ensure!(
+        !dump["vips"].as_array().unwrap().iter().any(|e| e["vip"] == vip.as_str()),
+        "kernel VIP map still holds {vip}"
+    );
+    drop(meshd);
+    Ok(())
+}
