@@ -16,9 +16,15 @@ fn main() {
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
     for dir in [&ebpf_dir, &common_dir] {
         println!("cargo:rerun-if-changed={}", dir.join("src").display());
-        println!("cargo:rerun-if-changed={}", dir.join("Cargo.toml").display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            dir.join("Cargo.toml").display()
+        );
     }
-    println!("cargo:rerun-if-changed={}", ebpf_dir.join("Cargo.lock").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        ebpf_dir.join("Cargo.lock").display()
+    );
 
     let missing: Vec<&str> = [DEBIAN_CARGO, DEBIAN_RUSTC]
         .into_iter()
@@ -34,7 +40,11 @@ fn main() {
     let target_dir = out_dir.join("ebpf-target");
     let mut cmd = Command::new(DEBIAN_CARGO);
     for (key, _) in env::vars() {
-        if key.starts_with("CARGO") || key.starts_with("RUSTC") || key.starts_with("RUSTDOC") || key == "RUSTFLAGS" {
+        if key.starts_with("CARGO")
+            || key.starts_with("RUSTC")
+            || key.starts_with("RUSTDOC")
+            || key == "RUSTFLAGS"
+        {
             cmd.env_remove(key);
         }
     }
@@ -42,7 +52,13 @@ fn main() {
         .current_dir(&ebpf_dir)
         .env("RUSTC", DEBIAN_RUSTC)
         .env("RUSTC_BOOTSTRAP", "aya_ebpf")
-        .args(["build", "--release", "--locked", "--target", "bpfel-unknown-none"])
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--target",
+            "bpfel-unknown-none",
+        ])
         .arg("--target-dir")
         .arg(&target_dir)
         .status()

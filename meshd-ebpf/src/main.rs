@@ -17,8 +17,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use meshd_common::{
-    capacity, mix64, BackendKey, BackendValue, LbMeta, LbValue, MaglevKey, RevNatKey,
-    RevNatValue, VipKey, VipValue,
+    capacity, mix64, BackendKey, BackendValue, LbMeta, LbValue, MaglevKey, RevNatKey, RevNatValue,
+    VipKey, VipValue,
 };
 
 #[map(name = "MESHD_VIPS")]

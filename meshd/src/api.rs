@@ -20,7 +20,7 @@ use tokio::{
 use tracing::warn;
 
 use crate::{
-    daemon::{unix_ms, Shared},
+    daemon::{unix_ms, Shared, Snapshot},
     model::EndpointMode,
 };
 
@@ -172,7 +172,8 @@ fn handle(shared: &Shared, req: Request) -> Result<Value> {
                     "load_balancers": snap.desired.lbs.len(),
                     "vip_entries": snap.desired.vips.len(),
                 },
-                "event_to_map": snap.latency(),
+                "event_to_map": Snapshot::latency(&snap.event_to_map),
+                "read_to_map": Snapshot::latency(&snap.read_to_map),
                 "rejected": snap.rejected(),
             }))
         }
@@ -202,7 +203,11 @@ fn handle(shared: &Shared, req: Request) -> Result<Value> {
                                 (name.clone(), *ip)
                             })
                             .collect(),
-                        backends: lbs.iter().map(|(_, lb)| lb.backends.len()).max().unwrap_or(0),
+                        backends: lbs
+                            .iter()
+                            .map(|(_, lb)| lb.backends.len())
+                            .max()
+                            .unwrap_or(0),
                         connections: lbs
                             .iter()
                             .map(|(r, _)| counters.per_lb.get(*r).copied().unwrap_or(0))
@@ -229,7 +234,12 @@ fn handle(shared: &Shared, req: Request) -> Result<Value> {
                     .unwrap_or_default()
             };
             let mut vips = Vec::new();
-            for (r, lb) in snap.desired.lbs.iter().filter(|(r, _)| r.service_id == s.id) {
+            for (r, lb) in snap
+                .desired
+                .lbs
+                .iter()
+                .filter(|(r, _)| r.service_id == s.id)
+            {
                 let sandboxes = snap
                     .desired
                     .vips
@@ -323,7 +333,8 @@ pub fn call(socket: &Path, req: &Request) -> Result<Value> {
     w.write_all(&line)?;
     let mut answer = String::new();
     BufReader::new(&stream).read_line(&mut answer)?;
-    let answer: Answer = serde_json::from_str(&answer).context("meshd sent an unreadable answer")?;
+    let answer: Answer =
+        serde_json::from_str(&answer).context("meshd sent an unreadable answer")?;
     if answer.ok {
         Ok(answer.data)
     } else {

@@ -69,6 +69,8 @@ pub struct Snapshot {
     pub last_apply: ApplyStats,
     pub applies_with_changes: u64,
     pub event_to_map: VecDeque<Duration>,
+    /// From the start of the Docker read that showed a change to the map written.
+    pub read_to_map: VecDeque<Duration>,
     pub pin_dir: String,
     pub cgroup: String,
     pub started_unix_ms: u64,
@@ -79,12 +81,8 @@ impl Snapshot {
         &self.state.rejected
     }
 
-    pub fn latency(&self) -> LatencySummary {
-        let mut v: Vec<f64> = self
-            .event_to_map
-            .iter()
-            .map(|d| d.as_secs_f64() * 1000.0)
-            .collect();
+    pub fn latency(samples: &VecDeque<Duration>) -> LatencySummary {
+        let mut v: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
         let recent = v.clone();
         v.sort_by(|a, b| a.total_cmp(b));
         let pick = |q: f64| {
@@ -115,6 +113,13 @@ pub fn unix_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+fn push_sample(ring: &mut VecDeque<Duration>, d: Duration) {
+    if ring.len() == LATENCY_SAMPLES {
+        ring.pop_front();
+    }
+    ring.push_back(d);
 }
 
 enum Hint {
@@ -167,7 +172,8 @@ async fn follow_events(api: DockerApi, query: &'static str, tx: mpsc::UnboundedS
 const SWARM_EVENTS: &str =
     "filters=%7B%22type%22%3A%5B%22service%22%2C%22network%22%2C%22node%22%5D%7D";
 const CONTAINER_EVENTS: &str = "filters=%7B%22type%22%3A%5B%22container%22%2C%22network%22%5D%7D";
-const ALL_EVENTS: &str = "filters=%7B%22type%22%3A%5B%22service%22%2C%22network%22%2C%22node%22%2C%22container%22%5D%7D";
+const ALL_EVENTS: &str =
+    "filters=%7B%22type%22%3A%5B%22service%22%2C%22network%22%2C%22node%22%2C%22container%22%5D%7D";
 
 pub async fn run(cfg: Config) -> Result<()> {
     let datapath = EbpfDatapath::open(&cfg.pin_dir, &cfg.cgroup)?;
@@ -194,7 +200,11 @@ pub async fn run(cfg: Config) -> Result<()> {
         tokio::spawn(follow_events(cfg.manager.clone(), ALL_EVENTS, tx.clone()));
     } else {
         tokio::spawn(follow_events(cfg.manager.clone(), SWARM_EVENTS, tx.clone()));
-        tokio::spawn(follow_events(cfg.local.clone(), CONTAINER_EVENTS, tx.clone()));
+        tokio::spawn(follow_events(
+            cfg.local.clone(),
+            CONTAINER_EVENTS,
+            tx.clone(),
+        ));
     }
     drop(tx);
 
@@ -245,6 +255,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         }
         first = false;
 
+        let read_started = Instant::now();
         let state = match source.fetch().await {
             Ok(s) => {
                 backoff = Duration::from_millis(100);
@@ -283,12 +294,10 @@ pub async fn run(cfg: Config) -> Result<()> {
                 snap.last_apply = stats;
                 if stats.writes + stats.deletes > 0 {
                     snap.applies_with_changes += 1;
+                    push_sample(&mut snap.read_to_map, read_started.elapsed());
                     if let Some(t) = unattributed_event.take() {
                         let took = t.elapsed();
-                        if snap.event_to_map.len() == LATENCY_SAMPLES {
-                            snap.event_to_map.pop_front();
-                        }
-                        snap.event_to_map.push_back(took);
+                        push_sample(&mut snap.event_to_map, took);
                         info!(
                             writes = stats.writes,
                             deletes = stats.deletes,
@@ -296,11 +305,17 @@ pub async fn run(cfg: Config) -> Result<()> {
                             "datapath updated"
                         );
                     } else {
-                        info!(writes = stats.writes, deletes = stats.deletes, "datapath updated");
+                        info!(
+                            writes = stats.writes,
+                            deletes = stats.deletes,
+                            "datapath updated"
+                        );
                     }
                 }
             }
-            Err(e) => warn!(error = %format!("{e:#}"), "applying to the datapath failed; will retry"),
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "applying to the datapath failed; will retry")
+            }
         }
         snap.state = state;
         snap.desired = desired;

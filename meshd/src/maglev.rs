@@ -28,7 +28,7 @@ fn is_prime(n: u64) -> bool {
     }
     let mut d = 2;
     while d * d <= n {
-        if n % d == 0 {
+        if n.is_multiple_of(d) {
             return false;
         }
         d += 1;
@@ -84,7 +84,9 @@ mod tests {
     use proptest::prelude::*;
 
     fn names(n: usize) -> Vec<String> {
-        (0..n).map(|i| format!("10.0.{}.{}", i / 250, i % 250 + 2)).collect()
+        (0..n)
+            .map(|i| format!("10.0.{}.{}", i / 250, i % 250 + 2))
+            .collect()
     }
 
     #[test]

@@ -131,11 +131,22 @@ impl Node {
         fs::create_dir_all(&self.dir)?;
         sh(&["ip", "netns", "add", &self.netns])?;
         let ns = |args: &[&str]| -> Result<String> {
-            run(Command::new("ip").args(["netns", "exec", &self.netns]).args(args))
+            run(Command::new("ip")
+                .args(["netns", "exec", &self.netns])
+                .args(args))
         };
         ns(&["ip", "link", "set", "lo", "up"])?;
-        ns(&["ip", "link", "add", "u0", "type", "veth", "peer", "name", "u1"])?;
-        ns(&["ip", "addr", "add", &format!("{}/24", self.addr), "dev", "u0"])?;
+        ns(&[
+            "ip", "link", "add", "u0", "type", "veth", "peer", "name", "u1",
+        ])?;
+        ns(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/24", self.addr),
+            "dev",
+            "u0",
+        ])?;
         ns(&["ip", "link", "set", "u0", "up"])?;
         ns(&["ip", "link", "set", "u1", "up"])?;
         // New namespaces inherit bridge-nf-call and host defaults; keep them predictable.
@@ -153,7 +164,12 @@ impl Node {
             .arg(self.dir.join("dockerd.pid"))
             .arg("-H")
             .arg(format!("unix://{}", self.sock.display()))
-            .args(["--iptables=false", "--bridge=none", "--shutdown-timeout", "1"])
+            .args([
+                "--iptables=false",
+                "--bridge=none",
+                "--shutdown-timeout",
+                "1",
+            ])
             .args(["--cgroup-parent", &self.cgroup_parent])
             .env("DOCKER_SERVICE_PREFER_OFFLINE_IMAGE", "1")
             .stdin(Stdio::null())
@@ -163,7 +179,8 @@ impl Node {
             .context("spawn dockerd")?;
         self.dockerd = Some(child);
         wait_for("dockerd to answer", Duration::from_secs(30), || {
-            self.docker(&["version", "--format", "{{.Server.APIVersion}}"]).ok()
+            self.docker(&["version", "--format", "{{.Server.APIVersion}}"])
+                .ok()
         })?;
         Ok(())
     }
@@ -221,7 +238,15 @@ impl Node {
         let out = Command::new("docker")
             .arg("-H")
             .arg(self.host())
-            .args(["import", "-c", "ENV PATH=/bin", "-c", "CMD [\"sh\"]", "-", IMAGE])
+            .args([
+                "import",
+                "-c",
+                "ENV PATH=/bin",
+                "-c",
+                "CMD [\"sh\"]",
+                "-",
+                IMAGE,
+            ])
             .stdin(tar.stdout.unwrap())
             .output()?;
         if !out.status.success() {

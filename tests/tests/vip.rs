@@ -61,26 +61,83 @@ fn scenario(node: &Node, pins: &PinGuard) -> Result<()> {
     node.swarm_init()?;
     node.import_image()?;
     let mut meshd = Meshd::start(node, &pins.0)?;
-    node.docker(&["network", "create", "-d", "overlay", "--attachable", "front"])?;
-    node.docker(&["network", "create", "-d", "overlay", "--attachable", "other"])?;
     node.docker(&[
-        "service", "create", "-d", "--no-resolve-image", "--name", "web", "--network", "front",
-        "--replicas", "3", "--stop-grace-period", "5s", IMAGE, "sh", "-c", WEB_CMD,
+        "network",
+        "create",
+        "-d",
+        "overlay",
+        "--attachable",
+        "front",
     ])?;
-    node.docker(&["run", "-d", "--name", "client", "--network", "front", IMAGE, "sleep", "1d"])?;
-    node.docker(&["run", "-d", "--name", "outsider", "--network", "other", IMAGE, "sleep", "1d"])?;
+    node.docker(&[
+        "network",
+        "create",
+        "-d",
+        "overlay",
+        "--attachable",
+        "other",
+    ])?;
+    node.docker(&[
+        "service",
+        "create",
+        "-d",
+        "--no-resolve-image",
+        "--name",
+        "web",
+        "--network",
+        "front",
+        "--replicas",
+        "3",
+        "--stop-grace-period",
+        "5s",
+        IMAGE,
+        "sh",
+        "-c",
+        WEB_CMD,
+    ])?;
+    node.docker(&[
+        "run",
+        "-d",
+        "--name",
+        "client",
+        "--network",
+        "front",
+        IMAGE,
+        "sleep",
+        "1d",
+    ])?;
+    node.docker(&[
+        "run",
+        "-d",
+        "--name",
+        "outsider",
+        "--network",
+        "other",
+        IMAGE,
+        "sleep",
+        "1d",
+    ])?;
     let tasks = short(&node.wait_running("web", 3)?);
     let vip = node.docker(&[
-        "service", "inspect", "web", "--format", "{{(index .Endpoint.VirtualIPs 0).Addr}}",
+        "service",
+        "inspect",
+        "web",
+        "--format",
+        "{{(index .Endpoint.VirtualIPs 0).Addr}}",
     ])?;
     let vip = vip.trim().split('/').next().unwrap().to_string();
-    wait_for("meshd to program 3 backends", Duration::from_secs(10), || {
-        (backends(&meshd, "web") == 3).then_some(())
-    })?;
+    wait_for(
+        "meshd to program 3 backends",
+        Duration::from_secs(10),
+        || (backends(&meshd, "web") == 3).then_some(()),
+    )?;
 
     // 1. 300 sequential connections by name: every task answers, none below 20%.
     let seen = get_many(node, 300, "http://web/")?;
-    ensure!(!seen.contains_key("FAILED"), "some requests failed: {seen:?}");
+    ensure!(
+        !seen.contains_key("FAILED"),
+        "some requests failed: {seen:?}"
+    );
     for t in &tasks {
         let n = seen.get(t).copied().unwrap_or(0);
         ensure!(n >= 60, "task {t} answered {n} of 300 (< 20%): {seen:?}");
@@ -88,7 +145,10 @@ fn scenario(node: &Node, pins: &PinGuard) -> Result<()> {
     ensure!(seen.len() == 3, "answers from unknown hosts: {seen:?}");
     // The application sees the VIP as its peer, not the task.
     let peer = node.exec("client", &format!("labtool peer {vip}:80"))?;
-    ensure!(peer.trim() == format!("{vip}:80"), "getpeername gave {peer:?}, want {vip}:80");
+    ensure!(
+        peer.trim() == format!("{vip}:80"),
+        "getpeername gave {peer:?}, want {vip}:80"
+    );
     let svc = meshd.ctl(&["service", "web"])?;
     let conns = svc["vips"][0]["connections"].as_u64().unwrap_or(0);
     ensure!(conns >= 301, "VIP counter {conns} < 301 connections made");
@@ -98,7 +158,10 @@ fn scenario(node: &Node, pins: &PinGuard) -> Result<()> {
         .iter()
         .map(|b| b["connections"].as_u64().unwrap_or(0))
         .sum();
-    ensure!(per_backend == conns, "backend counters {per_backend} != VIP counter {conns}");
+    ensure!(
+        per_backend == conns,
+        "backend counters {per_backend} != VIP counter {conns}"
+    );
 
     // 2. Scale to 5: the new tasks answer within 2 s of running.
     node.docker(&["service", "scale", "-d", "web=5"])?;
@@ -119,24 +182,35 @@ fn scenario(node: &Node, pins: &PinGuard) -> Result<()> {
     for t in &five {
         ensure!(all.contains_key(t), "new task {t} never answered");
     }
-    eprintln!("scale 3→5: all tasks answering {:?} after running", running_at.elapsed());
+    eprintln!(
+        "scale 3→5: all tasks answering {:?} after running",
+        running_at.elapsed()
+    );
 
     // 3. Scale to 1: tasks told to shut down get no new connection, even during their 5 s
     //    grace period while they still listen.
     node.docker(&["service", "scale", "-d", "web=1"])?;
     let drained_at = Instant::now();
-    wait_for("meshd to drain to 1 backend", Duration::from_secs(2), || {
-        (backends(&meshd, "web") == 1).then_some(())
-    })?;
+    wait_for(
+        "meshd to drain to 1 backend",
+        Duration::from_secs(2),
+        || (backends(&meshd, "web") == 1).then_some(()),
+    )?;
     eprintln!("scale 5→1: drained in {:?}", drained_at.elapsed());
     let survivor = meshd.ctl(&["service", "web"])?["vips"][0]["backends"][0]["task_id"]
         .as_str()
         .unwrap()
         .to_string();
     let seen = get_many(node, 40, "http://web/")?;
-    ensure!(seen.len() == 1 && !seen.contains_key("FAILED"), "after scale to 1: {seen:?}");
+    ensure!(
+        seen.len() == 1 && !seen.contains_key("FAILED"),
+        "after scale to 1: {seen:?}"
+    );
     let survivor_container = node.docker(&[
-        "inspect", &survivor, "--format", "{{.Status.ContainerStatus.ContainerID}}",
+        "inspect",
+        &survivor,
+        "--format",
+        "{{.Status.ContainerStatus.ContainerID}}",
     ])?;
     ensure!(
         seen.contains_key(&survivor_container.trim()[..12]),
@@ -145,31 +219,69 @@ fn scenario(node: &Node, pins: &PinGuard) -> Result<()> {
 
     // 4. A UDP service answers through its VIP, and replies come from the VIP.
     node.docker(&[
-        "service", "create", "-d", "--no-resolve-image", "--name", "echo", "--network", "front",
-        "--replicas", "2", "--stop-grace-period", "1s", IMAGE, "labtool", "udp-serve", "5353",
+        "service",
+        "create",
+        "-d",
+        "--no-resolve-image",
+        "--name",
+        "echo",
+        "--network",
+        "front",
+        "--replicas",
+        "2",
+        "--stop-grace-period",
+        "1s",
+        IMAGE,
+        "labtool",
+        "udp-serve",
+        "5353",
     ])?;
     let echo_tasks = short(&node.wait_running("echo", 2)?);
     let echo_vip = node.docker(&[
-        "service", "inspect", "echo", "--format", "{{(index .Endpoint.VirtualIPs 0).Addr}}",
+        "service",
+        "inspect",
+        "echo",
+        "--format",
+        "{{(index .Endpoint.VirtualIPs 0).Addr}}",
     ])?;
     let echo_vip = echo_vip.trim().split('/').next().unwrap().to_string();
-    wait_for("meshd to program the UDP service", Duration::from_secs(10), || {
-        (backends(&meshd, "echo") == 2).then_some(())
-    })?;
+    wait_for(
+        "meshd to program the UDP service",
+        Duration::from_secs(10),
+        || (backends(&meshd, "echo") == 2).then_some(()),
+    )?;
     for mode in ["", " --connected"] {
         let out = node.exec("client", &format!("labtool udp-ask {echo_vip}:5353{mode}"))?;
         let (who, from) = out.trim().split_once(" from ").context("udp-ask output")?;
-        ensure!(echo_tasks.iter().any(|t| t == who), "UDP answer from {who}, not a task");
-        ensure!(from == format!("{echo_vip}:5353"), "UDP reply source {from}, want the VIP");
+        ensure!(
+            echo_tasks.iter().any(|t| t == who),
+            "UDP answer from {who}, not a task"
+        );
+        ensure!(
+            from == format!("{echo_vip}:5353"),
+            "UDP reply source {from}, want the VIP"
+        );
     }
 
     // 5. A container on another network neither sees nor reaches the VIP.
-    let out = node.exec("outsider", &format!("timeout 3 wget -qO- http://{vip}/ || echo UNREACHABLE"))?;
-    ensure!(out.contains("UNREACHABLE"), "outsider reached the VIP: {out}");
+    let out = node.exec(
+        "outsider",
+        &format!("timeout 3 wget -qO- http://{vip}/ || echo UNREACHABLE"),
+    )?;
+    ensure!(
+        out.contains("UNREACHABLE"),
+        "outsider reached the VIP: {out}"
+    );
     let svc = meshd.ctl(&["service", "web"])?;
     let seen_by: Vec<String> = serde_json::from_value(svc["vips"][0]["sandboxes"].clone())?;
-    ensure!(seen_by.iter().any(|s| s == "client"), "client not in VIP scope: {seen_by:?}");
-    ensure!(!seen_by.iter().any(|s| s == "outsider"), "outsider in VIP scope: {seen_by:?}");
+    ensure!(
+        seen_by.iter().any(|s| s == "client"),
+        "client not in VIP scope: {seen_by:?}"
+    );
+    ensure!(
+        !seen_by.iter().any(|s| s == "outsider"),
+        "outsider in VIP scope: {seen_by:?}"
+    );
 
     // 6. kill -9 meshd: the pinned datapath keeps the VIP answering.
     node.docker(&["service", "scale", "-d", "web=3"])?;
@@ -179,8 +291,14 @@ fn scenario(node: &Node, pins: &PinGuard) -> Result<()> {
     })?;
     meshd.kill9();
     let seen = get_many(node, 30, "http://web/")?;
-    ensure!(!seen.contains_key("FAILED"), "VIP failed with meshd dead: {seen:?}");
-    ensure!(seen.len() == 3, "with meshd dead, answers came from {seen:?}");
+    ensure!(
+        !seen.contains_key("FAILED"),
+        "VIP failed with meshd dead: {seen:?}"
+    );
+    ensure!(
+        seen.len() == 3,
+        "with meshd dead, answers came from {seen:?}"
+    );
 
     // 7. Restart: the pinned state is adopted and nothing is rewritten.
     let lbs_before = pinned_map_len(&pins.0, "MESHD_LBS")?;
@@ -188,15 +306,27 @@ fn scenario(node: &Node, pins: &PinGuard) -> Result<()> {
     meshd.restart()?;
     let st = meshd.status()?;
     let adopted = &st["datapath"]["adopted_at_start"];
-    ensure!(adopted["load_balancers"] == lbs_before, "adopted {adopted} vs {lbs_before} pinned LBs");
-    ensure!(adopted["replaced_links"] == 4, "old links not replaced: {adopted}");
+    ensure!(
+        adopted["load_balancers"] == lbs_before,
+        "adopted {adopted} vs {lbs_before} pinned LBs"
+    );
+    ensure!(
+        adopted["replaced_links"] == 4,
+        "old links not replaced: {adopted}"
+    );
     ensure!(
         st["datapath"]["applies_with_changes"] == 0,
         "restart rewrote maps though nothing changed: {st}"
     );
-    ensure!(pinned_map_len(&pins.0, "MESHD_MAGLEV")? == slots_before, "Maglev slots changed");
+    ensure!(
+        pinned_map_len(&pins.0, "MESHD_MAGLEV")? == slots_before,
+        "Maglev slots changed"
+    );
     let seen = get_many(node, 30, "http://web/")?;
-    ensure!(seen.len() == 3 && !seen.contains_key("FAILED"), "after restart: {seen:?}");
+    ensure!(
+        seen.len() == 3 && !seen.contains_key("FAILED"),
+        "after restart: {seen:?}"
+    );
 
     // 8. Removing the service clears its entries from the kernel maps.
     let vips_before = pinned_map_len(&pins.0, "MESHD_VIPS")?;
@@ -211,10 +341,14 @@ fn scenario(node: &Node, pins: &PinGuard) -> Result<()> {
         let list = meshd.ctl(&["services"]).ok()?;
         (!list.as_array()?.iter().any(|s| s["name"] == "web")).then_some(())
     })?;
-    wait_for("web's map entries to be deleted", Duration::from_secs(5), || {
-        let lbs = pinned_map_len(&pins.0, "MESHD_LBS").ok()?;
-        (lbs == lbs_before - 1).then_some(())
-    })?;
+    wait_for(
+        "web's map entries to be deleted",
+        Duration::from_secs(5),
+        || {
+            let lbs = pinned_map_len(&pins.0, "MESHD_LBS").ok()?;
+            (lbs == lbs_before - 1).then_some(())
+        },
+    )?;
     // The removed service's sandboxes (its own tasks) left the scope of other VIPs too, so
     // count only what must be gone at least.
     let vips_after = pinned_map_len(&pins.0, "MESHD_VIPS")?;
@@ -228,7 +362,11 @@ fn scenario(node: &Node, pins: &PinGuard) -> Result<()> {
     );
     let dump: Value = meshd.ctl(&["maps"])?;
     ensure!(
-        !dump["vips"].as_array().unwrap().iter().any(|e| e["vip"] == vip.as_str()),
+        !dump["vips"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["vip"] == vip.as_str()),
         "kernel VIP map still holds {vip}"
     );
     drop(meshd);

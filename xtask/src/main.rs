@@ -1,1 +1,193 @@
-fn main() {}
+//! `cargo xtask setup | test | bench vip`: everything a developer or CI runs.
+use std::{path::Path, process::Command};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod demo;
+
+#[derive(Parser)]
+#[command(about = "meshd's developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (Debian 12, root). Idempotent.
+    Setup,
+    /// Set up, build, and run every test: unit, property and end-to-end on a real swarm.
+    Test,
+    /// Set up, then a one-node swarm with meshd and a demo service; Ctrl-C removes it.
+    Demo {
+        /// Show the demo and remove it at once instead of waiting for Ctrl-C.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Benchmarks; each prints ratios against a baseline measured in the same run.
+    Bench {
+        #[command(subcommand)]
+        which: bench::Which,
+    },
+}
+
+/// Debian packages the build, the lab and the tests use.
+const PACKAGES: &[&str] = &[
+    // Debian's rustc carries the precompiled `core` for bpfel-unknown-none (LAB.md).
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    "docker.io",
+    "busybox-static",
+    "iproute2",
+    "nftables",
+    "bpftool",
+    "dnsutils",
+    "wrk",
+    "sockperf",
+    "curl",
+    "jq",
+];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => setup(),
+        Cmd::Test => {
+            setup()?;
+            test()
+        }
+        Cmd::Demo { no_wait } => {
+            setup()?;
+            cargo(&["build", "--workspace"])?;
+            demo::demo(!no_wait)
+        }
+        Cmd::Bench { which } => {
+            setup()?;
+            cargo(&["build", "--workspace"])?;
+            bench::run(which)
+        }
+    }
+}
+
+fn status(cmd: &mut Command) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("run {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed: {st}");
+    }
+    Ok(())
+}
+
+/// Runs cargo without the per-package variables `cargo run` gave xtask: build scripts that
+/// watch them would otherwise rebuild between `cargo build` and `cargo xtask`.
+fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("CARGO_") && key != "CARGO_HOME" && key != "CARGO_TARGET_DIR" {
+            cmd.env_remove(key);
+        }
+    }
+    status(cmd.args(args))
+}
+
+fn missing_packages() -> Vec<&'static str> {
+    PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            let out = Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output();
+            !matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect()
+}
+
+fn bpf_linker_ok() -> bool {
+    Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+}
+
+fn setup() -> Result<()> {
+    let debian = Path::new("/etc/debian_version").exists();
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc_geteuid() } == 0;
+    let missing = if debian {
+        missing_packages()
+    } else {
+        PACKAGES.to_vec()
+    };
+    let linker = bpf_linker_ok();
+    if missing.is_empty() && linker {
+        ensure_bpffs();
+        return Ok(());
+    }
+    if !debian || !root {
+        bail!(
+            "cannot install the build and test dependencies here ({}).\n\
+             Needed: Debian 12 packages {}\n\
+             and bpf-linker {BPF_LINKER_VERSION}: LLVM_PREFIX=/usr/lib/llvm-22 \
+             LLVM_SYS_221_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker@{BPF_LINKER_VERSION} \
+             --locked --no-default-features --features llvm-22\n\
+             Run `cargo xtask setup` as root on Debian 12, or install these by hand.",
+            if !debian { "not Debian" } else { "not root" },
+            missing.join(" ")
+        );
+    }
+    if !missing.is_empty() {
+        eprintln!("xtask setup: installing {}", missing.join(" "));
+        status(Command::new("apt-get").args(["update", "-qq"]))?;
+        status(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    if !bpf_linker_ok() {
+        eprintln!("xtask setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (~3 min)");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        status(
+            Command::new(cargo)
+                .args([
+                    "install",
+                    &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                    "--locked",
+                ])
+                .args(["--no-default-features", "--features", "llvm-22"])
+                .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+                .env("LLVM_SYS_221_PREFIX", "/usr/lib/llvm-22"),
+        )?;
+    }
+    ensure_bpffs();
+    Ok(())
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+/// meshd mounts bpffs itself; mounting here too lets bpftool inspect pins before it runs.
+fn ensure_bpffs() {
+    let mounted = std::fs::read_to_string("/proc/self/mounts").is_ok_and(|m| {
+        m.lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    });
+    if !mounted {
+        let _ = Command::new("mount")
+            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+            .status();
+    }
+}
+
+fn test() -> Result<()> {
+    cargo(&["build", "--workspace"])?;
+    cargo(&["test", "--workspace", "--", "--test-threads=1"])
+}

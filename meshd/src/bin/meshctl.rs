@@ -119,8 +119,16 @@ fn print_status(d: &Value) {
     println!(
         "docker          {} ({}), events {}, syncs {} ok / {} failed",
         docker["manager"].as_str().unwrap_or(""),
-        if docker["connected"] == true { "connected" } else { "NOT connected" },
-        if docker["events_connected"] == true { "following" } else { "NOT following" },
+        if docker["connected"] == true {
+            "connected"
+        } else {
+            "NOT connected"
+        },
+        if docker["events_connected"] == true {
+            "following"
+        } else {
+            "NOT following"
+        },
         docker["syncs"],
         docker["failed_syncs"],
     );
@@ -138,7 +146,9 @@ fn print_status(d: &Value) {
     let l = &d["event_to_map"];
     println!(
         "event→map       {} samples, p50 {:.2} ms, p99 {:.2} ms",
-        l["samples"], l["p50_ms"].as_f64().unwrap_or(0.0), l["p99_ms"].as_f64().unwrap_or(0.0)
+        l["samples"],
+        l["p50_ms"].as_f64().unwrap_or(0.0),
+        l["p99_ms"].as_f64().unwrap_or(0.0)
     );
     let rejected = d["rejected"].as_array().cloned().unwrap_or_default();
     println!("rejected        {}", rejected.len());

@@ -10,7 +10,10 @@ use meshd::{
 };
 
 #[derive(Parser)]
-#[command(version, about = "Service networking for Docker Swarm on a kernel datapath")]
+#[command(
+    version,
+    about = "Service networking for Docker Swarm on a kernel datapath"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -30,7 +33,11 @@ enum Command {
 #[derive(Args)]
 struct RunArgs {
     /// Docker Engine API of a swarm manager: unix:///path or tcp://host:port.
-    #[arg(long, env = "MESHD_DOCKER_HOST", default_value = "unix:///var/run/docker.sock")]
+    #[arg(
+        long,
+        env = "MESHD_DOCKER_HOST",
+        default_value = "unix:///var/run/docker.sock"
+    )]
     docker_host: String,
     /// This node's engine, for its containers; defaults to --docker-host.
     #[arg(long, env = "MESHD_LOCAL_DOCKER_HOST")]
@@ -71,7 +78,9 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("MESHD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if cli.run.log_json {
         fmt.json().init();
     } else {
@@ -79,7 +88,10 @@ fn main() -> Result<()> {
     }
     if let Some(Command::Reset { pin_dir }) = cli.command {
         ebpf::reset(&pin_dir)?;
-        println!("removed meshd's pinned programs and maps from {}", pin_dir.display());
+        println!(
+            "removed meshd's pinned programs and maps from {}",
+            pin_dir.display()
+        );
         return Ok(());
     }
     let a = cli.run;

@@ -152,7 +152,8 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
 }
 
 fn is_bpffs(path: &Path) -> Result<bool> {
-    let st = nix::sys::statfs::statfs(path).with_context(|| format!("statfs {}", path.display()))?;
+    let st =
+        nix::sys::statfs::statfs(path).with_context(|| format!("statfs {}", path.display()))?;
     Ok(st.filesystem_type().0 as i64 == BPF_FS_MAGIC)
 }
 
@@ -270,7 +271,9 @@ impl EbpfDatapath {
         let m = &mut self.maps;
         upsert(&mut m.meta, &d_meta, map_names::LB_META)?;
         for (k, ()) in &d_lc.upserts {
-            m.lb_conns.insert(k, zeros()?, 0).context("create LB counter")?;
+            m.lb_conns
+                .insert(k, zeros()?, 0)
+                .context("create LB counter")?;
         }
         for (k, ()) in &d_bc.upserts {
             m.backend_conns
@@ -291,7 +294,11 @@ impl EbpfDatapath {
         }
         remove(&mut m.meta, &d_meta, map_names::LB_META)?;
         if stats.writes + stats.deletes > 0 {
-            debug!(writes = stats.writes, deletes = stats.deletes, "applied map diff");
+            debug!(
+                writes = stats.writes,
+                deletes = stats.deletes,
+                "applied map diff"
+            );
         }
         self.applied = want;
         Ok(stats)
@@ -382,7 +389,9 @@ fn remove<K: Pod, V: Pod>(
 fn ignore_missing(r: std::result::Result<(), aya::maps::MapError>) -> Result<()> {
     match r {
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(aya::maps::MapError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {
+        Err(aya::maps::MapError::SyscallError(e))
+            if e.io_error.kind() == io::ErrorKind::NotFound =>
+        {
             Ok(())
         }
         other => other.map_err(Into::into),
@@ -400,7 +409,9 @@ pub fn reset(pin_dir: &Path) -> Result<()> {
         if pin.exists() {
             match PinnedLink::from_pin(&pin) {
                 Ok(link) => drop(link.unpin()?),
-                Err(e) => warn!(pin = %pin.display(), error = %e, "cannot open pinned link; removing the pin"),
+                Err(e) => {
+                    warn!(pin = %pin.display(), error = %e, "cannot open pinned link; removing the pin")
+                }
             }
             let _ = std::fs::remove_file(&pin);
         }

@@ -184,7 +184,11 @@ mod tests {
         d.lbs.remove(&r("a"));
         d.lbs.insert(r("c"), lb("10.0.0.4", &["10.0.0.7"]));
         ids.assign(&d);
-        assert_eq!(ids.get(&r("b")), Some(2), "a kept load balancer keeps its id");
+        assert_eq!(
+            ids.get(&r("b")),
+            Some(2),
+            "a kept load balancer keeps its id"
+        );
         assert_eq!(ids.get(&r("c")), Some(1), "a freed id is reused");
         assert_eq!(ids.get(&r("a")), None);
     }
@@ -208,7 +212,10 @@ mod tests {
         let mut d = Desired::default();
         d.lbs.insert(
             r("a"),
-            lb("10.0.0.2", &["10.0.0.5", "10.0.0.6", "10.0.0.7", "10.0.0.8", "10.0.0.9"]),
+            lb(
+                "10.0.0.2",
+                &["10.0.0.5", "10.0.0.6", "10.0.0.7", "10.0.0.8", "10.0.0.9"],
+            ),
         );
         let mut ids = LbIds::default();
         ids.assign(&d);
@@ -217,7 +224,14 @@ mod tests {
             r("a"),
             lb(
                 "10.0.0.2",
-                &["10.0.0.5", "10.0.0.6", "10.0.0.7", "10.0.0.8", "10.0.0.9", "10.0.0.10"],
+                &[
+                    "10.0.0.5",
+                    "10.0.0.6",
+                    "10.0.0.7",
+                    "10.0.0.8",
+                    "10.0.0.9",
+                    "10.0.0.10",
+                ],
             ),
         );
         let after = kernel_tables(&d, &ids);
@@ -226,8 +240,16 @@ mod tests {
         // 5 → 6 backends keeps the table size; the new one takes about 1/6 of the slots.
         assert_eq!(size, before.maglev.len());
         assert!(changed.removes.is_empty());
-        assert!(changed.upserts.len() < size / 4, "{} of {size}", changed.upserts.len());
-        assert!(changed.upserts.len() > size / 8, "{} of {size}", changed.upserts.len());
+        assert!(
+            changed.upserts.len() < size / 4,
+            "{} of {size}",
+            changed.upserts.len()
+        );
+        assert!(
+            changed.upserts.len() > size / 8,
+            "{} of {size}",
+            changed.upserts.len()
+        );
     }
 
     #[test]

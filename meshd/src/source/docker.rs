@@ -14,9 +14,7 @@ use super::{
     docker_api::{ApiError, DockerApi},
     netns,
 };
-use crate::model::{
-    ClusterState, EndpointMode, Network, Node, Rejected, Sandbox, Service, Task,
-};
+use crate::model::{ClusterState, EndpointMode, Network, Node, Rejected, Sandbox, Service, Task};
 
 fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
     path.iter().try_fold(v, |v, k| v.get(k))?.as_str()
@@ -31,8 +29,7 @@ fn need<'a>(v: &'a Value, path: &[&str]) -> Result<&'a str, String> {
 /// "10.0.1.2/24" → 10.0.1.2.
 fn cidr_addr(s: &str) -> Result<Ipv4Addr, String> {
     let ip = s.split('/').next().unwrap_or(s);
-    ip.parse()
-        .map_err(|_| format!("bad IPv4 address {s:?}"))
+    ip.parse().map_err(|_| format!("bad IPv4 address {s:?}"))
 }
 
 pub fn parse_service(v: &Value) -> Result<Service, String> {
@@ -125,7 +122,10 @@ pub fn parse_container(v: &Value) -> Result<(String, String, Vec<String>), Strin
         .trim_start_matches('/')
         .to_string();
     let mut networks = Vec::new();
-    if let Some(map) = v.pointer("/NetworkSettings/Networks").and_then(Value::as_object) {
+    if let Some(map) = v
+        .pointer("/NetworkSettings/Networks")
+        .and_then(Value::as_object)
+    {
         for (net_name, ep) in map {
             let nid = str_at(ep, &["NetworkID"])
                 .filter(|s| !s.is_empty())

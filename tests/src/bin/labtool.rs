@@ -67,9 +67,13 @@ fn udp_ask(target: SocketAddr, connected: bool) {
     sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let mut buf = [0u8; 1500];
     let (n, from) = if connected {
-        sock.connect(target).unwrap_or_else(|e| fail(&format!("connect: {e}")));
-        sock.send(b"hi").unwrap_or_else(|e| fail(&format!("send: {e}")));
-        let n = sock.recv(&mut buf).unwrap_or_else(|e| fail(&format!("recv: {e}")));
+        sock.connect(target)
+            .unwrap_or_else(|e| fail(&format!("connect: {e}")));
+        sock.send(b"hi")
+            .unwrap_or_else(|e| fail(&format!("send: {e}")));
+        let n = sock
+            .recv(&mut buf)
+            .unwrap_or_else(|e| fail(&format!("recv: {e}")));
         (n, sock.peer_addr().unwrap())
     } else {
         sock.send_to(b"hi", target)
