@@ -81,9 +81,9 @@ fn status(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// Runs cargo without the per-package variables `cargo run` gave xtask: build scripts that
-/// watch them would otherwise rebuild between `cargo build` and `cargo xtask`.
-fn cargo(args: &[&str]) -> Result<()> {
+/// cargo without the per-package variables `cargo run` gave xtask: build scripts that watch
+/// them would otherwise rebuild between `cargo build` and `cargo xtask`.
+fn cargo_cmd() -> Command {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     for (key, _) in std::env::vars() {
@@ -91,7 +91,11 @@ fn cargo(args: &[&str]) -> Result<()> {
             cmd.env_remove(key);
         }
     }
-    status(cmd.args(args))
+    cmd
+}
+
+fn cargo(args: &[&str]) -> Result<()> {
+    status(cargo_cmd().args(args))
 }
 
 fn missing_packages() -> Vec<&'static str> {
@@ -189,5 +193,38 @@ fn ensure_bpffs() {
 
 fn test() -> Result<()> {
     cargo(&["build", "--workspace"])?;
-    cargo(&["test", "--workspace", "--", "--test-threads=1"])
+    // One test at a time: the end-to-end tests each run a swarm, and CI has 2 cores.
+    let mut child = cargo_cmd()
+        .args(["test", "--workspace", "--", "--test-threads=1"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let out = std::io::BufReader::new(child.stdout.take().unwrap());
+    for line in std::io::BufRead::lines(out) {
+        let line = line?;
+        println!("{line}");
+        // "test result: ok. 20 passed; 0 failed; ..."
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let num = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .strip_suffix(word)?
+                            .split_whitespace()
+                            .last()?
+                            .parse()
+                            .ok()
+                    })
+                    .unwrap_or(0)
+            };
+            passed += num(" passed");
+            failed += num(" failed");
+        }
+    }
+    let st = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed");
+    if !st.success() || failed > 0 {
+        bail!("tests failed");
+    }
+    Ok(())
 }
