@@ -13,6 +13,8 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 pub const IMAGE: &str = "meshlab:1";
+/// A lab-image web server that answers every request with its container's hostname.
+pub const WEB_CMD: &str = "hostname > /www/index.html; exec httpd -f -p 80 -h /www";
 const CGROUP2: &str = "/sys/fs/cgroup/unified";
 
 /// Tests that need root and a real kernel: in CI a missing requirement is a failure, on a
@@ -255,6 +257,70 @@ impl Node {
         Ok(())
     }
 
+    /// Creates an attachable overlay network, so plain containers can join it too.
+    pub fn create_overlay(&self, name: &str) -> Result<()> {
+        self.docker(&["network", "create", "-d", "overlay", "--attachable", name])?;
+        Ok(())
+    }
+
+    /// Creates a service of the lab image on `network` (detached; wait with `wait_running`).
+    pub fn create_service(
+        &self,
+        name: &str,
+        network: &str,
+        replicas: usize,
+        grace: &str,
+        cmd: &[&str],
+    ) -> Result<()> {
+        let replicas = replicas.to_string();
+        let mut args = vec![
+            "service",
+            "create",
+            "-d",
+            "--no-resolve-image",
+            "--name",
+            name,
+            "--network",
+            network,
+            "--replicas",
+            &replicas,
+            "--stop-grace-period",
+            grace,
+            IMAGE,
+        ];
+        args.extend_from_slice(cmd);
+        self.docker(&args)?;
+        Ok(())
+    }
+
+    /// Starts a long-running plain container of the lab image on `network`.
+    pub fn run_idle_container(&self, name: &str, network: &str) -> Result<()> {
+        self.docker(&[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--network",
+            network,
+            IMAGE,
+            "sleep",
+            "1d",
+        ])?;
+        Ok(())
+    }
+
+    /// A service's VIP on its first network.
+    pub fn service_vip(&self, service: &str) -> Result<String> {
+        let out = self.docker(&[
+            "service",
+            "inspect",
+            service,
+            "--format",
+            "{{(index .Endpoint.VirtualIPs 0).Addr}}",
+        ])?;
+        Ok(out.trim().split('/').next().unwrap_or_default().to_string())
+    }
+
     /// Running tasks of a service, as (task id, container id).
     pub fn running_tasks(&self, service: &str) -> Result<Vec<(String, String)>> {
         let ids = self.docker(&[
@@ -469,6 +535,20 @@ impl Meshd {
         self.ctl(&["status"])
     }
 
+    /// Backends meshd programmed for a service's first VIP (None if it has none).
+    pub fn backends(&self, service: &str) -> Option<usize> {
+        let v = self.ctl(&["service", service]).ok()?;
+        v["vips"][0]["backends"].as_array().map(Vec::len)
+    }
+
+    pub fn wait_backends(&self, service: &str, n: usize) -> Result<()> {
+        wait_for(
+            &format!("meshd to program {n} backends for {service}"),
+            Duration::from_secs(10),
+            || (self.backends(service) == Some(n)).then_some(()),
+        )
+    }
+
     /// SIGKILL, as a crash would.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -491,6 +571,28 @@ impl Drop for Meshd {
     fn drop(&mut self) {
         self.kill9();
         let _ = fs::remove_file(&self.socket);
+    }
+}
+
+/// A one-node swarm with the lab image, an attachable overlay `front`, and meshd on it.
+/// Fields drop in order: meshd stops, its pins go, then the node.
+pub struct OneNodeSwarm {
+    pub meshd: Meshd,
+    pub pins: PinGuard,
+    pub node: Node,
+}
+
+impl OneNodeSwarm {
+    /// `suffix` makes the node's name unique among this run's labs; `addr` is its address.
+    pub fn start(suffix: &str, addr: &str) -> Result<Self> {
+        let name = format!("{}{suffix}", run_tag());
+        let node = Node::start(&name, addr)?;
+        let pins = PinGuard(PathBuf::from(format!("/sys/fs/bpf/{name}")));
+        node.swarm_init()?;
+        node.import_image()?;
+        let meshd = Meshd::start(&node, &pins.0)?;
+        node.create_overlay("front")?;
+        Ok(Self { meshd, pins, node })
     }
 }
 

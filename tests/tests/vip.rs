@@ -2,15 +2,12 @@
 //! One scenario, step by step, so one swarm serves every check (2-core CI).
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
 use anyhow::{ensure, Context, Result};
-use meshd_tests::{pinned_map_len, require_root, run_tag, wait_for, Meshd, Node, PinGuard, IMAGE};
+use meshd_tests::{pinned_map_len, require_root, wait_for, Node, OneNodeSwarm, WEB_CMD};
 use serde_json::Value;
-
-const WEB_CMD: &str = "hostname > /www/index.html; exec httpd -f -p 80 -h /www";
 
 fn counts(out: &str) -> BTreeMap<String, usize> {
     let mut m = BTreeMap::new();
@@ -22,14 +19,6 @@ fn counts(out: &str) -> BTreeMap<String, usize> {
 
 fn short(ids: &[String]) -> Vec<String> {
     ids.iter().map(|c| c[..12].to_string()).collect()
-}
-
-fn backends(meshd: &Meshd, service: &str) -> usize {
-    meshd
-        .ctl(&["service", service])
-        .ok()
-        .and_then(|v| v["vips"][0]["backends"].as_array().map(Vec::len))
-        .unwrap_or(usize::MAX)
 }
 
 fn get_many(node: &Node, n: usize, url: &str) -> Result<BTreeMap<String, usize>> {
@@ -45,92 +34,24 @@ fn service_vips_on_a_real_swarm() {
     if !require_root("service_vips_on_a_real_swarm") {
         return;
     }
-    let tag = run_tag();
-    let node = Node::start(&format!("{tag}v1"), "192.168.77.1").expect("node");
-    let pins = PinGuard(PathBuf::from(format!("/sys/fs/bpf/{tag}v1")));
-    let result = scenario(&node, &pins);
-    if let Err(e) = &result {
-        let log = std::fs::read_to_string(node.dir.join("meshd.log")).unwrap_or_default();
+    let mut lab = OneNodeSwarm::start("v1", "192.168.77.1").expect("one-node swarm");
+    if let Err(e) = scenario(&mut lab) {
+        let log = std::fs::read_to_string(&lab.meshd.log).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(40).collect();
         eprintln!("meshd log (last lines, newest first):\n{}", tail.join("\n"));
         panic!("{e:#}");
     }
 }
 
-fn scenario(node: &Node, pins: &PinGuard) -> Result<()> {
-    node.swarm_init()?;
-    node.import_image()?;
-    let mut meshd = Meshd::start(node, &pins.0)?;
-    node.docker(&[
-        "network",
-        "create",
-        "-d",
-        "overlay",
-        "--attachable",
-        "front",
-    ])?;
-    node.docker(&[
-        "network",
-        "create",
-        "-d",
-        "overlay",
-        "--attachable",
-        "other",
-    ])?;
-    node.docker(&[
-        "service",
-        "create",
-        "-d",
-        "--no-resolve-image",
-        "--name",
-        "web",
-        "--network",
-        "front",
-        "--replicas",
-        "3",
-        "--stop-grace-period",
-        "5s",
-        IMAGE,
-        "sh",
-        "-c",
-        WEB_CMD,
-    ])?;
-    node.docker(&[
-        "run",
-        "-d",
-        "--name",
-        "client",
-        "--network",
-        "front",
-        IMAGE,
-        "sleep",
-        "1d",
-    ])?;
-    node.docker(&[
-        "run",
-        "-d",
-        "--name",
-        "outsider",
-        "--network",
-        "other",
-        IMAGE,
-        "sleep",
-        "1d",
-    ])?;
+fn scenario(lab: &mut OneNodeSwarm) -> Result<()> {
+    let (node, meshd, pins) = (&lab.node, &mut lab.meshd, &lab.pins);
+    node.create_overlay("other")?;
+    node.create_service("web", "front", 3, "5s", &["sh", "-c", WEB_CMD])?;
+    node.run_idle_container("client", "front")?;
+    node.run_idle_container("outsider", "other")?;
     let tasks = short(&node.wait_running("web", 3)?);
-    let vip = node.docker(&[
-        "service",
-        "inspect",
-        "web",
-        "--format",
-        "{{(index .Endpoint.VirtualIPs 0).Addr}}",
-    ])?;
-    let vip = vip.trim().split('/').next().unwrap().to_string();
-    wait_for(
-        "meshd to program 3 backends",
-        Duration::from_secs(10),
-        || (backends(&meshd, "web") == 3).then_some(()),
-    )?;
+    let vip = node.service_vip("web")?;
+    meshd.wait_backends("web", 3)?;
 
     // 1. 300 sequential connections by name: every task answers, none below 20%.
     let seen = get_many(node, 300, "http://web/")?;
@@ -194,7 +115,7 @@ fn scenario(node: &Node, pins: &PinGuard) -> Result<()> {
     wait_for(
         "meshd to drain to 1 backend",
         Duration::from_secs(2),
-        || (backends(&meshd, "web") == 1).then_some(()),
+        || (meshd.backends("web") == Some(1)).then_some(()),
     )?;
     eprintln!("scale 5→1: drained in {:?}", drained_at.elapsed());
     let survivor = meshd.ctl(&["service", "web"])?["vips"][0]["backends"][0]["task_id"]
@@ -218,38 +139,10 @@ fn scenario(node: &Node, pins: &PinGuard) -> Result<()> {
     );
 
     // 4. A UDP service answers through its VIP, and replies come from the VIP.
-    node.docker(&[
-        "service",
-        "create",
-        "-d",
-        "--no-resolve-image",
-        "--name",
-        "echo",
-        "--network",
-        "front",
-        "--replicas",
-        "2",
-        "--stop-grace-period",
-        "1s",
-        IMAGE,
-        "labtool",
-        "udp-serve",
-        "5353",
-    ])?;
+    node.create_service("echo", "front", 2, "1s", &["labtool", "udp-serve", "5353"])?;
     let echo_tasks = short(&node.wait_running("echo", 2)?);
-    let echo_vip = node.docker(&[
-        "service",
-        "inspect",
-        "echo",
-        "--format",
-        "{{(index .Endpoint.VirtualIPs 0).Addr}}",
-    ])?;
-    let echo_vip = echo_vip.trim().split('/').next().unwrap().to_string();
-    wait_for(
-        "meshd to program the UDP service",
-        Duration::from_secs(10),
-        || (backends(&meshd, "echo") == 2).then_some(()),
-    )?;
+    let echo_vip = node.service_vip("echo")?;
+    meshd.wait_backends("echo", 2)?;
     for mode in ["", " --connected"] {
         let out = node.exec("client", &format!("labtool udp-ask {echo_vip}:5353{mode}"))?;
         let (who, from) = out.trim().split_once(" from ").context("udp-ask output")?;
@@ -286,9 +179,7 @@ fn scenario(node: &Node, pins: &PinGuard) -> Result<()> {
     // 6. kill -9 meshd: the pinned datapath keeps the VIP answering.
     node.docker(&["service", "scale", "-d", "web=3"])?;
     node.wait_running("web", 3)?;
-    wait_for("3 backends again", Duration::from_secs(10), || {
-        (backends(&meshd, "web") == 3).then_some(())
-    })?;
+    meshd.wait_backends("web", 3)?;
     meshd.kill9();
     let seen = get_many(node, 30, "http://web/")?;
     ensure!(
@@ -369,6 +260,5 @@ fn scenario(node: &Node, pins: &PinGuard) -> Result<()> {
             .any(|e| e["vip"] == vip.as_str()),
         "kernel VIP map still holds {vip}"
     );
-    drop(meshd);
     Ok(())
 }

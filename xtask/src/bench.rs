@@ -1,13 +1,10 @@
 //! Benchmarks on a real single-node swarm. Every figure is printed next to a baseline measured
 //! in the same run, interleaved round by round, because this machine is shared and noisy.
-use std::{
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use clap::Subcommand;
-use meshd_tests::{require_root, run_tag, wait_for, Meshd, Node, PinGuard, IMAGE};
+use meshd_tests::{require_root, wait_for, Node, OneNodeSwarm};
 use serde_json::Value;
 
 #[derive(Subcommand)]
@@ -66,51 +63,14 @@ fn addr_of(node: &Node, args: &[&str]) -> Result<String> {
 
 fn vip(rounds: usize, seconds: f64, scale_changes: usize) -> Result<()> {
     ensure!(require_root("bench vip"), "bench vip needs root");
-    let tag = run_tag();
-    let node = Node::start(&format!("{tag}b1"), "192.168.78.1")?;
-    let pins = PinGuard(PathBuf::from(format!("/sys/fs/bpf/{tag}b1")));
-    node.swarm_init()?;
-    node.import_image()?;
-    let meshd = Meshd::start(&node, &pins.0)?;
-    node.docker(&[
-        "network",
-        "create",
-        "-d",
-        "overlay",
-        "--attachable",
-        "front",
-    ])?;
+    let lab = OneNodeSwarm::start("b1", "192.168.78.1")?;
+    let (node, meshd) = (&lab.node, &lab.meshd);
     // One task, so direct, meshd and nftables all reach the same server.
-    node.docker(&[
-        "service",
-        "create",
-        "-d",
-        "--no-resolve-image",
-        "--name",
-        "echo",
-        "--network",
-        "front",
-        "--stop-grace-period",
-        "1s",
-        IMAGE,
-        "labtool",
-        "tcp-echo",
-        "7000",
-    ])?;
-    node.docker(&[
-        "run",
-        "-d",
-        "--name",
-        "client",
-        "--network",
-        "front",
-        IMAGE,
-        "sleep",
-        "1d",
-    ])?;
+    node.create_service("echo", "front", 1, "1s", &["labtool", "tcp-echo", "7000"])?;
+    node.run_idle_container("client", "front")?;
     let task = node.wait_running("echo", 1)?.remove(0);
     let task_ip = addr_of(
-        &node,
+        node,
         &[
             "inspect",
             &task,
@@ -118,20 +78,8 @@ fn vip(rounds: usize, seconds: f64, scale_changes: usize) -> Result<()> {
             "{{(index .NetworkSettings.Networks \"front\").IPAddress}}",
         ],
     )?;
-    let vip = addr_of(
-        &node,
-        &[
-            "service",
-            "inspect",
-            "echo",
-            "--format",
-            "{{(index .Endpoint.VirtualIPs 0).Addr}}",
-        ],
-    )?;
-    wait_for("meshd to program the VIP", Duration::from_secs(10), || {
-        let s = meshd.ctl(&["service", "echo"]).ok()?;
-        (s["vips"][0]["backends"].as_array()?.len() == 1).then_some(())
-    })?;
+    let vip = node.service_vip("echo")?;
+    meshd.wait_backends("echo", 1)?;
 
     // nftables baseline: a DNAT VIP in the client's own namespace, as a kernel LB would.
     let sandbox = node.docker(&[
@@ -144,21 +92,21 @@ fn vip(rounds: usize, seconds: f64, scale_changes: usize) -> Result<()> {
         let octets: Vec<&str> = task_ip.split('.').collect();
         format!("{}.{}.{}.250", octets[0], octets[1], octets[2])
     };
-    let nft = |args: String| -> Result<String> {
+    let in_client = |args: &[&str]| -> Result<String> {
         meshd_tests::run(
             std::process::Command::new("nsenter")
                 .arg(format!("--net={}", sandbox.trim()))
-                .arg("nft")
-                .args(args.split(' ')),
+                .args(args),
         )
+    };
+    let nft = |rule: String| -> Result<String> {
+        let mut args = vec!["nft"];
+        args.extend(rule.split(' '));
+        in_client(&args)
     };
     // Every path reconnects to one address thousands of times: let TIME_WAIT ports be reused
     // (BASELINES.md pitfall), or connect() slows for direct and meshd but not for nft's VIP.
-    meshd_tests::run(
-        std::process::Command::new("nsenter")
-            .arg(format!("--net={}", sandbox.trim()))
-            .args(["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"]),
-    )?;
+    in_client(&["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])?;
     nft("add table ip meshbench".into())?;
     nft("add chain ip meshbench out { type nat hook output priority -100 ; }".into())?;
     nft(format!(
@@ -270,6 +218,5 @@ fn vip(rounds: usize, seconds: f64, scale_changes: usize) -> Result<()> {
         );
     }
     println!("  target: p99 ≤ 50 ms once meshd has the event");
-    drop(meshd);
     Ok(())
 }
