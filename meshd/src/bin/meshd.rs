@@ -1,11 +1,13 @@
 //! The meshd daemon.
 use std::{path::PathBuf, time::Duration};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use meshd::{
+    compile::compile,
     daemon::{self, Config},
     datapath::ebpf,
+    source::docker::DockerSource,
     source::docker_api::{DockerApi, TlsFiles},
 };
 
@@ -28,10 +30,17 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf/meshd")]
         pin_dir: PathBuf,
     },
+    /// Read Docker once with these settings and say what meshd would program; touches no
+    /// kernel state. Exits non-zero when Docker cannot be read (TLS, address, permissions).
+    Check {
+        #[command(flatten)]
+        docker: DockerArgs,
+    },
 }
 
+/// Where Docker state comes from.
 #[derive(Args)]
-struct RunArgs {
+struct DockerArgs {
     /// Docker Engine API of a swarm manager: unix:///path or tcp://host:port.
     #[arg(
         long,
@@ -51,6 +60,16 @@ struct RunArgs {
     /// Client key for the manager (tcp:// only).
     #[arg(long)]
     tls_key: Option<PathBuf>,
+    /// Accept tcp:// without TLS. The Docker API is root on the manager: only for a private
+    /// network namespace, never across machines.
+    #[arg(long)]
+    insecure_plain_tcp: bool,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    docker: DockerArgs,
     /// cgroup2 directory holding the containers; the programs are attached here.
     #[arg(long, default_value = "/sys/fs/cgroup/unified/docker")]
     cgroup: PathBuf,
@@ -74,7 +93,91 @@ struct RunArgs {
     log_json: bool,
 }
 
-fn main() -> Result<()> {
+impl DockerArgs {
+    fn tls(&self) -> TlsFiles {
+        TlsFiles {
+            ca: self.tls_ca.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+        }
+    }
+}
+
+/// The manager's and this node's Docker APIs, refusing an unauthenticated remote API.
+fn apis(a: &DockerArgs) -> Result<(DockerApi, DockerApi)> {
+    let tls = a.tls();
+    let tls_given = tls.ca.is_some() || tls.cert.is_some() || tls.key.is_some();
+    if a.docker_host.starts_with("tcp://") && !tls_given && !a.insecure_plain_tcp {
+        bail!(
+            "--docker-host {} is plain TCP: anyone on that network could drive the manager. \
+             Give --tls-ca, --tls-cert and --tls-key (dockerd --tlsverify), or \
+             --insecure-plain-tcp inside a private network namespace",
+            a.docker_host
+        );
+    }
+    let manager = DockerApi::new(&a.docker_host, &tls).context("--docker-host")?;
+    let local = match &a.local_docker_host {
+        Some(h) => DockerApi::new(h, &TlsFiles::default()).context("--local-docker-host")?,
+        None => manager.clone(),
+    };
+    Ok((manager, local))
+}
+
+fn check(a: DockerArgs) -> Result<()> {
+    let (manager, local) = apis(&a)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut source = DockerSource::new(manager.clone(), local.clone());
+        let state = source
+            .fetch()
+            .await
+            .with_context(|| format!("read Docker state from {}", manager.endpoint()))?;
+        let node_id = source.node_id().await.unwrap_or_default();
+        let desired = compile(&state);
+        println!(
+            "read {} services, {} tasks, {} networks, {} nodes from {}",
+            state.services.len(),
+            state.tasks.len(),
+            state.networks.len(),
+            state.nodes.len(),
+            manager.endpoint()
+        );
+        println!(
+            "this node {}: {} local containers from {}",
+            if node_id.is_empty() {
+                "(not in a swarm)"
+            } else {
+                &node_id
+            },
+            state.sandboxes.len(),
+            local.endpoint()
+        );
+        println!(
+            "would program {} load balancers and {} VIP entries",
+            desired.lbs.len(),
+            desired.vips.len()
+        );
+        for r in &state.rejected {
+            println!("rejected {} {}: {}", r.kind, r.id, r.reason);
+        }
+        Ok(())
+    })
+}
+
+fn main() -> std::process::ExitCode {
+    match real_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line with the whole cause chain; no backtrace for an operator's mistake.
+            eprintln!("meshd: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<()> {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("MESHD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -94,17 +197,11 @@ fn main() -> Result<()> {
         );
         return Ok(());
     }
+    if let Some(Command::Check { docker }) = cli.command {
+        return check(docker);
+    }
     let a = cli.run;
-    let tls = TlsFiles {
-        ca: a.tls_ca,
-        cert: a.tls_cert,
-        key: a.tls_key,
-    };
-    let manager = DockerApi::new(&a.docker_host, &tls).context("--docker-host")?;
-    let local = match &a.local_docker_host {
-        Some(h) => DockerApi::new(h, &TlsFiles::default()).context("--local-docker-host")?,
-        None => manager.clone(),
-    };
+    let (manager, local) = apis(&a.docker)?;
     let cfg = Config {
         manager,
         local,

@@ -24,22 +24,24 @@ use tokio::{
 pub const API_VERSION: &str = "v1.41";
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Causes are part of each message (`reason`), not `source`s: a `{:#}` chain would print
+/// them twice.
 #[derive(Debug, Error)]
 pub enum ApiError {
-    #[error("connect to {endpoint}: {source}")]
+    #[error("connect to {endpoint}: {reason}")]
     Connect {
         endpoint: String,
-        source: std::io::Error,
+        reason: std::io::Error,
     },
-    #[error("TLS with {endpoint}: {source}")]
+    #[error("TLS with {endpoint}: {reason}")]
     Tls {
         endpoint: String,
-        source: std::io::Error,
+        reason: std::io::Error,
     },
-    #[error("HTTP to {endpoint}: {source}")]
+    #[error("HTTP to {endpoint}: {reason}")]
     Http {
         endpoint: String,
-        source: hyper::Error,
+        reason: hyper::Error,
     },
     #[error("GET {path}: status {status}: {body}")]
     Status {
@@ -47,10 +49,10 @@ pub enum ApiError {
         status: StatusCode,
         body: String,
     },
-    #[error("GET {path}: answer is not JSON: {source}")]
+    #[error("GET {path}: answer is not JSON: {reason}")]
     Json {
         path: String,
-        source: serde_json::Error,
+        reason: serde_json::Error,
     },
     #[error("GET {path}: no answer in {timeout:?}")]
     Timeout { path: String, timeout: Duration },
@@ -129,13 +131,13 @@ impl DockerApi {
             Endpoint::Unix(path) => UnixStream::connect(path)
                 .await
                 .map(|s| Box::new(s) as Box<dyn Io>)
-                .map_err(|source| ApiError::Connect { endpoint, source }),
+                .map_err(|reason| ApiError::Connect { endpoint, reason }),
             Endpoint::Tcp { host, port, tls } => {
                 let tcp = TcpStream::connect((host.as_str(), *port))
                     .await
-                    .map_err(|source| ApiError::Connect {
+                    .map_err(|reason| ApiError::Connect {
                         endpoint: endpoint.clone(),
-                        source,
+                        reason,
                     })?;
                 let _ = tcp.set_nodelay(true);
                 match tls {
@@ -146,7 +148,7 @@ impl DockerApi {
                         let stream = tokio_rustls::TlsConnector::from(config.clone())
                             .connect(name, tcp)
                             .await
-                            .map_err(|source| ApiError::Tls { endpoint, source })?;
+                            .map_err(|reason| ApiError::Tls { endpoint, reason })?;
                         Ok(Box::new(stream))
                     }
                 }
@@ -156,9 +158,9 @@ impl DockerApi {
 
     async fn send(&self, path: &str) -> Result<hyper::Response<Incoming>, ApiError> {
         let io = self.connect().await?;
-        let http_err = |source| ApiError::Http {
+        let http_err = |reason| ApiError::Http {
             endpoint: self.display.clone(),
-            source,
+            reason,
         };
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
@@ -182,9 +184,9 @@ impl DockerApi {
                 .into_body()
                 .collect()
                 .await
-                .map_err(|source| ApiError::Http {
+                .map_err(|reason| ApiError::Http {
                     endpoint: self.display.clone(),
-                    source,
+                    reason,
                 })?
                 .to_bytes();
             if !status.is_success() {
@@ -194,9 +196,9 @@ impl DockerApi {
                     body: String::from_utf8_lossy(&body).trim().to_string(),
                 });
             }
-            serde_json::from_slice(&body).map_err(|source| ApiError::Json {
+            serde_json::from_slice(&body).map_err(|reason| ApiError::Json {
                 path: path.into(),
-                source,
+                reason,
             })
         };
         tokio::time::timeout(REQUEST_TIMEOUT, fut)
@@ -253,10 +255,10 @@ impl EventStream {
             }
             match self.body.frame().await {
                 None => return Ok(None),
-                Some(Err(source)) => {
+                Some(Err(reason)) => {
                     return Err(ApiError::Http {
                         endpoint: "events".into(),
-                        source,
+                        reason,
                     })
                 }
                 Some(Ok(frame)) => {
