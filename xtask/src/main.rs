@@ -1,11 +1,11 @@
-//! `cargo xtask setup | test | bench vip`: everything a developer or CI runs.
+//! `cargo xtask setup | test | lab | bench`: everything a developer or CI runs.
 use std::{path::Path, process::Command};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
-mod demo;
+mod lab;
 
 #[derive(Parser)]
 #[command(about = "meshd's developer tasks")]
@@ -20,11 +20,10 @@ enum Cmd {
     Setup,
     /// Set up, build, and run every test: unit, property and end-to-end on a real swarm.
     Test,
-    /// Set up, then a one-node swarm with meshd and a demo service; Ctrl-C removes it.
-    Demo {
-        /// Show the demo and remove it at once instead of waiting for Ctrl-C.
-        #[arg(long)]
-        no_wait: bool,
+    /// A multi-node swarm on this machine with meshd on every node.
+    Lab {
+        #[command(subcommand)]
+        cmd: lab::LabCmd,
     },
     /// Benchmarks; each prints ratios against a baseline measured in the same run.
     Bench {
@@ -50,6 +49,8 @@ const PACKAGES: &[&str] = &[
     "sockperf",
     "curl",
     "jq",
+    "openssl",
+    "vagrant",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -60,11 +61,7 @@ fn main() -> Result<()> {
             setup()?;
             test()
         }
-        Cmd::Demo { no_wait } => {
-            setup()?;
-            cargo(&["build", "--workspace"])?;
-            demo::demo(!no_wait)
-        }
+        Cmd::Lab { cmd } => lab::run(cmd),
         Cmd::Bench { which } => {
             setup()?;
             cargo(&["build", "--workspace"])?;
@@ -94,7 +91,7 @@ fn cargo_cmd() -> Command {
     cmd
 }
 
-fn cargo(args: &[&str]) -> Result<()> {
+pub(crate) fn cargo(args: &[&str]) -> Result<()> {
     status(cargo_cmd().args(args))
 }
 
@@ -118,7 +115,7 @@ fn bpf_linker_ok() -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
 }
 
-fn setup() -> Result<()> {
+pub(crate) fn setup() -> Result<()> {
     let debian = Path::new("/etc/debian_version").exists();
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc_geteuid() } == 0;

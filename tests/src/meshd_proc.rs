@@ -1,0 +1,224 @@
+//! A meshd process for one node, started in the node's network namespace (a worker's meshd
+//! reaches the manager across the underlay), and the guard that removes its pins.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+use crate::{
+    bin,
+    node::Node,
+    proc::{Daemon, Placement},
+    run, wait_for,
+};
+
+/// Removes a meshd's pinned programs and maps when dropped.
+pub struct PinGuard(pub PathBuf);
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        reset_pins(&self.0);
+    }
+}
+
+/// `meshd reset`: detaches the programs and removes the pins under `pin_dir`.
+pub fn reset_pins(pin_dir: &Path) {
+    if pin_dir.exists() {
+        let _ = Command::new(bin("meshd"))
+            .arg("reset")
+            .arg("--pin-dir")
+            .arg(pin_dir)
+            .stdout(Stdio::null())
+            .status();
+    }
+}
+
+/// The manager API a worker's meshd reads: `tcp://addr:port` with mutual TLS.
+#[derive(Clone, Debug)]
+pub struct RemoteManager {
+    pub url: String,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A meshd process. Stopped when dropped unless detached; pins are `PinGuard`'s business.
+pub struct Meshd {
+    daemon: Option<Daemon>,
+    pub socket: PathBuf,
+    pub pin_dir: PathBuf,
+    pub log: PathBuf,
+    pidfile: PathBuf,
+    marker: String,
+    place: Placement,
+    args: Vec<String>,
+    owned: bool,
+}
+
+impl Meshd {
+    /// meshd for `node`, reading the node's own engine (a manager).
+    pub fn start(node: &Node, pin_dir: &Path) -> Result<Meshd> {
+        Meshd::start_with(node, pin_dir, None)
+    }
+
+    /// meshd for `node`; with `manager`, swarm state comes from that remote manager.
+    pub fn start_with(
+        node: &Node,
+        pin_dir: &Path,
+        manager: Option<&RemoteManager>,
+    ) -> Result<Meshd> {
+        let mut m = Meshd::handle(node, pin_dir, true);
+        match manager {
+            None => m.args.extend(["--docker-host".into(), node.host()]),
+            Some(r) => {
+                m.args.extend(["--docker-host".into(), r.url.clone()]);
+                for (flag, path) in [
+                    ("--tls-ca", &r.ca),
+                    ("--tls-cert", &r.cert),
+                    ("--tls-key", &r.key),
+                ] {
+                    m.args.extend([flag.into(), path.display().to_string()]);
+                }
+                m.args.extend(["--local-docker-host".into(), node.host()]);
+            }
+        }
+        m.spawn()?;
+        Ok(m)
+    }
+
+    /// The meshd of a node started by another process (`lab up`), if it runs.
+    pub fn open(node: &Node, pin_dir: &Path) -> Meshd {
+        let mut m = Meshd::handle(node, pin_dir, false);
+        m.daemon = Daemon::adopt(&m.pidfile, &m.marker);
+        m
+    }
+
+    fn handle(node: &Node, pin_dir: &Path, owned: bool) -> Meshd {
+        let socket = node.dir.join("meshd.sock");
+        Meshd {
+            daemon: None,
+            args: vec![
+                "--cgroup".into(),
+                node.cgroup.display().to_string(),
+                "--pin-dir".into(),
+                pin_dir.display().to_string(),
+                "--api-socket".into(),
+                socket.display().to_string(),
+            ],
+            socket,
+            pin_dir: pin_dir.into(),
+            log: node.dir.join("meshd.log"),
+            pidfile: node.dir.join("meshd.pid"),
+            marker: node.spec.marker(),
+            place: node.spec.placement(),
+            owned,
+        }
+    }
+
+    /// Leaves meshd running when this object is dropped.
+    pub fn detach(&mut self) {
+        self.owned = false;
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        let _ = fs::remove_file(&self.socket);
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let mut cmd = Command::new(bin("meshd"));
+        cmd.args(&self.args)
+            .env("MESHD_LOG", "info")
+            .env_remove("RUST_BACKTRACE")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        self.daemon = Some(
+            Daemon::spawn(&mut cmd, &self.place, &self.marker, Some(&self.pidfile))
+                .context("spawn meshd")?,
+        );
+        wait_for("meshd to report a sync", Duration::from_secs(30), || {
+            self.status()
+                .ok()
+                .filter(|s| s["docker"]["syncs"].as_u64().unwrap_or(0) > 0)
+        })
+        .with_context(|| format!("meshd log:\n{}", self.log_tail()))?;
+        Ok(())
+    }
+
+    pub fn log_tail(&self) -> String {
+        let s = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    pub fn ctl(&self, args: &[&str]) -> Result<Value> {
+        let out = run(Command::new(bin("meshctl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--json")
+            .args(args))?;
+        Ok(serde_json::from_str(&out)?)
+    }
+
+    pub fn status(&self) -> Result<Value> {
+        self.ctl(&["status"])
+    }
+
+    /// Backends meshd programmed for a service's first VIP, as (task IP, node hostname);
+    /// None if the service has no VIP here.
+    pub fn backend_list(&self, service: &str) -> Option<Vec<(String, String)>> {
+        let v = self.ctl(&["service", service]).ok()?;
+        let list = v["vips"][0]["backends"].as_array()?;
+        let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
+        Some(list.iter().map(|b| (s(&b["ip"]), s(&b["node"]))).collect())
+    }
+
+    /// Number of backends meshd programmed for a service's first VIP.
+    pub fn backends(&self, service: &str) -> Option<usize> {
+        let v = self.ctl(&["service", service]).ok()?;
+        v["vips"][0]["backends"].as_array().map(Vec::len)
+    }
+
+    pub fn wait_backends(&self, service: &str, n: usize) -> Result<()> {
+        wait_for(
+            &format!("meshd to program {n} backends for {service}"),
+            Duration::from_secs(10),
+            || (self.backends(service) == Some(n)).then_some(()),
+        )
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            d.kill9();
+        }
+    }
+
+    pub fn restart(&mut self) -> Result<()> {
+        self.kill9();
+        self.spawn()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(|d| d.pid() as u32)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.daemon.as_mut().is_some_and(Daemon::is_running)
+    }
+}
+
+impl Drop for Meshd {
+    fn drop(&mut self) {
+        if self.owned {
+            self.kill9();
+            let _ = fs::remove_file(&self.socket);
+        }
+    }
+}
