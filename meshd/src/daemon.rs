@@ -20,11 +20,11 @@ use crate::{
     compile::{compile, Desired},
     datapath::ebpf::{AdoptReport, ApplyStats, EbpfDatapath},
     model::{ClusterState, Rejected},
-    source::{docker::DockerSource, docker_api::DockerApi},
+    source::{docker::DockerSource, docker_api::DockerApi, managers::Managers},
 };
 
 pub struct Config {
-    pub manager: DockerApi,
+    pub managers: Managers,
     pub local: DockerApi,
     pub pin_dir: PathBuf,
     pub cgroup: PathBuf,
@@ -39,7 +39,10 @@ const LATENCY_SAMPLES: usize = 1000;
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct DockerStatus {
+    /// The manager being read now.
     pub manager: String,
+    /// Every manager meshd may read, in order of preference.
+    pub managers: Vec<String>,
     pub local: String,
     pub connected: bool,
     pub events_connected: bool,
@@ -127,11 +130,14 @@ enum Hint {
     EventsConnected(bool),
 }
 
-/// Follows `/events` on one engine, reconnecting with backoff; every event is a hint to
-/// re-read. A reconnect is a hint too: events may have been missed while the stream was down.
-async fn follow_events(api: DockerApi, query: &'static str, tx: mpsc::UnboundedSender<Hint>) {
+/// Follows `/events`, reconnecting with backoff (to the next manager when there are
+/// several); every event is a hint to re-read. A reconnect is a hint too: events may have
+/// been missed while the stream was down.
+async fn follow_events(apis: Managers, query: &'static str, tx: mpsc::UnboundedSender<Hint>) {
     let mut backoff = Duration::from_millis(100);
     loop {
+        let (which, api) = apis.pick();
+        let api = api.clone();
         match api.events(query).await {
             Ok(mut stream) => {
                 backoff = Duration::from_millis(100);
@@ -163,6 +169,7 @@ async fn follow_events(api: DockerApi, query: &'static str, tx: mpsc::UnboundedS
             }
             Err(e) => warn!(error = %e, ?backoff, "cannot open event stream"),
         }
+        apis.failed(which);
         let _ = tx.send(Hint::EventsConnected(false));
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -177,7 +184,7 @@ const ALL_EVENTS: &str =
 
 pub async fn run(cfg: Config) -> Result<()> {
     let datapath = EbpfDatapath::open(&cfg.pin_dir, &cfg.cgroup)?;
-    let mut source = DockerSource::new(cfg.manager.clone(), cfg.local.clone());
+    let mut source = DockerSource::new(cfg.managers.clone(), cfg.local.clone());
     let shared = Arc::new(Shared {
         snapshot: Mutex::new(Snapshot {
             adopted: datapath.adopted.clone(),
@@ -185,7 +192,8 @@ pub async fn run(cfg: Config) -> Result<()> {
             cgroup: cfg.cgroup.display().to_string(),
             started_unix_ms: unix_ms(),
             docker: DockerStatus {
-                manager: cfg.manager.endpoint().into(),
+                manager: cfg.managers.pick().1.endpoint().into(),
+                managers: cfg.managers.endpoints(),
                 local: cfg.local.endpoint().into(),
                 ..Default::default()
             },
@@ -196,12 +204,16 @@ pub async fn run(cfg: Config) -> Result<()> {
     let api = crate::api::serve(&cfg.api_socket, shared.clone())?;
 
     let (tx, mut rx) = mpsc::unbounded_channel();
-    if cfg.manager.endpoint() == cfg.local.endpoint() {
-        tokio::spawn(follow_events(cfg.manager.clone(), ALL_EVENTS, tx.clone()));
+    if cfg.managers.len() == 1 && cfg.managers.pick().1.endpoint() == cfg.local.endpoint() {
+        tokio::spawn(follow_events(cfg.managers.clone(), ALL_EVENTS, tx.clone()));
     } else {
-        tokio::spawn(follow_events(cfg.manager.clone(), SWARM_EVENTS, tx.clone()));
         tokio::spawn(follow_events(
-            cfg.local.clone(),
+            cfg.managers.clone(),
+            SWARM_EVENTS,
+            tx.clone(),
+        ));
+        tokio::spawn(follow_events(
+            Managers::new(vec![cfg.local.clone()]),
             CONTAINER_EVENTS,
             tx.clone(),
         ));
@@ -286,6 +298,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             snap.node_id = node_id;
         }
         snap.docker.connected = true;
+        snap.docker.manager = source.managers.pick().1.endpoint().into();
         snap.docker.last_error = None;
         snap.docker.syncs += 1;
         snap.docker.last_sync_unix_ms = unix_ms();

@@ -186,8 +186,13 @@ impl Lab {
         })?;
 
         let tls = self.dir.join("tls");
+        // Every manager, in order: a worker's meshd moves on when one stops answering.
+        let urls: Vec<String> = manager_addrs
+            .iter()
+            .map(|a| format!("tcp://{a}:{TLS_API_PORT}"))
+            .collect();
         let remote = RemoteManager {
-            url: format!("tcp://{}:{TLS_API_PORT}", manager_addrs[0]),
+            url: urls.join(","),
             ca: tls.join("ca.pem"),
             cert: tls.join("client.pem"),
             key: tls.join("client-key.pem"),

@@ -38,9 +38,10 @@ pub fn reset_pins(pin_dir: &Path) {
     }
 }
 
-/// The manager API a worker's meshd reads: `tcp://addr:port` with mutual TLS.
+/// The manager APIs a worker's meshd reads, with mutual TLS.
 #[derive(Clone, Debug)]
 pub struct RemoteManager {
+    /// `tcp://addr:port`, comma-separated when there are several managers.
     pub url: String,
     pub ca: PathBuf,
     pub cert: PathBuf,

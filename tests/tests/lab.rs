@@ -487,3 +487,53 @@ fn lab_cli_scenario(name: &str) -> Result<()> {
     ensure!(left.is_empty(), "lab down after a killed up left {left:?}");
     Ok(())
 }
+
+#[test]
+fn a_worker_keeps_reading_the_swarm_when_its_manager_is_lost() {
+    if !require_root("a_worker_keeps_reading_the_swarm_when_its_manager_is_lost") {
+        return;
+    }
+    let mut spec = LabSpec::new(&format!("{}m", run_tag()), 4, 3);
+    spec.heartbeat = Some("1s".into());
+    let mut lab = Lab::up(spec).expect("lab up");
+    with_logs(&mut lab, manager_loss_scenario);
+}
+
+fn manager_loss_scenario(lab: &mut Lab) -> Result<()> {
+    let worker = lab.meshd("node4")?;
+    let st = worker.status()?;
+    ensure!(
+        st["docker"]["manager"] == "tcp://192.168.100.1:2376"
+            && st["docker"]["managers"].as_array().map(Vec::len) == Some(3),
+        "node4's meshd should read node1 first of 3 managers: {}",
+        st["docker"]
+    );
+    // node1 (the leader) is lost; node2 and node3 keep quorum and elect a new leader.
+    lab.node_mut("node1")?.stop_dockerd();
+    let n2 = lab.node("node2")?;
+    wait_for("a new swarm leader", Duration::from_secs(60), || {
+        n2.docker(&["network", "create", "-d", "overlay", "late"])
+            .ok()
+    })?;
+    n2.create_service("after", "late", 2, "1s", &["sh", "-c", WEB_CMD])?;
+    n2.wait_running("after", 2)?;
+    let worker = lab.meshd("node4")?;
+    wait_for(
+        "node4's meshd to program a service created after node1 was lost",
+        Duration::from_secs(30),
+        || (worker.backends("after") == Some(2)).then_some(()),
+    )?;
+    let st = worker.status()?;
+    let now = st["docker"]["manager"].as_str().unwrap_or_default();
+    ensure!(
+        now == "tcp://192.168.100.2:2376" || now == "tcp://192.168.100.3:2376",
+        "node4's meshd should now read node2 or node3: {}",
+        st["docker"]
+    );
+    ensure!(
+        st["docker"]["connected"] == true,
+        "not connected: {}",
+        st["docker"]
+    );
+    Ok(())
+}

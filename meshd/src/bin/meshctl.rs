@@ -132,6 +132,13 @@ fn print_status(d: &Value) {
         docker["syncs"],
         docker["failed_syncs"],
     );
+    if let Some(all) = docker["managers"].as_array().filter(|m| m.len() > 1) {
+        let all: Vec<&str> = all.iter().filter_map(Value::as_str).collect();
+        println!(
+            "managers        {} (in order of preference)",
+            all.join(", ")
+        );
+    }
     if let Some(e) = docker["last_error"].as_str() {
         println!("last error      {e}");
     }

@@ -7,8 +7,8 @@ use meshd::{
     compile::compile,
     daemon::{self, Config},
     datapath::ebpf,
-    source::docker::DockerSource,
     source::docker_api::{DockerApi, TlsFiles},
+    source::{docker::DockerSource, managers::Managers},
 };
 
 #[derive(Parser)]
@@ -41,13 +41,15 @@ enum Command {
 /// Where Docker state comes from.
 #[derive(Args)]
 struct DockerArgs {
-    /// Docker Engine API of a swarm manager: unix:///path or tcp://host:port.
+    /// Docker Engine API of a swarm manager: unix:///path or tcp://host:port. Several,
+    /// comma-separated, in order of preference: meshd moves on when one stops answering.
     #[arg(
         long,
         env = "MESHD_DOCKER_HOST",
-        default_value = "unix:///var/run/docker.sock"
+        default_value = "unix:///var/run/docker.sock",
+        value_delimiter = ','
     )]
-    docker_host: String,
+    docker_host: Vec<String>,
     /// This node's engine, for its containers; defaults to --docker-host.
     #[arg(long, env = "MESHD_LOCAL_DOCKER_HOST")]
     local_docker_host: Option<String>,
@@ -103,24 +105,29 @@ impl DockerArgs {
     }
 }
 
-/// The manager's and this node's Docker APIs, refusing an unauthenticated remote API.
-fn apis(a: &DockerArgs) -> Result<(DockerApi, DockerApi)> {
+/// The managers' and this node's Docker APIs, refusing an unauthenticated remote API.
+fn apis(a: &DockerArgs) -> Result<(Managers, DockerApi)> {
     let tls = a.tls();
     let tls_given = tls.ca.is_some() || tls.cert.is_some() || tls.key.is_some();
-    if a.docker_host.starts_with("tcp://") && !tls_given && !a.insecure_plain_tcp {
-        bail!(
-            "--docker-host {} is plain TCP: anyone on that network could drive the manager. \
-             Give --tls-ca, --tls-cert and --tls-key (dockerd --tlsverify), or \
-             --insecure-plain-tcp inside a private network namespace",
-            a.docker_host
-        );
+    let mut managers = Vec::new();
+    for host in &a.docker_host {
+        if host.starts_with("tcp://") && !tls_given && !a.insecure_plain_tcp {
+            bail!(
+                "--docker-host {host} is plain TCP: anyone on that network could drive the \
+                 manager. Give --tls-ca, --tls-cert and --tls-key (dockerd --tlsverify), or \
+                 --insecure-plain-tcp inside a private network namespace"
+            );
+        }
+        managers.push(DockerApi::new(host, &tls).with_context(|| format!("--docker-host {host}"))?);
     }
-    let manager = DockerApi::new(&a.docker_host, &tls).context("--docker-host")?;
+    if managers.is_empty() {
+        bail!("--docker-host: give at least one manager");
+    }
     let local = match &a.local_docker_host {
         Some(h) => DockerApi::new(h, &TlsFiles::default()).context("--local-docker-host")?,
-        None => manager.clone(),
+        None => managers[0].clone(),
     };
-    Ok((manager, local))
+    Ok((Managers::new(managers), local))
 }
 
 fn check(a: DockerArgs) -> Result<()> {
@@ -130,10 +137,18 @@ fn check(a: DockerArgs) -> Result<()> {
         .build()?;
     rt.block_on(async {
         let mut source = DockerSource::new(manager.clone(), local.clone());
-        let state = source
-            .fetch()
-            .await
-            .with_context(|| format!("read Docker state from {}", manager.endpoint()))?;
+        let mut state = None;
+        for _ in 0..manager.len() {
+            let from = source.managers.pick().1.endpoint().to_string();
+            match source.fetch().await {
+                Ok(s) => {
+                    state = Some((s, from));
+                    break;
+                }
+                Err(e) => eprintln!("cannot read Docker state from {from}: {e}"),
+            }
+        }
+        let (state, from) = state.context("no manager could be read")?;
         let node_id = source.node_id().await.unwrap_or_default();
         let desired = compile(&state);
         println!(
@@ -142,7 +157,7 @@ fn check(a: DockerArgs) -> Result<()> {
             state.tasks.len(),
             state.networks.len(),
             state.nodes.len(),
-            manager.endpoint()
+            from
         );
         println!(
             "this node {}: {} local containers from {}",
@@ -201,9 +216,9 @@ fn real_main() -> Result<()> {
         return check(docker);
     }
     let a = cli.run;
-    let (manager, local) = apis(&a.docker)?;
+    let (managers, local) = apis(&a.docker)?;
     let cfg = Config {
-        manager,
+        managers,
         local,
         pin_dir: a.pin_dir,
         cgroup: a.cgroup,

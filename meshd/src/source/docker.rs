@@ -12,6 +12,7 @@ use tracing::warn;
 
 use super::{
     docker_api::{ApiError, DockerApi},
+    managers::Managers,
     netns,
 };
 use crate::model::{ClusterState, EndpointMode, Network, Node, Rejected, Sandbox, Service, Task};
@@ -171,16 +172,16 @@ fn decode_list<T>(
 
 /// Reads the swarm (from a manager) and the local containers (from this node's engine).
 pub struct DockerSource {
-    pub manager: DockerApi,
+    pub managers: Managers,
     pub local: DockerApi,
     /// Sandbox key and netns cookie per container id: a namespace's cookie never changes.
     cookies: HashMap<String, Option<u64>>,
 }
 
 impl DockerSource {
-    pub fn new(manager: DockerApi, local: DockerApi) -> Self {
+    pub fn new(managers: Managers, local: DockerApi) -> Self {
         Self {
-            manager,
+            managers,
             local,
             cookies: HashMap::new(),
         }
@@ -194,15 +195,26 @@ impl DockerSource {
             .to_string())
     }
 
+    /// One full read. A failure moves reads to the next manager (see `Managers`).
     pub async fn fetch(&mut self) -> Result<ClusterState, ApiError> {
+        let (which, manager) = self.managers.pick();
+        let manager = manager.clone();
+        let read = self.fetch_from(&manager).await;
+        if read.is_err() {
+            self.managers.failed(which);
+        }
+        read
+    }
+
+    async fn fetch_from(&mut self, manager: &DockerApi) -> Result<ClusterState, ApiError> {
         let mut state = ClusterState::default();
         let rejected = &mut state.rejected;
         let tasks_query = "/tasks?filters=%7B%22desired-state%22%3A%5B%22running%22%5D%7D";
         let (services, tasks, networks, nodes) = tokio::try_join!(
-            self.manager.get_json("/services"),
-            self.manager.get_json(tasks_query),
-            self.manager.get_json("/networks"),
-            self.manager.get_json("/nodes"),
+            manager.get_json("/services"),
+            manager.get_json(tasks_query),
+            manager.get_json("/networks"),
+            manager.get_json("/nodes"),
         )?;
         for s in decode_list(services, "service", "ID", parse_service, rejected)? {
             state.services.insert(s.id.clone(), s);
@@ -214,7 +226,7 @@ impl DockerSource {
         for n in decode_list(nodes, "node", "ID", parse_node, rejected)? {
             state.nodes.insert(n.id.clone(), n);
         }
-        if self.local.endpoint() != self.manager.endpoint() {
+        if self.local.endpoint() != manager.endpoint() {
             // Local networks (bridge, host) are only known to the local engine.
             let local_nets = self.local.get_json("/networks").await?;
             for n in decode_list(local_nets, "network", "Id", parse_network, rejected)? {

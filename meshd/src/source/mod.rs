@@ -1,4 +1,5 @@
 //! Where ClusterState comes from: the Docker Engine API.
 pub mod docker;
 pub mod docker_api;
+pub mod managers;
 pub mod netns;
