@@ -460,6 +460,39 @@ fn lab_cli_scenario(name: &str) -> Result<()> {
         .concat(),
     )?;
     ensure!(role.trim() == "active", "node2 swarm state {role:?}");
+    let compose = meshd_tests::lab::lab_dir(name).join("one.yml");
+    std::fs::write(
+        &compose,
+        "version: \"3.8\"\nservices:\n  hello:\n    image: meshlab:1\n    command: [\"sleep\", \"1d\"]\n",
+    )?;
+    xtask(
+        &[
+            &["deploy"][..],
+            &n,
+            &[compose.to_str().unwrap(), "--stack", "s1"],
+        ]
+        .concat(),
+    )?;
+    let svcs = xtask(
+        &[
+            &["exec"][..],
+            &n,
+            &[
+                "node1",
+                "--",
+                "docker",
+                "service",
+                "ls",
+                "--format",
+                "{{.Name}}",
+            ],
+        ]
+        .concat(),
+    )?;
+    ensure!(
+        svcs.lines().any(|l| l == "s1_hello"),
+        "deploy made no s1_hello: {svcs:?}"
+    );
     xtask(&[&["down"][..], &n].concat())?;
     let left = Lab::leftovers(name);
     ensure!(left.is_empty(), "lab down left {left:?}");
