@@ -133,6 +133,7 @@ mod tests {
             state: state.into(),
             desired_state: desired.into(),
             addresses: [("net1".to_string(), ip(addr))].into(),
+            container_id: None,
         }
     }
 
@@ -144,6 +145,7 @@ mod tests {
                 Network {
                     id: id.into(),
                     name: name.into(),
+                    internal: false,
                 },
             );
         }
@@ -154,6 +156,7 @@ mod tests {
                 name: "web".into(),
                 mode: EndpointMode::Vip,
                 vips: [("net1".to_string(), ip("10.0.1.2"))].into(),
+                aliases: BTreeMap::new(),
             },
         );
         s.services.insert(
@@ -163,6 +166,7 @@ mod tests {
                 name: "app".into(),
                 mode: EndpointMode::Dnsrr,
                 vips: BTreeMap::new(),
+                aliases: BTreeMap::new(),
             },
         );
         s.nodes.insert(
@@ -194,12 +198,14 @@ mod tests {
                 name: "client".into(),
                 netns_cookie: 11,
                 networks: vec!["net1".into()],
+                endpoints: BTreeMap::new(),
             },
             Sandbox {
                 container_id: "c2".into(),
                 name: "other".into(),
                 netns_cookie: 22,
                 networks: vec!["net2".into()],
+                endpoints: BTreeMap::new(),
             },
         ];
         s

@@ -7,6 +7,7 @@ pub mod compile;
 pub mod daemon;
 pub mod datapath;
 pub mod diff;
+pub mod dns_zones;
 pub mod maglev;
 pub mod model;
 pub mod source;

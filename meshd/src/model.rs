@@ -32,6 +32,10 @@ pub struct Service {
     pub mode: EndpointMode,
     /// The service's VIP on each network it is attached to, by network id.
     pub vips: BTreeMap<String, Ipv4Addr>,
+    /// Service aliases on each network (`--network name=n,alias=a`), by network id or name
+    /// as the spec gave it.
+    #[serde(default)]
+    pub aliases: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -45,6 +49,9 @@ pub struct Task {
     pub desired_state: String,
     /// The task's address on each of its networks, by network id.
     pub addresses: BTreeMap<String, Ipv4Addr>,
+    /// Its container, once the node started one.
+    #[serde(default)]
+    pub container_id: Option<String>,
 }
 
 impl Task {
@@ -59,6 +66,9 @@ impl Task {
 pub struct Network {
     pub id: String,
     pub name: String,
+    /// No way out of the network: names that are not ours are not forwarded.
+    #[serde(default)]
+    pub internal: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -84,6 +94,15 @@ pub struct Sandbox {
     pub netns_cookie: u64,
     /// Network ids the container is attached to.
     pub networks: Vec<String>,
+    /// Its address and aliases on each network, by network id.
+    #[serde(default)]
+    pub endpoints: BTreeMap<String, SandboxEndpoint>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SandboxEndpoint {
+    pub addr: Option<Ipv4Addr>,
+    pub aliases: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -15,7 +15,9 @@ use super::{
     managers::Managers,
     netns,
 };
-use crate::model::{ClusterState, EndpointMode, Network, Node, Rejected, Sandbox, Service, Task};
+use crate::model::{
+    ClusterState, EndpointMode, Network, Node, Rejected, Sandbox, SandboxEndpoint, Service, Task,
+};
 
 fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
     path.iter().try_fold(v, |v, k| v.get(k))?.as_str()
@@ -55,11 +57,31 @@ pub fn parse_service(v: &Value) -> Result<Service, String> {
             }
         }
     }
+    let mut aliases = BTreeMap::new();
+    for att in v
+        .pointer("/Spec/TaskTemplate/Networks")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let target = need(att, &["Target"])?;
+        let names: Vec<String> = att
+            .get("Aliases")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .map(|a| a.as_str().map(str::to_string).ok_or("non-string alias"))
+            .collect::<Result<_, _>>()?;
+        if !names.is_empty() {
+            aliases.insert(target.to_string(), names);
+        }
+    }
     Ok(Service {
         id,
         name,
         mode,
         vips,
+        aliases,
     })
 }
 
@@ -91,6 +113,9 @@ pub fn parse_task(v: &Value) -> Result<Task, String> {
         state: need(v, &["Status", "State"])?.to_string(),
         desired_state: need(v, &["DesiredState"])?.to_string(),
         addresses,
+        container_id: str_at(v, &["Status", "ContainerStatus", "ContainerID"])
+            .filter(|c| !c.is_empty())
+            .map(str::to_string),
     })
 }
 
@@ -98,6 +123,7 @@ pub fn parse_network(v: &Value) -> Result<Network, String> {
     Ok(Network {
         id: need(v, &["Id"])?.to_string(),
         name: need(v, &["Name"])?.to_string(),
+        internal: v.get("Internal").and_then(Value::as_bool).unwrap_or(false),
     })
 }
 
@@ -111,8 +137,17 @@ pub fn parse_node(v: &Value) -> Result<Node, String> {
     })
 }
 
-/// A local container from `/containers/json`: id, name, network ids.
-pub fn parse_container(v: &Value) -> Result<(String, String, Vec<String>), String> {
+/// A local container from `/containers/json`.
+#[derive(Debug)]
+pub struct LocalContainer {
+    pub id: String,
+    pub name: String,
+    /// Network ids, sorted.
+    pub networks: Vec<String>,
+    pub endpoints: BTreeMap<String, SandboxEndpoint>,
+}
+
+pub fn parse_container(v: &Value) -> Result<LocalContainer, String> {
     let id = need(v, &["Id"])?.to_string();
     let name = v
         .get("Names")
@@ -123,6 +158,7 @@ pub fn parse_container(v: &Value) -> Result<(String, String, Vec<String>), Strin
         .trim_start_matches('/')
         .to_string();
     let mut networks = Vec::new();
+    let mut endpoints = BTreeMap::new();
     if let Some(map) = v
         .pointer("/NetworkSettings/Networks")
         .and_then(Value::as_object)
@@ -132,10 +168,27 @@ pub fn parse_container(v: &Value) -> Result<(String, String, Vec<String>), Strin
                 .filter(|s| !s.is_empty())
                 .ok_or_else(|| format!("network {net_name} has no NetworkID"))?;
             networks.push(nid.to_string());
+            let addr = match str_at(ep, &["IPAddress"]).filter(|a| !a.is_empty()) {
+                Some(a) => Some(cidr_addr(a)?),
+                None => None,
+            };
+            let aliases = ep
+                .get("Aliases")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|a| a.as_str().map(str::to_string))
+                .collect();
+            endpoints.insert(nid.to_string(), SandboxEndpoint { addr, aliases });
         }
     }
     networks.sort();
-    Ok((id, name, networks))
+    Ok(LocalContainer {
+        id,
+        name,
+        networks,
+        endpoints,
+    })
 }
 
 fn decode_list<T>(
@@ -241,9 +294,15 @@ impl DockerSource {
         let list = self.local.get_json("/containers/json").await?;
         let containers = decode_list(list, "container", "Id", parse_container, rejected)?;
         self.cookies
-            .retain(|id, _| containers.iter().any(|(cid, _, _)| cid == id));
+            .retain(|id, _| containers.iter().any(|c| &c.id == id));
         let mut out = Vec::new();
-        for (id, name, networks) in containers {
+        for LocalContainer {
+            id,
+            name,
+            networks,
+            endpoints,
+        } in containers
+        {
             let cookie = match self.cookies.get(&id) {
                 Some(c) => *c,
                 None => {
@@ -267,6 +326,7 @@ impl DockerSource {
                     name,
                     netns_cookie,
                     networks,
+                    endpoints,
                 });
             }
         }
@@ -345,12 +405,17 @@ mod tests {
 
     #[test]
     fn a_container_lists_its_network_ids() {
-        let (id, name, nets) = parse_container(&json!({
+        let c = parse_container(&json!({
             "Id": "c1", "Names": ["/client"],
-            "NetworkSettings": {"Networks": {"front": {"NetworkID": "net1"}, "back": {"NetworkID": "net0"}}}
+            "NetworkSettings": {"Networks": {
+                "front": {"NetworkID": "net1", "IPAddress": "10.0.1.7", "Aliases": ["cli", "c1short"]},
+                "back": {"NetworkID": "net0"}}}
         }))
         .unwrap();
-        assert_eq!((id.as_str(), name.as_str()), ("c1", "client"));
-        assert_eq!(nets, ["net0", "net1"]);
+        assert_eq!((c.id.as_str(), c.name.as_str()), ("c1", "client"));
+        assert_eq!(c.networks, ["net0", "net1"]);
+        assert_eq!(c.endpoints["net1"].addr, Some(Ipv4Addr::new(10, 0, 1, 7)));
+        assert_eq!(c.endpoints["net1"].aliases, ["cli", "c1short"]);
+        assert_eq!(c.endpoints["net0"].addr, None);
     }
 }
