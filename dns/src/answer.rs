@@ -287,6 +287,11 @@ mod tests {
         }
     }
 
+    /// Asks `name` from a container on `front` and returns the reply.
+    fn ask(z: &Zones, name: &str, t: RecordType, edns: bool, tr: Transport, seed: u64) -> Message {
+        reply_of(answer(&query(name, t, edns), &nets(FRONT), z, tr, seed).0)
+    }
+
     fn a_records(m: &Message) -> Vec<Ipv4Addr> {
         m.answers()
             .iter()
@@ -326,16 +331,7 @@ mod tests {
         let z = zones(5);
         let mut orders = std::collections::BTreeSet::new();
         for seed in 0..20 {
-            let m = reply_of(
-                answer(
-                    &query("app.", RecordType::A, false),
-                    &nets(FRONT),
-                    &z,
-                    Transport::Udp,
-                    seed,
-                )
-                .0,
-            );
+            let m = ask(&z, "app.", RecordType::A, false, Transport::Udp, seed);
             let mut got = a_records(&m);
             orders.insert(got.clone());
             got.sort();
@@ -351,15 +347,13 @@ mod tests {
 
     #[test]
     fn aaaa_for_our_name_is_nodata_not_a_forward() {
-        let m = reply_of(
-            answer(
-                &query("web.", RecordType::AAAA, false),
-                &nets(FRONT),
-                &zones(1),
-                Transport::Udp,
-                1,
-            )
-            .0,
+        let m = ask(
+            &zones(1),
+            "web.",
+            RecordType::AAAA,
+            false,
+            Transport::Udp,
+            1,
         );
         assert_eq!(m.response_code(), ResponseCode::NoError);
         assert!(m.answers().is_empty());
@@ -402,15 +396,13 @@ mod tests {
 
     #[test]
     fn ptr_for_a_vip_names_the_service() {
-        let m = reply_of(
-            answer(
-                &query("2.1.0.10.in-addr.arpa.", RecordType::PTR, false),
-                &nets(FRONT),
-                &zones(1),
-                Transport::Udp,
-                1,
-            )
-            .0,
+        let m = ask(
+            &zones(1),
+            "2.1.0.10.in-addr.arpa.",
+            RecordType::PTR,
+            false,
+            Transport::Udp,
+            1,
         );
         match m.answers()[0].data() {
             RData::PTR(p) => assert_eq!(p.0.to_ascii(), "web."),
@@ -421,38 +413,11 @@ mod tests {
     #[test]
     fn a_big_dnsrr_answer_is_truncated_over_udp_and_whole_over_tcp_or_edns() {
         let z = zones(200);
-        let m = reply_of(
-            answer(
-                &query("app.", RecordType::A, false),
-                &nets(FRONT),
-                &z,
-                Transport::Udp,
-                1,
-            )
-            .0,
-        );
+        let m = ask(&z, "app.", RecordType::A, false, Transport::Udp, 1);
         assert!(m.truncated() && m.answers().is_empty());
-        let m = reply_of(
-            answer(
-                &query("app.", RecordType::A, false),
-                &nets(FRONT),
-                &z,
-                Transport::Tcp,
-                1,
-            )
-            .0,
-        );
+        let m = ask(&z, "app.", RecordType::A, false, Transport::Tcp, 1);
         assert!(!m.truncated() && m.answers().len() == 200);
-        let m = reply_of(
-            answer(
-                &query("app.", RecordType::A, true),
-                &nets(FRONT),
-                &z,
-                Transport::Udp,
-                1,
-            )
-            .0,
-        );
+        let m = ask(&z, "app.", RecordType::A, true, Transport::Udp, 1);
         assert!(!m.truncated() && m.answers().len() == 200);
     }
 }

@@ -182,8 +182,7 @@ impl Meshd {
 
     /// Number of backends meshd programmed for a service's first VIP.
     pub fn backends(&self, service: &str) -> Option<usize> {
-        let v = self.ctl(&["service", service]).ok()?;
-        v["vips"][0]["backends"].as_array().map(Vec::len)
+        self.backend_list(service).map(|l| l.len())
     }
 
     pub fn wait_backends(&self, service: &str, n: usize) -> Result<()> {
