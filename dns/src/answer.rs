@@ -190,6 +190,16 @@ fn error(request: &Message, code: ResponseCode, why: &str) -> (Decision, Why) {
     )
 }
 
+/// An error reply with `code` to a query that parsed before (SERVFAIL when every upstream
+/// failed); `None` for a packet we would not answer at all.
+pub fn error_reply(packet: &[u8], code: ResponseCode) -> Option<Vec<u8>> {
+    let request = Message::from_vec(packet).ok()?;
+    match error(&request, code, "").0 {
+        Decision::Reply(r) => Some(r),
+        _ => None,
+    }
+}
+
 /// A packet that does not parse: FORMERR with its id when there is a whole header (RFC 1035
 /// asks for a reply where possible), dropped otherwise.
 fn malformed(packet: &[u8]) -> (Decision, Why) {

@@ -1,7 +1,11 @@
 //! meshd's embedded DNS: the names of swarm services, tasks and containers, scoped to the
-//! networks of the asking container (`records`). The server that answers on 127.0.0.11
-//! inside each container's network namespace, and forwarding, build on this.
+//! networks of the asking container (`records`); the request path from raw bytes
+//! (`answer`); forwarding to the host's resolvers (`upstream`); and the server that reads
+//! each container's sockets (`server`). meshd opens the sockets inside each container's
+//! network namespace and hands them over.
 pub mod answer;
 pub mod records;
+pub mod server;
+pub mod upstream;
 
 pub use records::{Entry, Found, Kind, NetworkRecords, Zones};

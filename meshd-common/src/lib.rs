@@ -22,8 +22,19 @@ pub mod map_names {
     pub const LB_CONNS: &str = "MESHD_LB_CONNS";
     /// load-balancer id → (service id, network id): lets a restarted meshd adopt the ids.
     pub const LB_META: &str = "MESHD_LB_META";
+    /// netns cookie → meshd's DNS ports in that namespace: where `127.0.0.11:53` goes.
+    pub const DNS: &str = "MESHD_DNS";
 
-    pub const ALL: [&str; 7] = [VIPS, LBS, MAGLEV, REVNAT, BACKEND_CONNS, LB_CONNS, LB_META];
+    pub const ALL: [&str; 8] = [
+        VIPS,
+        LBS,
+        MAGLEV,
+        REVNAT,
+        BACKEND_CONNS,
+        LB_CONNS,
+        LB_META,
+        DNS,
+    ];
 }
 
 /// Names of the programs in the eBPF object.
@@ -43,6 +54,22 @@ pub mod capacity {
     pub const REVNAT: u32 = 1 << 18;
     pub const BACKEND_CONNS: u32 = 1 << 18;
     pub const LB_CONNS: u32 = 1 << 16;
+    pub const DNS: u32 = 1 << 16;
+}
+
+/// The embedded DNS address containers are told to use (`nameserver 127.0.0.11`).
+pub const DNS_ADDR: [u8; 4] = [127, 0, 0, 11];
+pub const DNS_PORT: u16 = 53;
+
+/// Where meshd serves DNS inside one container's network namespace: `127.0.0.11` on these
+/// ports (network byte order). Queries to `127.0.0.11:53` are sent here before netfilter
+/// sees them, so dockerd's own nat redirect of port 53 never matches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsPorts {
+    pub udp: u16,
+    pub tcp: u16,
+    pub _pad: u32,
 }
 
 /// Key of the VIP table: a VIP is visible only from the network namespaces of containers
@@ -152,4 +179,5 @@ mod pod {
     unsafe impl aya::Pod for RevNatKey {}
     unsafe impl aya::Pod for RevNatValue {}
     unsafe impl aya::Pod for LbMeta {}
+    unsafe impl aya::Pod for DnsPorts {}
 }

@@ -6,6 +6,9 @@
 //! application only ever sees the address it asked for. A VIP is looked up together with the
 //! caller's network-namespace cookie: only containers attached to the VIP's network see it,
 //! and sockets in namespaces meshd does not know pass through untouched.
+//!
+//! The same hooks send `127.0.0.11:53` to meshd's DNS sockets in the caller's namespace
+//! (`DNS`), and show the answers as coming from port 53.
 #![no_std]
 #![no_main]
 
@@ -17,8 +20,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use meshd_common::{
-    capacity, mix64, BackendKey, BackendValue, LbMeta, LbValue, MaglevKey, RevNatKey, RevNatValue,
-    VipKey, VipValue,
+    capacity, mix64, BackendKey, BackendValue, DnsPorts, LbMeta, LbValue, MaglevKey, RevNatKey,
+    RevNatValue, VipKey, VipValue, DNS_ADDR, DNS_PORT,
 };
 
 #[map(name = "MESHD_VIPS")]
@@ -47,7 +50,11 @@ static LB_CONNS: PerCpuHashMap<u32, u64> =
 #[map(name = "MESHD_LB_META")]
 static LB_META: HashMap<u32, LbMeta> = HashMap::pinned(capacity::LBS, BPF_F_NO_PREALLOC);
 
+#[map(name = "MESHD_DNS")]
+static DNS: HashMap<u64, DnsPorts> = HashMap::pinned(capacity::DNS, BPF_F_NO_PREALLOC);
+
 const ALLOW: i32 = 1;
+const SOCK_STREAM: u32 = 1;
 const DENY: i32 = 0;
 
 #[cgroup_sock_addr(connect4)]
@@ -77,6 +84,10 @@ fn balance(sa: *mut bpf_sock_addr) -> i32 {
     // SAFETY: the kernel hands every sock_addr program a valid context.
     let (vip, port) = unsafe { ((*sa).user_ip4, (*sa).user_port as u16) };
     let netns_cookie = unsafe { bpf_get_netns_cookie(sa.cast()) };
+    if vip == u32::from_ne_bytes(DNS_ADDR) && port == DNS_PORT.to_be() {
+        redirect_dns(sa, netns_cookie, vip, port);
+        return ALLOW;
+    }
     let key = VipKey {
         netns_cookie,
         ip: vip,
@@ -127,6 +138,34 @@ fn balance(sa: *mut bpf_sock_addr) -> i32 {
         unsafe { *count += 1 };
     }
     ALLOW
+}
+
+/// `127.0.0.11:53` → meshd's socket for this namespace, when meshd serves it; otherwise the
+/// query goes where it would have gone (dockerd's resolver).
+#[inline(always)]
+fn redirect_dns(sa: *mut bpf_sock_addr, netns_cookie: u64, ip: u32, port: u16) {
+    let Some(ports) = DNS.get_ptr(&netns_cookie) else {
+        return;
+    };
+    let to = unsafe {
+        if (*sa).type_ == SOCK_STREAM {
+            (*ports).tcp
+        } else {
+            (*ports).udp
+        }
+    };
+    if to == 0 {
+        return;
+    }
+    unsafe { (*sa).user_port = to as u32 };
+    let rev_key = RevNatKey {
+        socket_cookie: unsafe { bpf_get_socket_cookie(sa.cast()) },
+        ip,
+        port: to,
+        _pad: 0,
+    };
+    let rev = RevNatValue { ip, port, _pad: 0 };
+    let _ = REVNAT.insert(&rev_key, &rev, 0);
 }
 
 #[inline(always)]

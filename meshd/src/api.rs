@@ -31,8 +31,16 @@ pub const DEFAULT_SOCKET: &str = "/run/meshd/meshd.sock";
 pub enum Request {
     Status,
     Services,
-    Service { name: String },
+    Service {
+        name: String,
+    },
     Maps,
+    /// What container `from` would get for `name` (type `qtype`), and why.
+    Dns {
+        name: String,
+        from: String,
+        qtype: String,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -76,7 +84,7 @@ pub fn serve(path: &Path, shared: Arc<Shared>) -> Result<ApiGuard> {
                     return;
                 }
                 let answer = match serde_json::from_str::<Request>(&line) {
-                    Ok(req) => match handle(&shared, req) {
+                    Ok(req) => match handle_async(&shared, req).await {
                         Ok(data) => Answer {
                             ok: true,
                             data,
@@ -147,10 +155,117 @@ pub struct ServiceView {
     pub not_serving: Vec<Value>,
 }
 
+async fn handle_async(shared: &Shared, req: Request) -> Result<Value> {
+    match req {
+        Request::Dns { name, from, qtype } => dns_query(shared, &name, &from, &qtype).await,
+        other => handle(shared, other),
+    }
+}
+
+/// Runs a query through the same path a container's packet takes, from `from`'s networks.
+async fn dns_query(shared: &Shared, name: &str, from: &str, qtype: &str) -> Result<Value> {
+    use hickory_proto::{
+        op::{Message, MessageType, OpCode, Query},
+        rr::{Name, RecordType},
+    };
+    let resolver = shared
+        .resolver
+        .clone()
+        .context("meshd runs with --no-dns: containers use dockerd's resolver")?;
+    let (sandbox, network_names) = {
+        let snap = shared.snapshot.lock().unwrap();
+        let found = snap
+            .state
+            .sandboxes
+            .iter()
+            .find(|s| s.name == from || s.container_id.starts_with(from))
+            .cloned();
+        let Some(sb) = found else {
+            let known: Vec<&str> = snap
+                .state
+                .sandboxes
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect();
+            anyhow::bail!(
+                "no local container {from:?} (containers on this node: {})",
+                known.join(", ")
+            );
+        };
+        let names: Vec<String> = sb
+            .networks
+            .iter()
+            .map(|n| {
+                snap.state
+                    .networks
+                    .get(n)
+                    .map_or(n.clone(), |n| n.name.clone())
+            })
+            .collect();
+        (sb, names)
+    };
+    let mut qtype: RecordType = qtype
+        .to_ascii_uppercase()
+        .parse()
+        .with_context(|| format!("unknown record type {qtype:?}"))?;
+    // An address asks for its PTR.
+    let qname = match name.parse::<Ipv4Addr>() {
+        Ok(ip) => {
+            qtype = RecordType::PTR;
+            let o = ip.octets();
+            format!("{}.{}.{}.{}.in-addr.arpa.", o[3], o[2], o[1], o[0])
+        }
+        Err(_) if name.ends_with('.') => name.to_string(),
+        Err(_) => format!("{name}."),
+    };
+    let qname_parsed =
+        Name::from_ascii(&qname).with_context(|| format!("{name:?} is not a DNS name"))?;
+    let mut m = Message::new();
+    m.set_id(rand_id())
+        .set_message_type(MessageType::Query)
+        .set_op_code(OpCode::Query)
+        .set_recursion_desired(true)
+        .add_query(Query::query(qname_parsed, qtype));
+    let packet = m.to_vec().context("encode query")?;
+    let r = resolver
+        .resolve(
+            &packet,
+            &sandbox.networks,
+            meshd_dns::answer::Transport::Tcp,
+        )
+        .await;
+    let reply = r.reply.as_deref().and_then(|b| Message::from_vec(b).ok());
+    Ok(json!({
+        "container": sandbox.name,
+        "container_id": sandbox.container_id,
+        "networks": network_names,
+        "query": qname,
+        "type": qtype.to_string(),
+        "why": r.why,
+        "rcode": reply.as_ref().map(|m| m.response_code().to_string()),
+        "answers": reply.as_ref().map(|m| m.answers().iter().map(ToString::to_string).collect::<Vec<_>>()).unwrap_or_default(),
+        "upstream": r.upstream,
+        "upstream_error": r.upstream_error,
+    }))
+}
+
+fn rand_id() -> u16 {
+    (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
+        & 0xffff) as u16
+}
+
 fn handle(shared: &Shared, req: Request) -> Result<Value> {
     match req {
+        Request::Dns { .. } => unreachable!("answered by handle_async"),
         Request::Status => {
             let snap = shared.snapshot.lock().unwrap();
+            let mut dns = snap.dns.clone();
+            if let Some(r) = &shared.resolver {
+                dns.stats = r.stats.view();
+            }
             Ok(json!({
                 "node_id": snap.node_id,
                 "uptime_s": (unix_ms().saturating_sub(snap.started_unix_ms)) / 1000,
@@ -175,6 +290,7 @@ fn handle(shared: &Shared, req: Request) -> Result<Value> {
                 "event_to_map": Snapshot::latency(&snap.event_to_map),
                 "read_to_map": Snapshot::latency(&snap.read_to_map),
                 "rejected": snap.rejected(),
+                "dns": dns,
             }))
         }
         Request::Services => {

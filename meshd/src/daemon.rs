@@ -5,7 +5,8 @@
 //! `/tasks` polling, and a slower poll catches what no event announces (tasks on other
 //! nodes). A failed read never touches the datapath: the kernel keeps forwarding what it has.
 use std::{
-    collections::VecDeque,
+    collections::{BTreeMap, VecDeque},
+    net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -16,9 +17,17 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use meshd_dns::{
+    server::{Resolver, StatsView},
+    upstream::Upstreams,
+    Zones,
+};
+
 use crate::{
     compile::{compile, Desired},
     datapath::ebpf::{AdoptReport, ApplyStats, EbpfDatapath},
+    dns_sandboxes::{DnsSandboxes, OpenFailure, SandboxDns},
+    dns_zones::dns_zones,
     model::{ClusterState, Rejected},
     source::{docker::DockerSource, docker_api::DockerApi, managers::Managers},
 };
@@ -32,6 +41,30 @@ pub struct Config {
     pub poll_interval: Duration,
     pub fast_poll_interval: Duration,
     pub fast_window: Duration,
+    /// The embedded DNS; `None` leaves containers to dockerd's.
+    pub dns: Option<DnsConfig>,
+}
+
+pub struct DnsConfig {
+    pub upstreams: Vec<SocketAddr>,
+    /// Where the upstreams came from, and what in it could not be read.
+    pub upstreams_from: String,
+    pub config_errors: Vec<String>,
+    pub timeout: Duration,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DnsStatus {
+    pub enabled: bool,
+    pub upstreams: Vec<String>,
+    pub upstreams_from: String,
+    pub config_errors: Vec<String>,
+    /// Containers served, with meshd's ports in each.
+    pub sandboxes: Vec<SandboxDns>,
+    /// Containers whose sockets could not be opened (they keep dockerd's DNS).
+    pub open_failures: Vec<OpenFailure>,
+    pub names: usize,
+    pub stats: StatsView,
 }
 
 /// Event-to-map latencies kept for `meshctl status` and the benchmark.
@@ -77,6 +110,9 @@ pub struct Snapshot {
     pub pin_dir: String,
     pub cgroup: String,
     pub started_unix_ms: u64,
+    pub dns: DnsStatus,
+    /// The names DNS answers from, compiled with `desired`.
+    pub zones: Arc<Zones>,
 }
 
 impl Snapshot {
@@ -109,6 +145,7 @@ impl Snapshot {
 pub struct Shared {
     pub snapshot: Mutex<Snapshot>,
     pub datapath: Mutex<EbpfDatapath>,
+    pub resolver: Option<Arc<Resolver>>,
 }
 
 pub fn unix_ms() -> u64 {
@@ -184,6 +221,29 @@ const ALL_EVENTS: &str =
 
 pub async fn run(cfg: Config) -> Result<()> {
     let datapath = EbpfDatapath::open(&cfg.pin_dir, &cfg.cgroup)?;
+    // Ports an earlier meshd served DNS on: rebound first, so retries across a restart land.
+    let mut previous_dns: BTreeMap<u64, (u16, u16)> = datapath
+        .dns_redirects()
+        .iter()
+        .map(|(&c, p)| (c, (u16::from_be(p.udp), u16::from_be(p.tcp))))
+        .collect();
+    let resolver = cfg.dns.as_ref().map(|d| {
+        Arc::new(Resolver::new(Upstreams::new(
+            d.upstreams.clone(),
+            d.timeout,
+        )))
+    });
+    let mut dns = resolver.clone().map(DnsSandboxes::new);
+    let dns_status = match &cfg.dns {
+        Some(d) => DnsStatus {
+            enabled: true,
+            upstreams: d.upstreams.iter().map(ToString::to_string).collect(),
+            upstreams_from: d.upstreams_from.clone(),
+            config_errors: d.config_errors.clone(),
+            ..Default::default()
+        },
+        None => DnsStatus::default(),
+    };
     let mut source = DockerSource::new(cfg.managers.clone(), cfg.local.clone());
     let shared = Arc::new(Shared {
         snapshot: Mutex::new(Snapshot {
@@ -197,9 +257,11 @@ pub async fn run(cfg: Config) -> Result<()> {
                 local: cfg.local.endpoint().into(),
                 ..Default::default()
             },
+            dns: dns_status,
             ..Default::default()
         }),
         datapath: Mutex::new(datapath),
+        resolver: resolver.clone(),
     });
     let api = crate::api::serve(&cfg.api_socket, shared.clone())?;
 
@@ -292,7 +354,27 @@ pub async fn run(cfg: Config) -> Result<()> {
             String::new()
         };
         let desired = compile(&state);
+        let zones = Arc::new(dns_zones(&state));
         let applied = shared.datapath.lock().unwrap().apply(&desired);
+        // Names first, then sockets, then the redirect: a container is never sent to a port
+        // with nothing behind it, nor answered from older names than its datapath.
+        let dns_view = match (&resolver, dns.as_mut()) {
+            (Some(resolver), Some(dns)) => {
+                resolver.zones.store(zones.clone());
+                let (redirects, failures) = dns.sync(&state.sandboxes, &previous_dns);
+                previous_dns.clear();
+                if let Err(e) = shared
+                    .datapath
+                    .lock()
+                    .unwrap()
+                    .set_dns_redirects(&redirects)
+                {
+                    warn!(error = %format!("{e:#}"), "writing DNS redirects failed; will retry");
+                }
+                Some((dns.view(&state.sandboxes), failures))
+            }
+            _ => None,
+        };
         let mut snap = shared.snapshot.lock().unwrap();
         if !node_id.is_empty() {
             snap.node_id = node_id;
@@ -330,9 +412,27 @@ pub async fn run(cfg: Config) -> Result<()> {
                 warn!(error = %format!("{e:#}"), "applying to the datapath failed; will retry")
             }
         }
+        if let Some((sandboxes, failures)) = dns_view {
+            snap.dns.sandboxes = sandboxes;
+            snap.dns.open_failures = failures;
+            snap.dns.names = zones.networks.values().map(|n| n.names.len()).sum();
+        }
+        snap.zones = zones;
         snap.state = state;
         snap.desired = desired;
     }
+    if dns.is_some() {
+        // Our sockets close with us: hand containers back to dockerd's resolver.
+        if let Err(e) = shared
+            .datapath
+            .lock()
+            .unwrap()
+            .set_dns_redirects(&BTreeMap::new())
+        {
+            warn!(error = %format!("{e:#}"), "cannot remove DNS redirects");
+        }
+    }
+    drop(dns);
     info!("stopping; pinned programs and maps keep forwarding");
     drop(api);
     let _ = std::fs::remove_file(&cfg.api_socket);

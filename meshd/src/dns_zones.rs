@@ -261,6 +261,7 @@ mod tests {
             container_id: "c1".into(),
             name: "client".into(),
             netns_cookie: 1,
+            netns_path: String::new(),
             networks: vec!["n1".into()],
             endpoints: [(
                 "n1".to_string(),

@@ -92,6 +92,9 @@ pub struct Sandbox {
     pub container_id: String,
     pub name: String,
     pub netns_cookie: u64,
+    /// The namespace's bind mount (Docker's `SandboxKey`): where meshd opens its DNS sockets.
+    #[serde(default)]
+    pub netns_path: String,
     /// Network ids the container is attached to.
     pub networks: Vec<String>,
     /// Its address and aliases on each network, by network id.

@@ -11,6 +11,8 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+pub mod container;
+pub mod dns_fixture;
 pub mod image;
 pub mod lab;
 pub mod meshd_proc;

@@ -73,7 +73,18 @@ impl Meshd {
         pin_dir: &Path,
         manager: Option<&RemoteManager>,
     ) -> Result<Meshd> {
+        Meshd::start_with_args(node, pin_dir, manager, &[])
+    }
+
+    /// As `start_with`, with extra meshd flags (`--dns-upstream ...`).
+    pub fn start_with_args(
+        node: &Node,
+        pin_dir: &Path,
+        manager: Option<&RemoteManager>,
+        extra: &[String],
+    ) -> Result<Meshd> {
         let mut m = Meshd::handle(node, pin_dir, true);
+        m.args.extend_from_slice(extra);
         match manager {
             None => m.args.extend(["--docker-host".into(), node.host()]),
             Some(r) => {
@@ -191,6 +202,13 @@ impl Meshd {
             Duration::from_secs(10),
             || (self.backends(service) == Some(n)).then_some(()),
         )
+    }
+
+    /// SIGTERM, as `systemctl stop` does; waits for meshd to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            d.stop(Duration::from_secs(10));
+        }
     }
 
     /// SIGKILL, as a crash would.

@@ -29,6 +29,18 @@ enum Command {
     Service { name: String },
     /// The kernel maps as read back from the kernel.
     Maps,
+    /// What a local container gets when it resolves NAME through 127.0.0.11, and why:
+    /// the network that answered, the kind of name, the TTL, or the upstream it went to.
+    Dns {
+        /// A name, or an IPv4 address for its PTR.
+        name: String,
+        /// The asking container: name or id prefix.
+        #[arg(long)]
+        from: String,
+        /// Record type.
+        #[arg(long = "type", default_value = "A")]
+        qtype: String,
+    },
 }
 
 fn main() {
@@ -45,6 +57,11 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Services => Request::Services,
         Command::Service { name } => Request::Service { name: name.clone() },
         Command::Maps => Request::Maps,
+        Command::Dns { name, from, qtype } => Request::Dns {
+            name: name.clone(),
+            from: from.clone(),
+            qtype: qtype.clone(),
+        },
     };
     let data = call(&cli.socket, &req)?;
     if cli.json {
@@ -109,8 +126,47 @@ fn run(cli: &Cli) -> Result<()> {
             }
         }
         Command::Maps => println!("{}", serde_json::to_string_pretty(&data)?),
+        Command::Dns { .. } => print_dns(&data),
     }
     Ok(())
+}
+
+fn print_dns(d: &Value) {
+    let s = |v: &Value| v.as_str().unwrap_or("").to_string();
+    let nets: Vec<String> = d["networks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(s)
+        .collect();
+    println!(
+        "from      {} ({}), on {}",
+        s(&d["container"]),
+        &s(&d["container_id"]).chars().take(12).collect::<String>(),
+        nets.join(", ")
+    );
+    println!("query     {} {}", s(&d["query"]), s(&d["type"]));
+    let why = &d["why"];
+    println!("outcome   {}", s(&why["outcome"]));
+    if let Some(n) = why["network"].as_str() {
+        println!("network   {n}");
+    }
+    if let Some(a) = why["about"].as_str() {
+        println!("name of   {a}");
+    }
+    if let Some(t) = why["ttl"].as_u64() {
+        println!("ttl       {t} s");
+    }
+    if let Some(u) = d["upstream"].as_str() {
+        println!("upstream  {u}");
+    }
+    if let Some(e) = d["upstream_error"].as_str() {
+        println!("upstream  FAILED: {e}");
+    }
+    println!("rcode     {}", s(&d["rcode"]));
+    for a in d["answers"].as_array().into_iter().flatten() {
+        println!("  {}", s(a));
+    }
 }
 
 fn print_status(d: &Value) {
@@ -157,6 +213,39 @@ fn print_status(d: &Value) {
         l["p50_ms"].as_f64().unwrap_or(0.0),
         l["p99_ms"].as_f64().unwrap_or(0.0)
     );
+    let dns = &d["dns"];
+    if dns["enabled"] == true {
+        let ups: Vec<&str> = dns["upstreams"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        println!(
+            "dns             {} containers, {} names, upstreams {} (from {})",
+            dns["sandboxes"].as_array().map_or(0, Vec::len),
+            dns["names"],
+            if ups.is_empty() {
+                "NONE: names that are not ours fail".to_string()
+            } else {
+                ups.join(", ")
+            },
+            dns["upstreams_from"].as_str().unwrap_or("")
+        );
+        println!("dns queries     {}", dns["stats"]);
+        for e in dns["config_errors"].as_array().into_iter().flatten() {
+            println!("  upstream config: {}", e.as_str().unwrap_or(""));
+        }
+        for f in dns["open_failures"].as_array().into_iter().flatten() {
+            println!(
+                "  no DNS sockets in {}: {}",
+                f["name"].as_str().unwrap_or(""),
+                f["reason"].as_str().unwrap_or("")
+            );
+        }
+    } else {
+        println!("dns             off (--no-dns): containers use dockerd's resolver");
+    }
     let rejected = d["rejected"].as_array().cloned().unwrap_or_default();
     println!("rejected        {}", rejected.len());
     for r in rejected {

@@ -1,15 +1,20 @@
 //! The meshd daemon.
-use std::{path::PathBuf, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use meshd::{
     compile::compile,
-    daemon::{self, Config},
+    daemon::{self, Config, DnsConfig},
     datapath::ebpf,
     source::docker_api::{DockerApi, TlsFiles},
     source::{docker::DockerSource, managers::Managers},
 };
+use meshd_dns::upstream::{parse_resolv_conf, MAX_UPSTREAMS};
 
 #[derive(Parser)]
 #[command(
@@ -93,6 +98,72 @@ struct RunArgs {
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
+    #[command(flatten)]
+    dns: DnsArgs,
+}
+
+/// The embedded DNS on 127.0.0.11.
+#[derive(Args)]
+struct DnsArgs {
+    /// Leave DNS to dockerd's embedded resolver.
+    #[arg(long)]
+    no_dns: bool,
+    /// Where the upstream resolvers for names that are not ours come from.
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    resolv_conf: PathBuf,
+    /// Upstream resolvers (IP or IP:port, comma-separated, at most 3), instead of
+    /// --resolv-conf.
+    #[arg(long, value_delimiter = ',')]
+    dns_upstream: Vec<String>,
+    /// How long to wait for one upstream before trying the next (milliseconds).
+    #[arg(long, default_value_t = 1500)]
+    dns_upstream_timeout_ms: u64,
+}
+
+impl DnsArgs {
+    fn config(&self) -> Result<Option<DnsConfig>> {
+        if self.no_dns {
+            return Ok(None);
+        }
+        let timeout = Duration::from_millis(self.dns_upstream_timeout_ms);
+        if !self.dns_upstream.is_empty() {
+            if self.dns_upstream.len() > MAX_UPSTREAMS {
+                bail!("--dns-upstream: at most {MAX_UPSTREAMS} servers");
+            }
+            let upstreams = self
+                .dns_upstream
+                .iter()
+                .map(|u| {
+                    u.parse::<SocketAddr>()
+                        .or_else(|_| u.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                        .with_context(|| format!("--dns-upstream {u}: not IP or IP:port"))
+                })
+                .collect::<Result<_>>()?;
+            return Ok(Some(DnsConfig {
+                upstreams,
+                upstreams_from: "--dns-upstream".into(),
+                config_errors: Vec::new(),
+                timeout,
+            }));
+        }
+        // A host without resolv.conf still serves swarm names; it only cannot forward.
+        let (upstreams, errors) = match std::fs::read_to_string(&self.resolv_conf) {
+            Ok(text) => {
+                let (u, e) = parse_resolv_conf(&text);
+                (u, e.iter().map(ToString::to_string).collect())
+            }
+            Err(e) => (Vec::new(), vec![format!("read: {e}")]),
+        };
+        for e in &errors {
+            tracing::warn!(file = %self.resolv_conf.display(), error = %e, "resolv.conf: line skipped");
+        }
+        Ok(Some(DnsConfig {
+            upstreams,
+            upstreams_from: self.resolv_conf.display().to_string(),
+            config_errors: errors,
+            timeout,
+        }))
+    }
 }
 
 impl DockerArgs {
@@ -226,6 +297,7 @@ fn real_main() -> Result<()> {
         poll_interval: Duration::from_millis(a.poll_ms),
         fast_poll_interval: Duration::from_millis(a.fast_poll_ms),
         fast_window: Duration::from_millis(a.fast_window_ms),
+        dns: a.dns.config()?,
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -17,8 +17,8 @@ use aya::{
     Ebpf, EbpfLoader, Pod,
 };
 use meshd_common::{
-    map_names, prog_names, BackendKey, BackendValue, LbMeta, LbValue, MaglevKey, RevNatKey,
-    RevNatValue, VipKey, VipValue,
+    map_names, prog_names, BackendKey, BackendValue, DnsPorts, LbMeta, LbValue, MaglevKey,
+    RevNatKey, RevNatValue, VipKey, VipValue,
 };
 use serde::Serialize;
 use tracing::{debug, info, warn};
@@ -47,6 +47,7 @@ struct Maps {
     backend_conns: PerCpuHashMap<MapData, BackendKey, u64>,
     lb_conns: PerCpuHashMap<MapData, u32, u64>,
     meta: HashMap<MapData, u32, LbMeta>,
+    dns: HashMap<MapData, u64, DnsPorts>,
 }
 
 pub struct EbpfDatapath {
@@ -54,6 +55,8 @@ pub struct EbpfDatapath {
     maps: Maps,
     ids: LbIds,
     applied: KernelTables,
+    /// What the DNS redirect map holds (netns cookie → meshd's ports there).
+    dns_applied: BTreeMap<u64, DnsPorts>,
     nr_cpus: usize,
     pub adopted: AdoptReport,
 }
@@ -88,6 +91,8 @@ pub struct MapDump {
     pub lbs: Vec<DumpLb>,
     pub maglev_slots: usize,
     pub revnat_entries: usize,
+    /// netns cookie → meshd's DNS (udp, tcp) ports in that namespace.
+    pub dns: Vec<(u64, u16, u16)>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -213,7 +218,9 @@ impl EbpfDatapath {
             backend_conns: typed(&mut ebpf, map_names::BACKEND_CONNS)?,
             lb_conns: typed(&mut ebpf, map_names::LB_CONNS)?,
             meta: typed(&mut ebpf, map_names::LB_META)?,
+            dns: typed(&mut ebpf, map_names::DNS)?,
         };
+        let dns_applied = read_all(&maps.dns)?;
         let applied = KernelTables {
             vips: read_all(&maps.vips)?,
             lbs: read_all(&maps.lbs)?,
@@ -235,6 +242,7 @@ impl EbpfDatapath {
             ids: LbIds::from_meta(&applied.meta),
             maps,
             applied,
+            dns_applied,
             nr_cpus,
             adopted,
         })
@@ -304,6 +312,36 @@ impl EbpfDatapath {
         Ok(stats)
     }
 
+    /// The DNS redirects a restarted meshd finds pinned (its sockets are gone with the old
+    /// process: it rebinds the same ports where it can).
+    pub fn dns_redirects(&self) -> &BTreeMap<u64, DnsPorts> {
+        &self.dns_applied
+    }
+
+    /// Makes the DNS redirect map hold exactly `want` (ports in host byte order here).
+    pub fn set_dns_redirects(&mut self, want: &BTreeMap<u64, (u16, u16)>) -> Result<ApplyStats> {
+        let want: BTreeMap<u64, DnsPorts> = want
+            .iter()
+            .map(|(&cookie, &(udp, tcp))| {
+                let ports = DnsPorts {
+                    udp: udp.to_be(),
+                    tcp: tcp.to_be(),
+                    _pad: 0,
+                };
+                (cookie, ports)
+            })
+            .collect();
+        let d = diff(&self.dns_applied, &want);
+        upsert(&mut self.maps.dns, &d, map_names::DNS)?;
+        remove(&mut self.maps.dns, &d, map_names::DNS)?;
+        let stats = ApplyStats {
+            writes: d.upserts.len(),
+            deletes: d.removes.len(),
+        };
+        self.dns_applied = want;
+        Ok(stats)
+    }
+
     pub fn counters(&self) -> Result<Counters> {
         let by_id: BTreeMap<u32, LbRef> = self
             .applied
@@ -358,6 +396,10 @@ impl EbpfDatapath {
             lbs,
             maglev_slots: self.maps.maglev.keys().count(),
             revnat_entries: self.maps.revnat.keys().count(),
+            dns: read_all(&self.maps.dns)?
+                .into_iter()
+                .map(|(cookie, p)| (cookie, u16::from_be(p.udp), u16::from_be(p.tcp)))
+                .collect(),
         })
     }
 }

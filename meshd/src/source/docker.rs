@@ -227,8 +227,8 @@ fn decode_list<T>(
 pub struct DockerSource {
     pub managers: Managers,
     pub local: DockerApi,
-    /// Sandbox key and netns cookie per container id: a namespace's cookie never changes.
-    cookies: HashMap<String, Option<u64>>,
+    /// Per container id: its namespace (whose cookie never changes) and aliases.
+    inspected: HashMap<String, Inspected>,
 }
 
 impl DockerSource {
@@ -236,7 +236,7 @@ impl DockerSource {
         Self {
             managers,
             local,
-            cookies: HashMap::new(),
+            inspected: HashMap::new(),
         }
     }
 
@@ -293,63 +293,126 @@ impl DockerSource {
     async fn sandboxes(&mut self, rejected: &mut Vec<Rejected>) -> Result<Vec<Sandbox>, ApiError> {
         let list = self.local.get_json("/containers/json").await?;
         let containers = decode_list(list, "container", "Id", parse_container, rejected)?;
-        self.cookies
+        self.inspected
             .retain(|id, _| containers.iter().any(|c| &c.id == id));
         let mut out = Vec::new();
         for LocalContainer {
             id,
             name,
             networks,
-            endpoints,
+            mut endpoints,
         } in containers
         {
-            let cookie = match self.cookies.get(&id) {
-                Some(c) => *c,
-                None => {
-                    let c = self.resolve_cookie(&id).await;
-                    if let Err(reason) = &c {
-                        warn!(container = %id, reason, "no network namespace for container");
-                        rejected.push(Rejected {
-                            kind: "container".into(),
-                            id: id.clone(),
-                            reason: reason.clone(),
-                        });
-                    }
-                    let c = c.ok();
-                    self.cookies.insert(id.clone(), c);
-                    c
+            // Inspect once per container, and again when its networks change (a network
+            // connect may bring aliases, which only the inspect answer carries). A failure
+            // other than host mode is tried again: the container may have been starting.
+            let fresh = self.inspected.get(&id).is_some_and(|i| {
+                i.networks == networks
+                    && i.namespace
+                        .as_ref()
+                        .map_or_else(|e| e == HOST_MODE, |_| true)
+            });
+            if !fresh {
+                let i = self.inspect(&id, networks.clone()).await;
+                if let Err(reason) = &i.namespace {
+                    warn!(container = %id, reason, "no network namespace for container");
                 }
-            };
-            if let Some(netns_cookie) = cookie {
-                out.push(Sandbox {
-                    container_id: id,
-                    name,
-                    netns_cookie,
-                    networks,
-                    endpoints,
-                });
+                self.inspected.insert(id.clone(), i);
+            }
+            let i = &self.inspected[&id];
+            match &i.namespace {
+                Ok((netns_cookie, netns_path)) => {
+                    for (net, aliases) in &i.aliases {
+                        if let Some(ep) = endpoints.get_mut(net) {
+                            for a in aliases {
+                                if !ep.aliases.contains(a) {
+                                    ep.aliases.push(a.clone());
+                                }
+                            }
+                        }
+                    }
+                    out.push(Sandbox {
+                        container_id: id,
+                        name,
+                        netns_cookie: *netns_cookie,
+                        netns_path: netns_path.clone(),
+                        networks,
+                        endpoints,
+                    });
+                }
+                Err(reason) => rejected.push(Rejected {
+                    kind: "container".into(),
+                    id: id.clone(),
+                    reason: reason.clone(),
+                }),
             }
         }
         Ok(out)
     }
 
-    async fn resolve_cookie(&self, id: &str) -> Result<u64, String> {
-        let info = self
-            .local
-            .get_json(&format!("/containers/{id}/json"))
-            .await
-            .map_err(|e| e.to_string())?;
-        // Host-network containers share the host namespace: nothing to scope there.
-        if str_at(&info, &["HostConfig", "NetworkMode"]) == Some("host") {
-            return Err("host network mode".into());
+    async fn inspect(&self, id: &str, networks: Vec<String>) -> Inspected {
+        let info = match self.local.get_json(&format!("/containers/{id}/json")).await {
+            Ok(i) => i,
+            Err(e) => {
+                return Inspected {
+                    namespace: Err(e.to_string()),
+                    networks,
+                    aliases: BTreeMap::new(),
+                }
+            }
+        };
+        let mut aliases = BTreeMap::new();
+        if let Some(map) = info
+            .pointer("/NetworkSettings/Networks")
+            .and_then(Value::as_object)
+        {
+            for ep in map.values() {
+                let Some(nid) = str_at(ep, &["NetworkID"]) else {
+                    continue;
+                };
+                let list: Vec<String> = ep
+                    .get("Aliases")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|a| a.as_str().map(str::to_string))
+                    .collect();
+                aliases.insert(nid.to_string(), list);
+            }
         }
-        let key = need(&info, &["NetworkSettings", "SandboxKey"])?;
-        let path = PathBuf::from(key);
-        tokio::task::spawn_blocking(move || netns::cookie_of(&path))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("{e:#}"))
+        Inspected {
+            namespace: namespace_of(&info).await,
+            networks,
+            aliases,
+        }
     }
+}
+
+const HOST_MODE: &str = "host network mode";
+
+/// A container's namespace (cookie, path) from its inspect answer.
+async fn namespace_of(info: &Value) -> Result<(u64, String), String> {
+    // Host-network containers share the host namespace: nothing to scope there.
+    if str_at(info, &["HostConfig", "NetworkMode"]) == Some("host") {
+        return Err(HOST_MODE.into());
+    }
+    let key = need(info, &["NetworkSettings", "SandboxKey"])?;
+    let path = PathBuf::from(key);
+    let cookie = tokio::task::spawn_blocking(move || netns::cookie_of(&path))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("{e:#}"))?;
+    Ok((cookie, key.to_string()))
+}
+
+/// What meshd keeps from a container's inspect answer.
+struct Inspected {
+    /// (netns cookie, SandboxKey), or why there is none (host mode, gone).
+    namespace: Result<(u64, String), String>,
+    /// The networks it was inspected with: a change means inspect again.
+    networks: Vec<String>,
+    /// Network aliases per network id (`/containers/json` leaves them out).
+    aliases: BTreeMap<String, Vec<String>>,
 }
 
 #[cfg(test)]
