@@ -4,6 +4,7 @@
 //! each container's sockets (`server`). meshd opens the sockets inside each container's
 //! network namespace and hands them over.
 pub mod answer;
+pub mod batch;
 pub mod records;
 pub mod server;
 pub mod upstream;

@@ -2,9 +2,13 @@
 //! `Listener` per container namespace reading that container's UDP and TCP sockets. Each
 //! packet goes through `answer` (the same pure path the tests fuzz) and is answered inline;
 //! only forwarded queries leave the read loop, so a slow upstream never stalls local names,
-//! and a slow TCP client never stalls anyone else.
+//! and a slow TCP client never stalls anyone else. The caller picks the runtime: meshd gives
+//! DNS a single-threaded one of its own, so a query never waits on the control loop and is
+//! never handed between threads (a cross-thread wakeup per packet costs more than the answer).
 use std::{
+    cell::RefCell,
     net::SocketAddr,
+    os::fd::AsRawFd,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -15,8 +19,9 @@ use std::{
 use arc_swap::ArcSwap;
 use serde::Serialize;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncReadExt, AsyncWriteExt, Interest},
     net::{TcpListener, TcpStream, UdpSocket},
+    runtime::Handle,
     sync::Semaphore,
     task::JoinHandle,
 };
@@ -24,6 +29,7 @@ use tracing::{debug, warn};
 
 use crate::{
     answer::{answer, error_reply, Decision, Transport, Why},
+    batch::{send_all, RecvBatch, BATCH},
     upstream::{truncate_for_udp, ForwardError, Forwarded, Upstreams},
     Zones,
 };
@@ -35,8 +41,6 @@ const MAX_FORWARDS: usize = 1024;
 const MAX_TCP_PER_CONTAINER: usize = 64;
 /// A TCP client idle this long is closed.
 const TCP_IDLE: Duration = Duration::from_secs(10);
-/// Largest request read over UDP (EDNS clients may send big OPT records).
-const MAX_UDP_REQUEST: usize = 4096;
 
 #[derive(Default)]
 pub struct Stats {
@@ -231,19 +235,26 @@ impl Drop for Listener {
 }
 
 impl Listener {
-    /// Starts serving `udp` and `tcp` (already bound in the container's namespace) for the
-    /// container `scope` describes. The scope may change while serving (a network connect
-    /// or disconnect) without reopening the sockets.
+    /// Starts serving `udp` and `tcp` (already bound in the container's namespace) on
+    /// `runtime`, for the container `scope` describes. The scope may change while serving (a
+    /// network connect or disconnect) without reopening the sockets.
     pub fn start(
+        runtime: &Handle,
         resolver: Arc<Resolver>,
         scope: Arc<ArcSwap<Scope>>,
-        udp: UdpSocket,
-        tcp: TcpListener,
+        udp: std::net::UdpSocket,
+        tcp: std::net::TcpListener,
     ) -> std::io::Result<Listener> {
         let udp_port = udp.local_addr()?.port();
         let tcp_port = tcp.local_addr()?.port();
-        let udp_task = tokio::spawn(serve_udp(resolver.clone(), scope.clone(), Arc::new(udp)));
-        let tcp_task = tokio::spawn(serve_tcp(resolver, scope, tcp));
+        udp.set_nonblocking(true)?;
+        tcp.set_nonblocking(true)?;
+        // Registered with the runtime that will poll them.
+        let _in = runtime.enter();
+        let udp = UdpSocket::from_std(udp)?;
+        let tcp = TcpListener::from_std(tcp)?;
+        let udp_task = runtime.spawn(serve_udp(resolver.clone(), scope.clone(), Arc::new(udp)));
+        let tcp_task = runtime.spawn(serve_tcp(resolver, scope, tcp));
         Ok(Listener {
             udp_port,
             tcp_port,
@@ -252,54 +263,95 @@ impl Listener {
     }
 }
 
+thread_local! {
+    /// Receive buffers shared by every container served on this thread: they are used
+    /// only between two awaits, so one set serves them all.
+    static RECV: RefCell<RecvBatch> = RefCell::new(RecvBatch::default());
+}
+
 async fn serve_udp(resolver: Arc<Resolver>, scope: Arc<ArcSwap<Scope>>, sock: Arc<UdpSocket>) {
-    let mut buf = vec![0u8; MAX_UDP_REQUEST];
+    let fd = sock.as_raw_fd();
+    let mut out: Vec<(Vec<u8>, SocketAddr)> = Vec::with_capacity(BATCH);
     loop {
-        let (n, from) = match sock.recv_from(&mut buf).await {
-            Ok(x) => x,
+        if let Err(e) = sock.readable().await {
+            warn!(error = %e, "DNS UDP socket failed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
+        let read = sock.try_io(Interest::READABLE, || {
+            RECV.with(|b| {
+                let mut b = b.borrow_mut();
+                let n = b.recv(fd)?;
+                let networks = scope.load();
+                for i in 0..n {
+                    let (packet, from) = b.get(i);
+                    handle_udp(&resolver, &networks, &sock, packet, from, &mut out);
+                }
+                Ok(n)
+            })
+        });
+        match read {
+            Ok(n) => {
+                resolver.stats.udp.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => {
-                // Nothing a client sends can make recv fail for long; don't spin if it does.
+                // Nothing a client sends can make a read fail for long; don't spin if it does.
                 warn!(error = %e, "DNS UDP receive failed");
                 tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
             }
-        };
-        resolver.stats.udp.fetch_add(1, Ordering::Relaxed);
-        let packet = &buf[..n];
-        let networks = scope.load();
-        let (decision, why) = resolver.decide(packet, &networks.networks, Transport::Udp);
-        match decision {
-            Decision::Reply(r) => {
-                resolver.stats.count_reply(&r);
-                if let Err(e) = sock.send_to(&r, from).await {
-                    debug!(error = %e, %from, "DNS UDP send failed");
+        }
+        if !out.is_empty() {
+            let sent = send_all(fd, &out);
+            for (reply, to) in &out[sent..] {
+                if let Err(e) = sock.send_to(reply, *to).await {
+                    debug!(error = %e, %to, "DNS UDP send failed");
                 }
             }
-            Decision::Drop => {
-                resolver.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                debug!(%from, why = why.outcome, container = networks.container, "dropped");
-            }
-            Decision::Forward => {
-                let (resolver, sock, packet) = (resolver.clone(), sock.clone(), packet.to_vec());
-                let container = networks.container.clone();
-                tokio::spawn(async move {
-                    resolver.stats.forwarded.fetch_add(1, Ordering::Relaxed);
-                    let reply = match resolver.forward(&packet, Transport::Udp).await {
-                        Ok(f) => Some(f.reply),
-                        Err(e) => {
-                            resolver
-                                .stats
-                                .forward_failed
-                                .fetch_add(1, Ordering::Relaxed);
-                            warn!(error = %e, container, "forwarding failed; answering SERVFAIL");
-                            error_reply(&packet, hickory_proto::op::ResponseCode::ServFail)
-                        }
-                    };
-                    if let Some(r) = reply {
-                        let _ = sock.send_to(&r, from).await;
+            out.clear();
+        }
+    }
+}
+
+/// One UDP query: an answer joins `out`, a forward goes on in a task of its own.
+fn handle_udp(
+    resolver: &Arc<Resolver>,
+    scope: &Scope,
+    sock: &Arc<UdpSocket>,
+    packet: &[u8],
+    from: SocketAddr,
+    out: &mut Vec<(Vec<u8>, SocketAddr)>,
+) {
+    let (decision, why) = resolver.decide(packet, &scope.networks, Transport::Udp);
+    match decision {
+        Decision::Reply(r) => {
+            resolver.stats.count_reply(&r);
+            out.push((r, from));
+        }
+        Decision::Drop => {
+            resolver.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            debug!(%from, why = why.outcome, container = scope.container, "dropped");
+        }
+        Decision::Forward => {
+            let (resolver, sock, packet) = (resolver.clone(), sock.clone(), packet.to_vec());
+            let container = scope.container.clone();
+            tokio::spawn(async move {
+                resolver.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+                let reply = match resolver.forward(&packet, Transport::Udp).await {
+                    Ok(f) => Some(f.reply),
+                    Err(e) => {
+                        resolver
+                            .stats
+                            .forward_failed
+                            .fetch_add(1, Ordering::Relaxed);
+                        warn!(error = %e, container, "forwarding failed; answering SERVFAIL");
+                        error_reply(&packet, hickory_proto::op::ResponseCode::ServFail)
                     }
-                });
-            }
+                };
+                if let Some(r) = reply {
+                    let _ = sock.send_to(&r, from).await;
+                }
+            });
         }
     }
 }

@@ -8,13 +8,20 @@
 //! and sockets in namespaces meshd does not know pass through untouched.
 //!
 //! The same hooks send `127.0.0.11:53` to meshd's DNS sockets in the caller's namespace
-//! (`DNS`), and show the answers as coming from port 53.
+//! (`DNS`), and show the answers as coming from port 53; only while those sockets exist, so
+//! a dead meshd leaves containers to dockerd's resolver instead of to nothing.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, BPF_F_NO_PREALLOC},
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    bindings::{
+        bpf_sock_addr, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, BPF_F_NO_PREALLOC,
+    },
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_lookup_udp,
+        bpf_sk_release,
+    },
     macros::{cgroup_sock_addr, map},
     maps::{HashMap, LruHashMap, PerCpuHashMap},
     programs::SockAddrContext,
@@ -55,6 +62,8 @@ static DNS: HashMap<u64, DnsPorts> = HashMap::pinned(capacity::DNS, BPF_F_NO_PRE
 
 const ALLOW: i32 = 1;
 const SOCK_STREAM: u32 = 1;
+/// `BPF_F_CURRENT_NETNS`: look the socket up in the caller's namespace.
+const CURRENT_NETNS: u64 = u64::MAX;
 const DENY: i32 = 0;
 
 #[cgroup_sock_addr(connect4)]
@@ -124,7 +133,7 @@ fn balance(sa: *mut bpf_sock_addr) -> i32 {
         port,
         _pad: 0,
     };
-    let _ = REVNAT.insert(&rev_key, &rev, 0);
+    remember_reverse(&rev_key, &rev);
 
     // Per-CPU counters: a plain increment is race free. Userspace creates the entries.
     if let Some(count) = LB_CONNS.get_ptr_mut(&lb_id) {
@@ -147,14 +156,16 @@ fn redirect_dns(sa: *mut bpf_sock_addr, netns_cookie: u64, ip: u32, port: u16) {
     let Some(ports) = DNS.get_ptr(&netns_cookie) else {
         return;
     };
+    let stream = unsafe { (*sa).type_ == SOCK_STREAM };
     let to = unsafe {
-        if (*sa).type_ == SOCK_STREAM {
+        if stream {
             (*ports).tcp
         } else {
             (*ports).udp
         }
     };
-    if to == 0 {
+    if to == 0 || !listening(sa, ip, to, stream) {
+        // meshd is gone (a crash; a clean stop removes the entry): dockerd answers meanwhile.
         return;
     }
     unsafe { (*sa).user_port = to as u32 };
@@ -165,7 +176,51 @@ fn redirect_dns(sa: *mut bpf_sock_addr, netns_cookie: u64, ip: u32, port: u16) {
         _pad: 0,
     };
     let rev = RevNatValue { ip, port, _pad: 0 };
-    let _ = REVNAT.insert(&rev_key, &rev, 0);
+    remember_reverse(&rev_key, &rev);
+}
+
+/// Records how to show a translated peer to the application. An unconnected UDP socket
+/// passes here on every send: writing an LRU entry takes a lock with interrupts off, so it
+/// is written only when missing or different.
+#[inline(always)]
+fn remember_reverse(key: &RevNatKey, value: &RevNatValue) {
+    if let Some(old) = REVNAT.get_ptr(key) {
+        // SAFETY: a pointer the map lookup just returned.
+        if unsafe { (*old).ip == value.ip && (*old).port == value.port } {
+            return;
+        }
+    }
+    let _ = REVNAT.insert(key, value, 0);
+}
+
+/// Whether a socket is bound to `ip:port` in the caller's namespace: meshd's, since the
+/// map names only ports meshd bound there.
+#[inline(always)]
+fn listening(sa: *mut bpf_sock_addr, ip: u32, port: u16, stream: bool) -> bool {
+    let mut tuple = bpf_sock_tuple {
+        __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 {
+            ipv4: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+                saddr: ip,
+                daddr: ip,
+                sport: 0,
+                dport: port,
+            },
+        },
+    };
+    let size = core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32;
+    // SAFETY: a valid context and tuple; a socket found is released before returning.
+    unsafe {
+        let sk = if stream {
+            bpf_sk_lookup_tcp(sa.cast(), &mut tuple, size, CURRENT_NETNS, 0)
+        } else {
+            bpf_sk_lookup_udp(sa.cast(), &mut tuple, size, CURRENT_NETNS, 0)
+        };
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk.cast());
+    }
+    true
 }
 
 #[inline(always)]

@@ -219,6 +219,19 @@ const CONTAINER_EVENTS: &str = "filters=%7B%22type%22%3A%5B%22container%22%2C%22
 const ALL_EVENTS: &str =
     "filters=%7B%22type%22%3A%5B%22service%22%2C%22network%22%2C%22node%22%2C%22container%22%5D%7D";
 
+/// A single-threaded runtime on a thread of its own for the DNS sockets; it lives as long
+/// as the process.
+fn dns_runtime() -> Result<tokio::runtime::Handle> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let handle = rt.handle().clone();
+    std::thread::Builder::new()
+        .name("meshd-dns".into())
+        .spawn(move || rt.block_on(std::future::pending::<()>()))?;
+    Ok(handle)
+}
+
 pub async fn run(cfg: Config) -> Result<()> {
     let datapath = EbpfDatapath::open(&cfg.pin_dir, &cfg.cgroup)?;
     // Ports an earlier meshd served DNS on: rebound first, so retries across a restart land.
@@ -233,7 +246,10 @@ pub async fn run(cfg: Config) -> Result<()> {
             d.timeout,
         )))
     });
-    let mut dns = resolver.clone().map(DnsSandboxes::new);
+    let mut dns = match &resolver {
+        Some(r) => Some(DnsSandboxes::new(r.clone(), dns_runtime()?)),
+        None => None,
+    };
     let dns_status = match &cfg.dns {
         Some(d) => DnsStatus {
             enabled: true,

@@ -49,14 +49,17 @@ pub struct OpenFailure {
 
 pub struct DnsSandboxes {
     resolver: Arc<Resolver>,
+    runtime: tokio::runtime::Handle,
     /// By container id.
     open: BTreeMap<String, Open>,
 }
 
 impl DnsSandboxes {
-    pub fn new(resolver: Arc<Resolver>) -> Self {
+    /// Serves on `runtime` (meshd gives DNS a thread of its own).
+    pub fn new(resolver: Arc<Resolver>, runtime: tokio::runtime::Handle) -> Self {
         Self {
             resolver,
+            runtime,
             open: BTreeMap::new(),
         }
     }
@@ -141,11 +144,15 @@ impl DnsSandboxes {
             anyhow::bail!("no network namespace path");
         }
         let (udp, tcp) = bind_in_netns(&s.netns_path, previous)?;
-        let udp = tokio::net::UdpSocket::from_std(udp).context("register UDP socket")?;
-        let tcp = tokio::net::TcpListener::from_std(tcp).context("register TCP socket")?;
         let scope = Arc::new(ArcSwap::from_pointee(scope));
-        let listener = Listener::start(self.resolver.clone(), scope.clone(), udp, tcp)
-            .context("start serving")?;
+        let listener = Listener::start(
+            &self.runtime,
+            self.resolver.clone(),
+            scope.clone(),
+            udp,
+            tcp,
+        )
+        .context("start serving")?;
         Ok(Open {
             cookie: s.netns_cookie,
             scope,
@@ -175,15 +182,11 @@ fn bind_in_netns(
 }
 
 fn bind_udp(port: u16) -> Result<std::net::UdpSocket> {
-    let s = std::net::UdpSocket::bind(SocketAddrV4::new(DNS_ADDR, port))
-        .with_context(|| format!("bind UDP {DNS_ADDR}:{port} (is lo up?)"))?;
-    s.set_nonblocking(true)?;
-    Ok(s)
+    std::net::UdpSocket::bind(SocketAddrV4::new(DNS_ADDR, port))
+        .with_context(|| format!("bind UDP {DNS_ADDR}:{port} (is lo up?)"))
 }
 
 fn bind_tcp(port: u16) -> Result<std::net::TcpListener> {
-    let s = std::net::TcpListener::bind(SocketAddrV4::new(DNS_ADDR, port))
-        .with_context(|| format!("bind TCP {DNS_ADDR}:{port}"))?;
-    s.set_nonblocking(true)?;
-    Ok(s)
+    std::net::TcpListener::bind(SocketAddrV4::new(DNS_ADDR, port))
+        .with_context(|| format!("bind TCP {DNS_ADDR}:{port}"))
 }

@@ -46,7 +46,13 @@ impl InContainer {
 
     /// `program args` in the container's network namespace and cgroup.
     pub fn command(&self, program: &str, args: &[&str]) -> Result<Command> {
-        self.command_with_resolv(program, args, None)
+        self.build(program, args, true, None)
+    }
+
+    /// `program args` in the container's network namespace only: meshd's hooks leave it
+    /// alone (a server the benchmark compares meshd with).
+    pub fn command_netns_only(&self, program: &str, args: &[&str]) -> Result<Command> {
+        self.build(program, args, false, None)
     }
 
     /// As `command`, with `resolv_conf` bind-mounted over /etc/resolv.conf in a mount
@@ -55,6 +61,16 @@ impl InContainer {
         &self,
         program: &str,
         args: &[&str],
+        resolv_conf: Option<&Path>,
+    ) -> Result<Command> {
+        self.build(program, args, true, resolv_conf)
+    }
+
+    fn build(
+        &self,
+        program: &str,
+        args: &[&str],
+        join_cgroup: bool,
         resolv_conf: Option<&Path>,
     ) -> Result<Command> {
         let netns = fs::File::open(&self.netns)
@@ -79,7 +95,7 @@ impl InContainer {
                 if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                if libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
+                if join_cgroup && libc::write(procs_fd, b"0".as_ptr().cast(), 1) != 1 {
                     return Err(std::io::Error::last_os_error());
                 }
                 if let Some(src) = &resolv {

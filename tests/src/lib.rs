@@ -57,10 +57,12 @@ pub fn bin(name: &str) -> PathBuf {
     let dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target"));
-    let p = dir.join("debug").join(name);
+    // Benchmarks run release builds (`MESHD_BIN_PROFILE=release`); tests the debug ones.
+    let profile = std::env::var("MESHD_BIN_PROFILE").unwrap_or_else(|_| "debug".into());
+    let p = dir.join(profile).join(name);
     assert!(
         p.exists(),
-        "{} is missing: run `cargo build --workspace` first",
+        "{} is missing: run `cargo build --workspace` (with --release for benchmarks) first",
         p.display()
     );
     p

@@ -407,7 +407,38 @@ fn scenario(s: &mut Swarm) -> Result<()> {
         "alias of removed service"
     );
 
-    // 12. meshd stops: containers are handed back to dockerd's resolver (TTL 600).
+    // 12. meshd crashes: its sockets die with it and the hooks stop redirecting at once, so
+    // dockerd answers (TTL 600). Restarted, meshd takes back the same ports.
+    let port_of = |m: &Meshd| -> Result<u64> {
+        let st = m.status()?;
+        st["dns"]["sandboxes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|x| x["name"] == "client")
+            .and_then(|x| x["udp_port"].as_u64())
+            .context("client has no DNS sockets")
+    };
+    let before = port_of(&s.meshd)?;
+    s.meshd.kill9();
+    let a = ask(&client, &["app"])?;
+    ensure!(
+        a.status == "NOERROR" && a.ttls().iter().all(|&t| t == 600),
+        "with meshd dead, dockerd should answer: {}",
+        a.raw
+    );
+    s.meshd.restart()?;
+    wait_for("meshd to answer again", Duration::from_secs(10), || {
+        ask(&client, &["app"])
+            .ok()
+            .filter(|a| !a.answers.is_empty() && a.ttls().iter().all(|&t| t == 1))
+    })?;
+    ensure!(
+        port_of(&s.meshd)? == before,
+        "restarted meshd took another port"
+    );
+
+    // 13. meshd stops cleanly: containers are handed back to dockerd's resolver.
     s.meshd.stop();
     let a = ask(&client, &["app"])?;
     ensure!(

@@ -21,6 +21,18 @@ pub enum Which {
         #[arg(long, default_value_t = 100)]
         scale_changes: usize,
     },
+    /// meshd's DNS server against unbound serving the same names (dnsperf).
+    Dns {
+        /// Interleaved rounds per server.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// Queries per second of the latency runs.
+        #[arg(long, default_value_t = 5000)]
+        rate: u32,
+    },
 }
 
 pub fn run(which: Which) -> Result<()> {
@@ -30,10 +42,15 @@ pub fn run(which: Which) -> Result<()> {
             seconds,
             scale_changes,
         } => vip(rounds, seconds, scale_changes),
+        Which::Dns {
+            rounds,
+            seconds,
+            rate,
+        } => crate::bench_dns::dns(rounds, seconds, rate),
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
         0.0
@@ -42,7 +59,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn percentile(mut v: Vec<f64>, q: f64) -> f64 {
+pub(crate) fn percentile(mut v: Vec<f64>, q: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
         0.0

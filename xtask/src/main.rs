@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_dns;
 mod lab;
 
 #[derive(Parser)]
@@ -47,6 +48,8 @@ const PACKAGES: &[&str] = &[
     "dnsutils",
     "wrk",
     "sockperf",
+    "dnsperf",
+    "unbound",
     "curl",
     "jq",
     "openssl",
@@ -64,7 +67,9 @@ fn main() -> Result<()> {
         Cmd::Lab { cmd } => lab::run(cmd),
         Cmd::Bench { which } => {
             setup()?;
-            cargo(&["build", "--workspace"])?;
+            // Measure what operators run: optimised builds.
+            cargo(&["build", "--release", "--workspace"])?;
+            std::env::set_var("MESHD_BIN_PROFILE", "release");
             bench::run(which)
         }
     }
