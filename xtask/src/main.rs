@@ -155,6 +155,15 @@ pub(crate) fn setup() -> Result<()> {
                 .args(&missing)
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )?;
+        if missing.contains(&"unbound") {
+            // unbound is only the DNS benchmark's baseline, run by the benchmark itself:
+            // don't leave a resolver the machine's owner never asked for running on :53.
+            eprintln!("xtask setup: unbound installed for `bench dns`; disabling its service");
+            let _ = Command::new("systemctl")
+                .args(["disable", "--now", "unbound.service"])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
     }
     if !bpf_linker_ok() {
         eprintln!("xtask setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (~3 min)");
