@@ -414,3 +414,48 @@ async fn serve_tcp_client(
         stream.write_all(&framed).await?;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::{
+        op::{Edns, Message, Query},
+        rr::{Name, RecordType},
+    };
+
+    fn query(edns: Option<u16>) -> Vec<u8> {
+        let mut m = Message::new();
+        m.add_query(Query::query(
+            Name::from_ascii("x.test.").unwrap(),
+            RecordType::A,
+        ));
+        if let Some(size) = edns {
+            let mut e = Edns::new();
+            e.set_max_payload(size);
+            m.set_edns(e);
+        }
+        m.to_vec().unwrap()
+    }
+
+    #[test]
+    fn the_udp_limit_is_the_clients_edns_size_never_below_512() {
+        assert_eq!(udp_limit(&query(None)), 512);
+        assert_eq!(udp_limit(&query(Some(1232))), 1232);
+        assert_eq!(udp_limit(&query(Some(100))), 512);
+        assert_eq!(udp_limit(b"junk"), 512);
+    }
+
+    #[test]
+    fn replies_are_counted_by_rcode_and_truncation() {
+        let stats = Stats::default();
+        // id, flags (QR + TC), rcode in the low nibble of byte 3.
+        stats.count_reply(&[0, 1, 0x82, 0x00]);
+        stats.count_reply(&[0, 1, 0x80, 0x05]);
+        stats.count_reply(&[0, 1, 0x80, 0x01]);
+        let v = stats.view();
+        assert_eq!(
+            (v.answered, v.truncated, v.refused, v.formerr),
+            (1, 1, 1, 1)
+        );
+    }
+}

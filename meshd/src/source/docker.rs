@@ -147,6 +147,17 @@ pub struct LocalContainer {
     pub endpoints: BTreeMap<String, SandboxEndpoint>,
 }
 
+/// An endpoint's network aliases (absent or null: none).
+fn aliases_of(endpoint: &Value) -> Vec<String> {
+    endpoint
+        .get("Aliases")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.as_str().map(str::to_string))
+        .collect()
+}
+
 pub fn parse_container(v: &Value) -> Result<LocalContainer, String> {
     let id = need(v, &["Id"])?.to_string();
     let name = v
@@ -172,13 +183,7 @@ pub fn parse_container(v: &Value) -> Result<LocalContainer, String> {
                 Some(a) => Some(cidr_addr(a)?),
                 None => None,
             };
-            let aliases = ep
-                .get("Aliases")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter_map(|a| a.as_str().map(str::to_string))
-                .collect();
+            let aliases = aliases_of(ep);
             endpoints.insert(nid.to_string(), SandboxEndpoint { addr, aliases });
         }
     }
@@ -370,14 +375,7 @@ impl DockerSource {
                 let Some(nid) = str_at(ep, &["NetworkID"]) else {
                     continue;
                 };
-                let list: Vec<String> = ep
-                    .get("Aliases")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|a| a.as_str().map(str::to_string))
-                    .collect();
-                aliases.insert(nid.to_string(), list);
+                aliases.insert(nid.to_string(), aliases_of(ep));
             }
         }
         Inspected {
