@@ -173,26 +173,38 @@ impl Resolver {
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
             }
             Decision::Forward => {
-                self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
-                match self.forward(packet, t).await {
-                    Ok(f) => {
-                        out.upstream = Some(f.upstream);
-                        out.reply = Some(f.reply);
-                    }
-                    Err(e) => {
-                        self.stats.forward_failed.fetch_add(1, Ordering::Relaxed);
-                        out.upstream_error = Some(e.to_string());
-                        out.reply = error_reply(packet, hickory_proto::op::ResponseCode::ServFail);
-                    }
+                let (reply, upstream) = self.forward(packet, t).await;
+                out.reply = reply;
+                match upstream {
+                    Ok(u) => out.upstream = Some(u),
+                    Err(e) => out.upstream_error = Some(e.to_string()),
                 }
             }
         }
         out
     }
 
-    async fn forward(&self, packet: &[u8], t: Transport) -> Result<Forwarded, ForwardError> {
+    /// Forwards `packet` and counts it: the reply for the client (SERVFAIL when no upstream
+    /// answered), and the upstream that answered or why none did.
+    async fn forward(
+        &self,
+        packet: &[u8],
+        t: Transport,
+    ) -> (Option<Vec<u8>>, Result<SocketAddr, ForwardError>) {
+        self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+        match self.ask_upstreams(packet, t).await {
+            Ok(f) => (Some(f.reply), Ok(f.upstream)),
+            Err(e) => {
+                self.stats.forward_failed.fetch_add(1, Ordering::Relaxed);
+                let servfail = error_reply(packet, hickory_proto::op::ResponseCode::ServFail);
+                (servfail, Err(e))
+            }
+        }
+    }
+
+    async fn ask_upstreams(&self, packet: &[u8], t: Transport) -> Result<Forwarded, ForwardError> {
         let Ok(_permit) = self.forwards.try_acquire() else {
-            return Err(ForwardError::AllFailed(Vec::new()));
+            return Err(ForwardError::Busy);
         };
         let mut f = self.upstreams.forward(packet, t == Transport::Tcp).await?;
         if t == Transport::Udp && f.reply.len() > udp_limit(packet) {
@@ -205,8 +217,8 @@ impl Resolver {
     }
 }
 
-/// What a UDP client said it can take: 512, or its EDNS size. Read from the OPT record
-/// without a full parse; anything odd counts as 512.
+/// What a UDP client said it can take: 512, or its EDNS size; anything odd counts as 512.
+/// (Parsed again here: only forwarded answers, which are rare and slow anyway, need it.)
 fn udp_limit(packet: &[u8]) -> usize {
     hickory_proto::op::Message::from_vec(packet)
         .ok()
@@ -336,18 +348,10 @@ fn handle_udp(
             let (resolver, sock, packet) = (resolver.clone(), sock.clone(), packet.to_vec());
             let container = scope.container.clone();
             tokio::spawn(async move {
-                resolver.stats.forwarded.fetch_add(1, Ordering::Relaxed);
-                let reply = match resolver.forward(&packet, Transport::Udp).await {
-                    Ok(f) => Some(f.reply),
-                    Err(e) => {
-                        resolver
-                            .stats
-                            .forward_failed
-                            .fetch_add(1, Ordering::Relaxed);
-                        warn!(error = %e, container, "forwarding failed; answering SERVFAIL");
-                        error_reply(&packet, hickory_proto::op::ResponseCode::ServFail)
-                    }
-                };
+                let (reply, upstream) = resolver.forward(&packet, Transport::Udp).await;
+                if let Err(e) = upstream {
+                    warn!(error = %e, container, "forwarding failed; answering SERVFAIL");
+                }
                 if let Some(r) = reply {
                     let _ = sock.send_to(&r, from).await;
                 }

@@ -71,6 +71,8 @@ pub fn parse_resolv_conf(text: &str) -> (Vec<SocketAddr>, Vec<ConfigError>) {
 pub enum ForwardError {
     #[error("no upstream resolvers configured")]
     NoUpstreams,
+    #[error("too many queries already waiting on upstreams")]
+    Busy,
     #[error("every upstream failed: {}", .0.iter().map(|(a, e)| format!("{a}: {e}")).collect::<Vec<_>>().join("; "))]
     AllFailed(Vec<(SocketAddr, String)>),
 }
