@@ -169,9 +169,21 @@ impl Daemon {
         }
     }
 
-    /// SIGKILL at once, as a crash would.
+    /// SIGKILL at once, as a crash would: no SIGTERM first, which would let the daemon run
+    /// its clean stop (and race the kill).
     pub fn kill9(&mut self) {
-        self.stop(Duration::ZERO);
+        if self.is_running() {
+            signal(self.pid, libc::SIGKILL);
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+        } else {
+            // Not our child: wait for the kernel to tear it down (its sockets with it).
+            let start = Instant::now();
+            while self.is_running() && start.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
     }
 }
 
