@@ -117,7 +117,9 @@ pub struct Scope {
 /// What every container's listener shares.
 pub struct Resolver {
     pub zones: ArcSwap<Zones>,
-    pub upstreams: Upstreams,
+    /// Swapped whole when the host's resolv.conf changes; a forward in flight keeps the
+    /// set it started with.
+    upstreams: ArcSwap<Upstreams>,
     pub stats: Stats,
     forwards: Semaphore,
     seed: AtomicU64,
@@ -138,11 +140,23 @@ impl Resolver {
     pub fn new(upstreams: Upstreams) -> Self {
         Self {
             zones: ArcSwap::from_pointee(Zones::default()),
-            upstreams,
+            upstreams: ArcSwap::from_pointee(upstreams),
             stats: Stats::default(),
             forwards: Semaphore::new(MAX_FORWARDS),
             seed: AtomicU64::new(0x9e37_79b9_7f4a_7c15),
         }
+    }
+
+    /// The upstream servers, in configured order.
+    pub fn upstream_servers(&self) -> Vec<SocketAddr> {
+        self.upstreams.load().servers().to_vec()
+    }
+
+    /// Forwards from now on go to `servers`. A server kept from the old set keeps its
+    /// failure history, so a resolv.conf rewrite does not bring a dead server back first.
+    pub fn set_upstreams(&self, servers: Vec<SocketAddr>) {
+        let next = self.upstreams.load().replaced(servers);
+        self.upstreams.store(Arc::new(next));
     }
 
     /// The pure decision for one packet (no forwarding).
@@ -206,7 +220,8 @@ impl Resolver {
         let Ok(_permit) = self.forwards.try_acquire() else {
             return Err(ForwardError::Busy);
         };
-        let mut f = self.upstreams.forward(packet, t == Transport::Tcp).await?;
+        let upstreams = self.upstreams.load_full();
+        let mut f = upstreams.forward(packet, t == Transport::Tcp).await?;
         if t == Transport::Udp && f.reply.len() > udp_limit(packet) {
             if let Some(cut) = truncate_for_udp(&f.reply) {
                 self.stats.truncated.fetch_add(1, Ordering::Relaxed);

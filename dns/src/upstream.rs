@@ -108,6 +108,23 @@ impl Upstreams {
         &self.servers
     }
 
+    /// The same timeout over `servers`; a server also in `self` keeps its failure time.
+    pub fn replaced(&self, servers: Vec<SocketAddr>) -> Upstreams {
+        let old = self.last_failure.lock().unwrap();
+        let last_failure = servers
+            .iter()
+            .map(|s| {
+                let i = self.servers.iter().position(|o| o == s)?;
+                old[i]
+            })
+            .collect();
+        Upstreams {
+            servers,
+            timeout: self.timeout,
+            last_failure: Mutex::new(last_failure),
+        }
+    }
+
     /// Healthy servers first, in configured order; recently failed ones after them.
     fn order(&self) -> Vec<usize> {
         let now = Instant::now();
@@ -327,6 +344,24 @@ mod tests {
         assert_eq!(u.order(), [1, 2, 0]);
         u.mark(0, false);
         assert_eq!(u.order(), [0, 1, 2]);
+    }
+
+    #[test]
+    fn a_replaced_set_remembers_failures_of_the_servers_it_keeps() {
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        let c: SocketAddr = "127.0.0.1:3".parse().unwrap();
+        let u = Upstreams::new(vec![a, b], Duration::from_millis(10));
+        u.mark(0, true);
+        // `a` is still recently failed in the new set; `c` is new and healthy.
+        let v = u.replaced(vec![a, c]);
+        assert_eq!(v.servers(), [a, c]);
+        assert_eq!(v.order(), [1, 0]);
+        assert_eq!(v.timeout, u.timeout);
+        // A failure of `b`, which is gone, does not carry over to whatever takes its place.
+        u.mark(0, false);
+        u.mark(1, true);
+        assert_eq!(u.replaced(vec![c, a]).order(), [0, 1]);
     }
 
     #[test]

@@ -29,6 +29,7 @@ use crate::{
     dns_sandboxes::{DnsSandboxes, OpenFailure, SandboxDns},
     dns_zones::dns_zones,
     model::{ClusterState, Rejected},
+    resolv_conf::ResolvConfWatch,
     source::{docker::DockerSource, docker_api::DockerApi, managers::Managers},
 };
 
@@ -46,11 +47,16 @@ pub struct Config {
 }
 
 pub struct DnsConfig {
-    pub upstreams: Vec<SocketAddr>,
-    /// Where the upstreams came from, and what in it could not be read.
-    pub upstreams_from: String,
-    pub config_errors: Vec<String>,
+    pub upstreams: UpstreamSource,
     pub timeout: Duration,
+}
+
+/// Where forwarded names go.
+pub enum UpstreamSource {
+    /// Given on the command line (`--dns-upstream`).
+    Fixed(Vec<SocketAddr>),
+    /// The host's resolv.conf, read again whenever it changes.
+    ResolvConf(PathBuf),
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -59,6 +65,8 @@ pub struct DnsStatus {
     pub upstreams: Vec<String>,
     pub upstreams_from: String,
     pub config_errors: Vec<String>,
+    /// Times the upstream list changed after start (resolv.conf rewritten).
+    pub upstream_changes: u64,
     /// Containers served, with meshd's ports in each.
     pub sandboxes: Vec<SandboxDns>,
     /// Containers whose sockets could not be opened (they keep dockerd's DNS).
@@ -232,6 +240,38 @@ fn dns_runtime() -> Result<tokio::runtime::Handle> {
     Ok(handle)
 }
 
+/// Reads resolv.conf again if it changed, and points forwarding at its servers. A file that
+/// cannot be read leaves forwarding on the servers read before; the reason shows in status.
+fn refresh_upstreams(watch: &mut ResolvConfWatch, resolver: &Resolver, shared: &Shared) {
+    let Some(read) = watch.check() else {
+        return;
+    };
+    let file = watch.path().display().to_string();
+    let before = resolver.upstream_servers();
+    let mut snap = shared.snapshot.lock().unwrap();
+    match read {
+        Ok(loaded) => {
+            for e in &loaded.errors {
+                warn!(%file, error = %e, "resolv.conf: line skipped");
+            }
+            if loaded.servers != before {
+                let servers: Vec<String> = loaded.servers.iter().map(ToString::to_string).collect();
+                info!(%file, ?servers, "upstream resolvers");
+                if !before.is_empty() || snap.docker.syncs > 0 {
+                    snap.dns.upstream_changes += 1;
+                }
+                resolver.set_upstreams(loaded.servers);
+                snap.dns.upstreams = servers;
+            }
+            snap.dns.config_errors = loaded.errors;
+        }
+        Err(why) => {
+            warn!(%file, error = %why, "resolv.conf unreadable; forwarding keeps its servers");
+            snap.dns.config_errors = vec![why];
+        }
+    }
+}
+
 pub async fn run(cfg: Config) -> Result<()> {
     let datapath = EbpfDatapath::open(&cfg.pin_dir, &cfg.cgroup)?;
     // Ports an earlier meshd served DNS on: rebound first, so retries across a restart land.
@@ -240,12 +280,15 @@ pub async fn run(cfg: Config) -> Result<()> {
         .iter()
         .map(|(&c, p)| (c, (u16::from_be(p.udp), u16::from_be(p.tcp))))
         .collect();
-    let resolver = cfg.dns.as_ref().map(|d| {
-        Arc::new(Resolver::new(Upstreams::new(
-            d.upstreams.clone(),
-            d.timeout,
-        )))
-    });
+    let (initial, mut resolv_watch) = match cfg.dns.as_ref().map(|d| &d.upstreams) {
+        Some(UpstreamSource::Fixed(servers)) => (servers.clone(), None),
+        Some(UpstreamSource::ResolvConf(path)) => (Vec::new(), Some(ResolvConfWatch::new(path))),
+        None => (Vec::new(), None),
+    };
+    let resolver = cfg
+        .dns
+        .as_ref()
+        .map(|d| Arc::new(Resolver::new(Upstreams::new(initial.clone(), d.timeout))));
     let mut dns = match &resolver {
         Some(r) => Some(DnsSandboxes::new(r.clone(), dns_runtime()?)),
         None => None,
@@ -253,9 +296,11 @@ pub async fn run(cfg: Config) -> Result<()> {
     let dns_status = match &cfg.dns {
         Some(d) => DnsStatus {
             enabled: true,
-            upstreams: d.upstreams.iter().map(ToString::to_string).collect(),
-            upstreams_from: d.upstreams_from.clone(),
-            config_errors: d.config_errors.clone(),
+            upstreams: initial.iter().map(ToString::to_string).collect(),
+            upstreams_from: match &d.upstreams {
+                UpstreamSource::Fixed(_) => "--dns-upstream".into(),
+                UpstreamSource::ResolvConf(p) => p.display().to_string(),
+            },
             ..Default::default()
         },
         None => DnsStatus::default(),
@@ -344,6 +389,9 @@ pub async fn run(cfg: Config) -> Result<()> {
             }
         }
         first = false;
+        if let (Some(watch), Some(resolver)) = (resolv_watch.as_mut(), resolver.as_ref()) {
+            refresh_upstreams(watch, resolver, &shared);
+        }
 
         let read_started = Instant::now();
         let state = match source.fetch().await {

@@ -12,4 +12,5 @@ pub mod dns_sandboxes;
 pub mod dns_zones;
 pub mod maglev;
 pub mod model;
+pub mod resolv_conf;
 pub mod source;

@@ -120,14 +120,15 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// Starts on 127.0.0.1 inside the named network namespace (`/var/run/netns/NAME`).
+    /// Starts inside the named network namespace (`/var/run/netns/NAME`) on port 53, the
+    /// only port a resolv.conf can name: answering on 127.0.0.1, silent on 127.0.0.2.
     pub fn start(netns: &str) -> Result<Upstream> {
         let ns = fs::File::open(format!("/var/run/netns/{netns}"))?;
         let (udp, tcp, silent) = std::thread::spawn(move || -> Result<_> {
             nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
-            let udp = UdpSocket::bind("127.0.0.1:0")?;
+            let udp = UdpSocket::bind("127.0.0.1:53")?;
             let tcp = TcpListener::bind(udp.local_addr()?)?;
-            let silent = UdpSocket::bind("127.0.0.1:0")?;
+            let silent = UdpSocket::bind("127.0.0.2:53")?;
             Ok((udp, tcp, silent))
         })
         .join()

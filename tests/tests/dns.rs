@@ -43,14 +43,23 @@ fn start() -> Result<Swarm> {
     node.swarm_init()?;
     node.import_image()?;
     let upstream = Upstream::start(&node.netns)?;
-    // The silent upstream first: every forward must fail over to the one that answers.
+    // The host's resolv.conf, as meshd reads it by default. The silent upstream first: every
+    // forward must fail over to the one that answers.
+    write_resolv_conf(
+        &node,
+        &format!(
+            "# the node's\nsearch example.test\nnameserver {}\nnameserver {}\noptions ndots:1\n",
+            upstream.silent.ip(),
+            upstream.addr.ip()
+        ),
+    )?;
     let meshd = Meshd::start_with_args(
         &node,
         &pins.0,
         None,
         &[
-            "--dns-upstream".into(),
-            format!("{},{}", upstream.silent, upstream.addr),
+            "--resolv-conf".into(),
+            host_resolv_conf(&node).display().to_string(),
             "--dns-upstream-timeout-ms".into(),
             "300".into(),
         ],
@@ -61,6 +70,20 @@ fn start() -> Result<Swarm> {
         _pins: pins,
         node,
     })
+}
+
+fn host_resolv_conf(node: &Node) -> PathBuf {
+    node.dir.join("host-resolv.conf")
+}
+
+/// Replaces the node's resolv.conf as resolvconf and NetworkManager do: a new file renamed
+/// over the old one.
+fn write_resolv_conf(node: &Node, text: &str) -> Result<()> {
+    let path = host_resolv_conf(node);
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(())
 }
 
 /// dig in `c`, asking 127.0.0.11 (port 53, as a container does).
@@ -350,6 +373,56 @@ fn scenario(s: &mut Swarm) -> Result<()> {
             .unwrap_or("")
             .contains("forward"),
         "meshctl dns db: {why}"
+    );
+
+    // 8b. The host's resolv.conf changes under a running meshd: forwarding follows it, and
+    // a bad line is reported while the good ones are used.
+    let follows = |text: String, want: &str| -> Result<(serde_json::Value, Duration)> {
+        let t = Instant::now();
+        write_resolv_conf(node, &text)?;
+        let dns = wait_for(
+            "meshd to read resolv.conf again",
+            Duration::from_secs(5),
+            || {
+                let dns = s.meshd.status().ok()?["dns"].clone();
+                (dns["upstreams"] == serde_json::json!([want])).then_some(dns)
+            },
+        )?;
+        Ok((dns, t.elapsed()))
+    };
+    let silent = s.upstream.silent.to_string();
+    let (dns, took) = follows(
+        format!(
+            "nameserver {}\nnameserver dns.bogus\n",
+            s.upstream.silent.ip()
+        ),
+        &silent,
+    )?;
+    eprintln!("resolv.conf rewritten: upstreams followed in {took:?}");
+    ensure!(
+        dns["config_errors"].to_string().contains("dns.bogus"),
+        "bad resolv.conf line not reported: {dns}"
+    );
+    let why = s.meshd.ctl(&["dns", EXT_NAME, "--from", "client"])?;
+    ensure!(
+        why["rcode"].as_str().unwrap_or("").contains("Serv")
+            && why["upstream_error"]
+                .as_str()
+                .unwrap_or("")
+                .contains(&silent),
+        "with only the silent upstream: {why}"
+    );
+    let answering = s.upstream.addr.to_string();
+    let (dns, took) = follows(format!("nameserver {}\n", s.upstream.addr.ip()), &answering)?;
+    eprintln!("resolv.conf restored: upstreams followed in {took:?}");
+    ensure!(
+        dns["config_errors"].as_array().is_some_and(Vec::is_empty),
+        "{dns}"
+    );
+    ensure!(dns["upstream_changes"].as_u64() >= Some(2), "{dns}");
+    ensure!(
+        addrs(&client, EXT_NAME)? == [EXT_ADDR],
+        "forward after reload"
     );
 
     // 9. Hostile packets from inside the container: answered FORMERR or dropped, and the

@@ -222,7 +222,7 @@ fn print_status(d: &Value) {
             .filter_map(Value::as_str)
             .collect();
         println!(
-            "dns             {} containers, {} names, upstreams {} (from {})",
+            "dns             {} containers, {} names, upstreams {} (from {}, changed {} times)",
             dns["sandboxes"].as_array().map_or(0, Vec::len),
             dns["names"],
             if ups.is_empty() {
@@ -230,7 +230,8 @@ fn print_status(d: &Value) {
             } else {
                 ups.join(", ")
             },
-            dns["upstreams_from"].as_str().unwrap_or("")
+            dns["upstreams_from"].as_str().unwrap_or(""),
+            dns["upstream_changes"]
         );
         println!("dns queries     {}", dns["stats"]);
         for e in dns["config_errors"].as_array().into_iter().flatten() {

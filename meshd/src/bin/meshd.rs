@@ -9,12 +9,12 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use meshd::{
     compile::compile,
-    daemon::{self, Config, DnsConfig},
+    daemon::{self, Config, DnsConfig, UpstreamSource},
     datapath::ebpf,
     source::docker_api::{DockerApi, TlsFiles},
     source::{docker::DockerSource, managers::Managers},
 };
-use meshd_dns::upstream::{parse_resolv_conf, MAX_UPSTREAMS};
+use meshd_dns::upstream::MAX_UPSTREAMS;
 
 #[derive(Parser)]
 #[command(
@@ -140,27 +140,14 @@ impl DnsArgs {
                 })
                 .collect::<Result<_>>()?;
             return Ok(Some(DnsConfig {
-                upstreams,
-                upstreams_from: "--dns-upstream".into(),
-                config_errors: Vec::new(),
+                upstreams: UpstreamSource::Fixed(upstreams),
                 timeout,
             }));
         }
-        // A host without resolv.conf still serves swarm names; it only cannot forward.
-        let (upstreams, errors) = match std::fs::read_to_string(&self.resolv_conf) {
-            Ok(text) => {
-                let (u, e) = parse_resolv_conf(&text);
-                (u, e.iter().map(ToString::to_string).collect())
-            }
-            Err(e) => (Vec::new(), vec![format!("read: {e}")]),
-        };
-        for e in &errors {
-            tracing::warn!(file = %self.resolv_conf.display(), error = %e, "resolv.conf: line skipped");
-        }
+        // Read by the daemon, and again whenever it changes. A host without resolv.conf
+        // still serves swarm names; it only cannot forward.
         Ok(Some(DnsConfig {
-            upstreams,
-            upstreams_from: self.resolv_conf.display().to_string(),
-            config_errors: errors,
+            upstreams: UpstreamSource::ResolvConf(self.resolv_conf.clone()),
             timeout,
         }))
     }
