@@ -134,6 +134,7 @@ mod tests {
             desired_state: desired.into(),
             addresses: [("net1".to_string(), ip(addr))].into(),
             container_id: None,
+            hostname: None,
         }
     }
 
@@ -200,6 +201,7 @@ mod tests {
                 netns_path: String::new(),
                 networks: vec!["net1".into()],
                 endpoints: BTreeMap::new(),
+                hostname: String::new(),
             },
             Sandbox {
                 container_id: "c2".into(),
@@ -208,6 +210,7 @@ mod tests {
                 netns_path: String::new(),
                 networks: vec!["net2".into()],
                 endpoints: BTreeMap::new(),
+                hostname: String::new(),
             },
         ];
         s

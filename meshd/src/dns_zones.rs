@@ -5,7 +5,12 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use meshd_dns::{records::normalize, Entry, Kind, NetworkRecords, Zones};
 
-use crate::model::{ClusterState, EndpointMode, Task};
+use tracing::debug;
+
+use crate::{
+    hostname_template::{expand, TaskContext},
+    model::{ClusterState, EndpointMode, Task},
+};
 
 fn live(state: &ClusterState, t: &Task) -> bool {
     t.is_live() && !state.nodes.get(&t.node_id).is_some_and(|n| n.is_down())
@@ -18,6 +23,35 @@ pub fn task_name(service: &str, t: &Task) -> String {
         Some(slot) if slot > 0 => format!("{service}.{slot}.{}", t.id),
         _ => format!("{service}.{}.{}", t.node_id, t.id),
     }
+}
+
+/// The hostname a task's container got from its service's `--hostname` template; none when
+/// meshd cannot expand it (that task keeps its other names).
+fn task_hostname(
+    state: &ClusterState,
+    service_id: &str,
+    service_name: &str,
+    t: &Task,
+    task_name: &str,
+    template: &str,
+) -> Option<String> {
+    let slot = match t.slot {
+        Some(s) if s > 0 => s.to_string(),
+        _ => t.node_id.clone(),
+    };
+    let ctx = TaskContext {
+        service_id,
+        service_name,
+        node_id: &t.node_id,
+        node_hostname: state.nodes.get(&t.node_id).map(|n| n.hostname.as_str()),
+        task_id: &t.id,
+        task_name,
+        task_slot: &slot,
+    };
+    expand(template, &ctx)
+        .inspect_err(|e| debug!(task = %t.id, template, error = %e, "no DNS name from --hostname"))
+        .ok()
+        .filter(|h| !h.is_empty())
 }
 
 fn put(net: &mut NetworkRecords, name: &str, entry: Entry) {
@@ -137,6 +171,10 @@ pub fn dns_zones(state: &ClusterState) -> Zones {
             .filter(|t| t.service_id == svc.id && live(state, t))
         {
             let name = task_name(&svc.name, t);
+            let hostname = t
+                .hostname
+                .as_deref()
+                .and_then(|tpl| task_hostname(state, &svc.id, &svc.name, t, &name, tpl));
             for (net_id, ip) in &t.addresses {
                 let Some(net) = nets.get_mut(net_id) else {
                     continue;
@@ -144,6 +182,9 @@ pub fn dns_zones(state: &ClusterState) -> Zones {
                 net.ptr
                     .insert(*ip, normalize(&format!("{name}.{}", net.name)));
                 put(net, &name, endpoint(*ip, format!("task {name}")));
+                if let Some(h) = &hostname {
+                    put(net, h, endpoint(*ip, format!("task {name} (hostname)")));
+                }
                 if let Some(cid) = &t.container_id {
                     // The short container id is also the task's hostname.
                     let short: String = cid.chars().take(12).collect();
@@ -181,6 +222,17 @@ pub fn dns_zones(state: &ClusterState) -> Zones {
                     endpoint(ip, format!("alias {alias} of container {}", sb.name)),
                 );
             }
+            // As Docker 25+ does for every container: its short id and its hostname.
+            let short: String = sb.container_id.chars().take(12).collect();
+            for (n, what) in [(short.as_str(), "id"), (sb.hostname.as_str(), "hostname")] {
+                if !n.is_empty() {
+                    put(
+                        net,
+                        n,
+                        endpoint(ip, format!("container {} ({what})", sb.name)),
+                    );
+                }
+            }
         }
     }
     Zones { networks: nets }
@@ -205,6 +257,7 @@ mod tests {
             desired_state: "running".into(),
             addresses: [(net.to_string(), ip(addr))].into(),
             container_id: Some(format!("{id}cccccccccccccccc")),
+            hostname: None,
         }
     }
 
@@ -271,6 +324,7 @@ mod tests {
                 },
             )]
             .into(),
+            hostname: "laptop".into(),
         });
         s
     }
@@ -289,6 +343,8 @@ mod tests {
         assert_eq!(front.names["t1cccccccccc"].addrs, [ip("10.0.1.3")]);
         assert_eq!(front.names["client"].addrs, [ip("10.0.1.9")]);
         assert_eq!(front.names["cli"].addrs, [ip("10.0.1.9")]);
+        assert_eq!(front.names["laptop"].addrs, [ip("10.0.1.9")]);
+        assert_eq!(front.names["c1"].addrs, [ip("10.0.1.9")], "short id");
         assert_eq!(front.ptr[&ip("10.0.1.2")], "web");
         assert_eq!(front.ptr[&ip("10.0.1.3")], "web.1.t1.front");
         let back = &z.networks["n2"];
@@ -306,5 +362,31 @@ mod tests {
         s.sandboxes[0].endpoints.get_mut("n1").unwrap().aliases = vec!["web".into()];
         let z = dns_zones(&s);
         assert_eq!(z.networks["n1"].names["web"].addrs, [ip("10.0.1.2")]);
+    }
+
+    #[test]
+    fn a_service_hostname_template_names_each_task() {
+        let mut s = state();
+        s.nodes.insert(
+            "node1".into(),
+            Node {
+                id: "node1".into(),
+                hostname: "worker1".into(),
+                state: "ready".into(),
+            },
+        );
+        for t in s.tasks.iter_mut().filter(|t| t.service_id == "s2") {
+            t.hostname = Some("{{.Service.Name}}-{{.Task.Slot}}.{{ .Node.Hostname }}".into());
+        }
+        s.tasks[0].hostname = Some("{{.Service.Labels}}".into());
+        let z = dns_zones(&s);
+        let back = &z.networks["n2"];
+        assert_eq!(back.names["app-1.worker1"].addrs, [ip("10.0.2.5")]);
+        assert_eq!(back.names["app-2.worker1"].addrs, [ip("10.0.2.6")]);
+        assert!(!back.names.contains_key("app-3.worker1"), "draining task");
+        // A template meshd cannot expand costs that task its hostname, nothing else.
+        let front = &z.networks["n1"];
+        assert_eq!(front.names["web.1.t1"].addrs, [ip("10.0.1.3")]);
+        assert!(!front.names.keys().any(|n| n.contains("labels")));
     }
 }

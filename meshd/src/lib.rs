@@ -10,6 +10,7 @@ pub mod datapath;
 pub mod diff;
 pub mod dns_sandboxes;
 pub mod dns_zones;
+pub mod hostname_template;
 pub mod maglev;
 pub mod model;
 pub mod resolv_conf;

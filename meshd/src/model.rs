@@ -52,6 +52,10 @@ pub struct Task {
     /// Its container, once the node started one.
     #[serde(default)]
     pub container_id: Option<String>,
+    /// The service's `--hostname`, a template swarm expands per task (`hostname_template`).
+    /// None: Docker's default, the short container id.
+    #[serde(default)]
+    pub hostname: Option<String>,
 }
 
 impl Task {
@@ -100,6 +104,9 @@ pub struct Sandbox {
     /// Its address and aliases on each network, by network id.
     #[serde(default)]
     pub endpoints: BTreeMap<String, SandboxEndpoint>,
+    /// Its hostname (`Config.Hostname`), a name on every network it is on, as in Docker 25+.
+    #[serde(default)]
+    pub hostname: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

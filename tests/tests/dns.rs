@@ -160,7 +160,14 @@ fn scenario(s: &mut Swarm) -> Result<()> {
         "front",
         3,
         "1s",
-        &["--network", "back", "--endpoint-mode", "dnsrr"],
+        &[
+            "--network",
+            "back",
+            "--endpoint-mode",
+            "dnsrr",
+            "--hostname",
+            "{{.Service.Name}}-{{.Task.Slot}}",
+        ],
         &idle,
     )?;
     node.create_service("db", "back", 1, "1s", &idle)?;
@@ -175,6 +182,8 @@ fn scenario(s: &mut Swarm) -> Result<()> {
             net,
             "--network-alias",
             alias,
+            "--hostname",
+            &format!("{name}-host"),
             IMAGE,
             "sleep",
             "1d",
@@ -247,6 +256,22 @@ fn scenario(s: &mut Swarm) -> Result<()> {
         .parse()?;
     ensure!(addrs(&client, "client")? == [client_ip], "container name");
     ensure!(addrs(&client, "cli")? == [client_ip], "container alias");
+    // Hostnames: a container's own, and a service's --hostname template expanded per task.
+    ensure!(
+        addrs(&client, "client-host")? == [client_ip],
+        "container hostname"
+    );
+    let mut by_hostname = Vec::new();
+    for slot in 1..=3 {
+        let a = addrs(&client, &format!("app-{slot}"))?;
+        ensure!(a.len() == 1, "app-{slot}: {a:?}");
+        by_hostname.extend(a);
+    }
+    by_hostname.sort();
+    ensure!(
+        by_hostname == app_front,
+        "app-1..3 {by_hostname:?} are not app's tasks {app_front:?}"
+    );
 
     // 3. PTR for a VIP and a task; AAAA for our name is NODATA, never forwarded.
     let ptr = ask(&client, &["-x", &web_vip.to_string()])?;

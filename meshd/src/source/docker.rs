@@ -116,6 +116,9 @@ pub fn parse_task(v: &Value) -> Result<Task, String> {
         container_id: str_at(v, &["Status", "ContainerStatus", "ContainerID"])
             .filter(|c| !c.is_empty())
             .map(str::to_string),
+        hostname: str_at(v, &["Spec", "ContainerSpec", "Hostname"])
+            .filter(|h| !h.is_empty())
+            .map(str::to_string),
     })
 }
 
@@ -147,15 +150,24 @@ pub struct LocalContainer {
     pub endpoints: BTreeMap<String, SandboxEndpoint>,
 }
 
-/// An endpoint's network aliases (absent or null: none).
+/// An endpoint's network aliases (absent or null: none), with the `DNSNames` Docker 25+
+/// reports (name, aliases, short id, hostname), once each.
 fn aliases_of(endpoint: &Value) -> Vec<String> {
-    endpoint
-        .get("Aliases")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|a| a.as_str().map(str::to_string))
-        .collect()
+    let mut out: Vec<String> = Vec::new();
+    for key in ["Aliases", "DNSNames"] {
+        for a in endpoint
+            .get(key)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+        {
+            if !out.iter().any(|o| o == a) {
+                out.push(a.to_string());
+            }
+        }
+    }
+    out
 }
 
 pub fn parse_container(v: &Value) -> Result<LocalContainer, String> {
@@ -343,6 +355,7 @@ impl DockerSource {
                         netns_path: netns_path.clone(),
                         networks,
                         endpoints,
+                        hostname: i.hostname.clone(),
                     });
                 }
                 Err(reason) => rejected.push(Rejected {
@@ -363,6 +376,7 @@ impl DockerSource {
                     namespace: Err(e.to_string()),
                     networks,
                     aliases: BTreeMap::new(),
+                    hostname: String::new(),
                 }
             }
         };
@@ -382,6 +396,9 @@ impl DockerSource {
             namespace: namespace_of(&info).await,
             networks,
             aliases,
+            hostname: str_at(&info, &["Config", "Hostname"])
+                .unwrap_or_default()
+                .to_string(),
         }
     }
 }
@@ -411,6 +428,7 @@ struct Inspected {
     networks: Vec<String>,
     /// Network aliases per network id (`/containers/json` leaves them out).
     aliases: BTreeMap<String, Vec<String>>,
+    hostname: String,
 }
 
 #[cfg(test)]
