@@ -1,7 +1,9 @@
 //! `bench dns`: dnsperf against meshd's server (asked at 127.0.0.11:53 from a container, the
 //! path every container takes) and against unbound serving the same names as local data in
 //! the same namespace, interleaved round by round. Throughput runs keep 100 queries in
-//! flight; latency runs send a fixed rate and time every answer.
+//! flight; latency runs send a fixed rate and time every answer. A third row serves the same
+//! names through hickory-server's `ServerFuture` with meshd's request path
+//! (`dns/examples/hickory_server.rs`): why meshd has a serving loop of its own.
 use std::{
     fmt::Write as _,
     fs,
@@ -17,11 +19,13 @@ use crate::bench::{median, percentile};
 
 /// Where unbound listens, next to meshd's 127.0.0.11 in the client's namespace.
 const UNBOUND_ADDR: &str = "127.0.0.12";
+/// Where the hickory-server comparison listens.
+const HICKORY_ADDR: &str = "127.0.0.13";
 
-/// unbound, stopped (by pid) when dropped.
-struct Unbound(Child);
+/// A server the benchmark started, stopped (by pid) when dropped.
+struct Started(Child);
 
-impl Drop for Unbound {
+impl Drop for Started {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -85,7 +89,7 @@ pub fn dns(rounds: usize, seconds: f64, rate: u32) -> Result<()> {
     )?;
     let conf = dir.join("unbound.conf");
     fs::write(&conf, unbound_conf(&dir, &records))?;
-    let _unbound = Unbound(
+    let _unbound = Started(
         client
             .command_netns_only("unbound", &["-d", "-c", &conf.display().to_string()])?
             .stdout(Stdio::null())
@@ -97,15 +101,35 @@ pub fn dns(rounds: usize, seconds: f64, rate: u32) -> Result<()> {
         ask(UNBOUND_ADDR, "app").filter(|a| a.len() == 3)
     })?;
 
+    let hickory = meshd_tests::bin("examples/hickory_server")
+        .display()
+        .to_string();
+    let mut args = vec![format!("{HICKORY_ADDR}:53")];
+    args.extend(records.iter().map(|(n, a)| format!("{n}={}", a.join(","))));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _hickory = Started(
+        client
+            .command_netns_only(&hickory, &args)?
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.join("hickory-server.log"))?)
+            .spawn()
+            .context("start the hickory-server comparison")?,
+    );
+    wait_for("hickory-server to answer", Duration::from_secs(10), || {
+        ask(HICKORY_ADDR, "app").filter(|a| a.len() == 3)
+    })?;
+
     let servers = [
         ("meshd (127.0.0.11)", "127.0.0.11"),
         ("unbound", UNBOUND_ADDR),
+        ("hickory-server", HICKORY_ADDR),
     ];
-    let mut qps = vec![Vec::new(); 2];
-    let mut lost = [0u64; 2];
-    let mut lat: Vec<Vec<f64>> = vec![Vec::new(); 2];
+    let n = servers.len();
+    let mut qps = vec![Vec::new(); n];
+    let mut lost = vec![0u64; n];
+    let mut lat: Vec<Vec<f64>> = vec![Vec::new(); n];
     eprintln!(
-        "bench dns: {rounds} interleaved rounds × 2 servers × (throughput, latency at {rate} q/s) × {seconds} s"
+        "bench dns: {rounds} interleaved rounds × {n} servers × (throughput, latency at {rate} q/s) × {seconds} s"
     );
     for round in 0..rounds {
         for (i, (_, addr)) in servers.iter().enumerate() {
@@ -142,6 +166,11 @@ pub fn dns(rounds: usize, seconds: f64, rate: u32) -> Result<()> {
         "targets: ≥ 1.0× unbound's queries/s (got {:.3}), p99 ≤ 1 ms (got {:.0} µs)",
         q[0] / q[1],
         p(0, 0.99)
+    );
+    println!(
+        "hickory-server ServerFuture with meshd's answer path: {:.3}× unbound, {:.3}× meshd's loop",
+        q[2] / q[1],
+        q[2] / q[0]
     );
     let st = lab.meshd.status()?;
     println!("meshd DNS counters: {}", st["dns"]["stats"]);

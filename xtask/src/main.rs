@@ -68,7 +68,8 @@ fn main() -> Result<()> {
         Cmd::Bench { which } => {
             setup()?;
             // Measure what operators run: optimised builds.
-            cargo(&["build", "--release", "--workspace"])?;
+            // (--examples: the hickory-server comparison in `bench dns`.)
+            cargo(&["build", "--release", "--workspace", "--examples"])?;
             std::env::set_var("MESHD_BIN_PROFILE", "release");
             bench::run(which)
         }
