@@ -89,35 +89,33 @@ pub fn dns(rounds: usize, seconds: f64, rate: u32) -> Result<()> {
     )?;
     let conf = dir.join("unbound.conf");
     fs::write(&conf, unbound_conf(&dir, &records))?;
-    let _unbound = Started(
-        client
-            .command_netns_only("unbound", &["-d", "-c", &conf.display().to_string()])?
+    // A baseline server in the client's namespace (not its cgroup: meshd's hooks are for
+    // the clients), up once it answers `app` with the same 3 addresses meshd gives.
+    let start = |what: &str, program: &str, args: &[&str], addr: &str| -> Result<Started> {
+        let log = fs::File::create(dir.join(format!("{what}.log")))?;
+        let child = client
+            .command_netns_only(program, args)?
             .stdout(Stdio::null())
-            .stderr(fs::File::create(dir.join("unbound.log"))?)
+            .stderr(log)
             .spawn()
-            .context("start unbound")?,
-    );
-    wait_for("unbound to answer", Duration::from_secs(10), || {
-        ask(UNBOUND_ADDR, "app").filter(|a| a.len() == 3)
-    })?;
-
+            .with_context(|| format!("start {what}"))?;
+        let started = Started(child);
+        wait_for(
+            &format!("{what} to answer"),
+            Duration::from_secs(10),
+            || ask(addr, "app").filter(|a| a.len() == 3),
+        )?;
+        Ok(started)
+    };
+    let conf = conf.display().to_string();
+    let _unbound = start("unbound", "unbound", &["-d", "-c", &conf], UNBOUND_ADDR)?;
     let hickory = meshd_tests::bin("examples/hickory_server")
         .display()
         .to_string();
     let mut args = vec![format!("{HICKORY_ADDR}:53")];
     args.extend(records.iter().map(|(n, a)| format!("{n}={}", a.join(","))));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let _hickory = Started(
-        client
-            .command_netns_only(&hickory, &args)?
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(dir.join("hickory-server.log"))?)
-            .spawn()
-            .context("start the hickory-server comparison")?,
-    );
-    wait_for("hickory-server to answer", Duration::from_secs(10), || {
-        ask(HICKORY_ADDR, "app").filter(|a| a.len() == 3)
-    })?;
+    let _hickory = start("hickory-server", &hickory, &args, HICKORY_ADDR)?;
 
     let servers = [
         ("meshd (127.0.0.11)", "127.0.0.11"),
