@@ -243,6 +243,7 @@ fn dns_runtime() -> Result<tokio::runtime::Handle> {
 /// Reads resolv.conf again if it changed, and points forwarding at its servers. A file that
 /// cannot be read leaves forwarding on the servers read before; the reason shows in status.
 fn refresh_upstreams(watch: &mut ResolvConfWatch, resolver: &Resolver, shared: &Shared) {
+    let after_start = watch.has_read();
     let Some(read) = watch.check() else {
         return;
     };
@@ -257,7 +258,7 @@ fn refresh_upstreams(watch: &mut ResolvConfWatch, resolver: &Resolver, shared: &
             if loaded.servers != before {
                 let servers: Vec<String> = loaded.servers.iter().map(ToString::to_string).collect();
                 info!(%file, ?servers, "upstream resolvers");
-                if !before.is_empty() || snap.docker.syncs > 0 {
+                if after_start {
                     snap.dns.upstream_changes += 1;
                 }
                 resolver.set_upstreams(loaded.servers);

@@ -19,10 +19,21 @@ fn live(state: &ClusterState, t: &Task) -> bool {
 /// A task's container name, as Docker names it: `<service>.<slot>.<task id>` (global
 /// services have no slot: the node id stands in).
 pub fn task_name(service: &str, t: &Task) -> String {
+    format!("{service}.{}.{}", slot_or_node(t), t.id)
+}
+
+/// A task's slot, or for a global service's task (no slot) its node id, as swarm puts it
+/// in task names and in the `.Task.Slot` template field.
+fn slot_or_node(t: &Task) -> String {
     match t.slot {
-        Some(slot) if slot > 0 => format!("{service}.{slot}.{}", t.id),
-        _ => format!("{service}.{}.{}", t.node_id, t.id),
+        Some(slot) if slot > 0 => slot.to_string(),
+        _ => t.node_id.clone(),
     }
+}
+
+/// Docker's short container id: also the default hostname, and a name on every network.
+fn short_id(container_id: &str) -> &str {
+    container_id.get(..12).unwrap_or(container_id)
 }
 
 /// The hostname a task's container got from its service's `--hostname` template; none when
@@ -35,10 +46,7 @@ fn task_hostname(
     task_name: &str,
     template: &str,
 ) -> Option<String> {
-    let slot = match t.slot {
-        Some(s) if s > 0 => s.to_string(),
-        _ => t.node_id.clone(),
-    };
+    let slot = slot_or_node(t);
     let ctx = TaskContext {
         service_id,
         service_name,
@@ -187,10 +195,9 @@ pub fn dns_zones(state: &ClusterState) -> Zones {
                 }
                 if let Some(cid) = &t.container_id {
                     // The short container id is also the task's hostname.
-                    let short: String = cid.chars().take(12).collect();
                     put(
                         net,
-                        &short,
+                        short_id(cid),
                         endpoint(*ip, format!("task {name} (container id)")),
                     );
                 }
@@ -223,8 +230,8 @@ pub fn dns_zones(state: &ClusterState) -> Zones {
                 );
             }
             // As Docker 25+ does for every container: its short id and its hostname.
-            let short: String = sb.container_id.chars().take(12).collect();
-            for (n, what) in [(short.as_str(), "id"), (sb.hostname.as_str(), "hostname")] {
+            let short = short_id(&sb.container_id);
+            for (n, what) in [(short, "id"), (sb.hostname.as_str(), "hostname")] {
                 if !n.is_empty() {
                     put(
                         net,

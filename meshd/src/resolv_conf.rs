@@ -48,6 +48,11 @@ impl ResolvConfWatch {
         &self.path
     }
 
+    /// Whether the file was looked at before: what `check` reports next is then a change.
+    pub fn has_read(&self) -> bool {
+        self.seen.is_some()
+    }
+
     /// The file's servers when it changed since the last call (the first call always
     /// reads); `Err` when it cannot be read, once per change of that condition. Cheap when
     /// nothing changed: one `stat`.
@@ -100,9 +105,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("resolv.conf");
         let mut w = ResolvConfWatch::new(&path);
+        assert!(!w.has_read());
 
         let missing = w.check().expect("first call reports").unwrap_err();
         assert!(missing.contains("resolv.conf"), "{missing}");
+        assert!(w.has_read());
         assert_eq!(w.check(), None, "still missing: nothing new to say");
 
         write_new(&path, "nameserver 10.0.0.2\nnameserver bogus\n");
