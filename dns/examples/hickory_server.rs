@@ -98,7 +98,7 @@ fn zones(specs: &[String]) -> Result<Zones, Box<dyn Error>> {
         );
     }
     Ok(Zones {
-        networks: [("n1".to_string(), net)].into(),
+        networks: [("n1".to_string(), std::sync::Arc::new(net))].into(),
     })
 }
 

@@ -274,7 +274,11 @@ mod tests {
             ..Default::default()
         };
         Zones {
-            networks: [("n1".into(), front), ("n9".into(), internal)].into(),
+            networks: [
+                ("n1".into(), std::sync::Arc::new(front)),
+                ("n9".into(), std::sync::Arc::new(internal)),
+            ]
+            .into(),
         }
     }
 

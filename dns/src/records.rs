@@ -4,6 +4,7 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr},
+    sync::Arc,
 };
 
 use serde::Serialize;
@@ -63,10 +64,11 @@ pub struct NetworkRecords {
     pub ptr: BTreeMap<Ipv4Addr, String>,
 }
 
-/// Every network's names (by network id).
+/// Every network's names (by network id). Each network's records are shared, so a change
+/// on one network rebuilds that network only and copying `Zones` copies pointers.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Zones {
-    pub networks: BTreeMap<String, NetworkRecords>,
+    pub networks: BTreeMap<String, Arc<NetworkRecords>>,
 }
 
 /// Where a name was found, for the answer and for `meshctl dns`.
@@ -196,7 +198,11 @@ mod tests {
         back.names
             .insert("web".into(), entry(Kind::ServiceVip, &[[10, 0, 2, 9]]));
         Zones {
-            networks: [("n1".into(), front), ("n2".into(), back)].into(),
+            networks: [
+                ("n1".into(), Arc::new(front)),
+                ("n2".into(), Arc::new(back)),
+            ]
+            .into(),
         }
     }
 
@@ -285,7 +291,7 @@ mod tests {
                     }
                     n.names.insert(name, e);
                 }
-                z.networks.insert(n.id.clone(), n);
+                z.networks.insert(n.id.clone(), Arc::new(n));
             }
             z
         })

@@ -27,7 +27,7 @@ fn zones() -> Zones {
     );
     n.ptr.insert(Ipv4Addr::new(10, 0, 1, 2), "web".into());
     Zones {
-        networks: [("n1".to_string(), n)].into(),
+        networks: [("n1".to_string(), std::sync::Arc::new(n))].into(),
     }
 }
 

@@ -3,36 +3,55 @@
 //! Every type is `#[repr(C)]` with explicit padding so both sides agree on the layout byte
 //! for byte. Addresses and ports are kept in network byte order, as the kernel hands them to
 //! `sock_addr` programs, so the datapath never swaps bytes.
+//!
+//! The VIP path is two lookups deep so that a container start writes one entry, whatever
+//! the number of services: `SANDBOXES` maps a network namespace to the networks it is on,
+//! and `VIPS` maps (network, VIP) to a load balancer. A load balancer's live backends are a
+//! dense array (`BACKENDS`, indices `0..count`): a socket-level VIP picks once per socket,
+//! so consistent hashing would buy nothing here, and a task change rewrites at most two
+//! entries.
 #![no_std]
 
 /// Names of the maps, as the eBPF object declares them and as they are pinned in bpffs.
 /// The kernel keeps at most 15 characters of a map name.
 pub mod map_names {
-    /// (netns cookie, VIP) → load-balancer id: the VIP table, scoped per sandbox.
+    /// netns cookie → the networks (meshd's network indices) that sandbox is attached to.
+    pub const SANDBOXES: &str = "MESHD_SANDBOX";
+    /// (network index, VIP) → load-balancer id.
     pub const VIPS: &str = "MESHD_VIPS";
-    /// load-balancer id → table size and VIP.
+    /// load-balancer id → its VIP and number of live backends.
     pub const LBS: &str = "MESHD_LBS";
-    /// (load-balancer id, slot) → backend address: the Maglev lookup tables.
-    pub const MAGLEV: &str = "MESHD_MAGLEV";
+    /// (load-balancer id, index) → backend address, for index in `0..count`.
+    pub const BACKENDS: &str = "MESHD_BACKENDS";
     /// (socket cookie, backend, port) → VIP: what `recvmsg4`/`getpeername4` show the app.
     pub const REVNAT: &str = "MESHD_REVNAT";
-    /// (load-balancer id, backend) → connections (per CPU).
+    /// (socket cookie, VIP, port) → backend: an unconnected UDP socket keeps its backend
+    /// from one datagram to the next, while that backend is live.
+    pub const AFFINITY: &str = "MESHD_AFFINITY";
+    /// (load-balancer id, backend) → connections (per CPU). An entry exists exactly while
+    /// the backend is live, so the programs also read it as "still a backend".
     pub const BACKEND_CONNS: &str = "MESHD_BE_CONNS";
     /// load-balancer id → connections (per CPU).
     pub const LB_CONNS: &str = "MESHD_LB_CONNS";
     /// load-balancer id → (service id, network id): lets a restarted meshd adopt the ids.
+    /// Written before anything else that names the id and deleted after everything else.
     pub const LB_META: &str = "MESHD_LB_META";
+    /// network index → network id, with the same first-in, last-out rule.
+    pub const NET_META: &str = "MESHD_NET_META";
     /// netns cookie → meshd's DNS ports in that namespace: where `127.0.0.11:53` goes.
     pub const DNS: &str = "MESHD_DNS";
 
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 11] = [
+        SANDBOXES,
         VIPS,
         LBS,
-        MAGLEV,
+        BACKENDS,
         REVNAT,
+        AFFINITY,
         BACKEND_CONNS,
         LB_CONNS,
         LB_META,
+        NET_META,
         DNS,
     ];
 }
@@ -48,14 +67,21 @@ pub mod prog_names {
 /// Capacities of the maps. Large maps are created without preallocation so an idle node
 /// pays only for what it holds.
 pub mod capacity {
+    pub const SANDBOXES: u32 = 1 << 16;
+    pub const NETWORKS: u32 = 1 << 16;
     pub const VIPS: u32 = 1 << 18;
-    pub const LBS: u32 = 1 << 16;
-    pub const MAGLEV: u32 = 1 << 22;
+    pub const LBS: u32 = 1 << 18;
+    pub const BACKENDS: u32 = 1 << 21;
     pub const REVNAT: u32 = 1 << 18;
-    pub const BACKEND_CONNS: u32 = 1 << 18;
-    pub const LB_CONNS: u32 = 1 << 16;
+    pub const AFFINITY: u32 = 1 << 16;
+    pub const BACKEND_CONNS: u32 = 1 << 21;
+    pub const LB_CONNS: u32 = 1 << 18;
     pub const DNS: u32 = 1 << 16;
 }
+
+/// Networks one sandbox can be scoped to; a container on more networks gets VIPs on its
+/// first `MAX_SANDBOX_NETS` (meshd reports the rest as rejected).
+pub const MAX_SANDBOX_NETS: usize = 16;
 
 /// The embedded DNS address containers are told to use (`nameserver 127.0.0.11`).
 pub const DNS_ADDR: [u8; 4] = [127, 0, 0, 11];
@@ -72,15 +98,22 @@ pub struct DnsPorts {
     pub _pad: u32,
 }
 
-/// Key of the VIP table: a VIP is visible only from the network namespaces of containers
-/// attached to its network.
+/// The networks of one sandbox (network namespace), as meshd's network indices.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SandboxValue {
+    pub nets: [u32; MAX_SANDBOX_NETS],
+    pub count: u32,
+    pub _pad: u32,
+}
+
+/// Key of the VIP table: a VIP is visible only from sandboxes on its network.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VipKey {
-    pub netns_cookie: u64,
+    pub net: u32,
     /// IPv4 address, network byte order.
     pub ip: u32,
-    pub _pad: u32,
 }
 
 #[repr(C)]
@@ -94,19 +127,19 @@ pub struct VipValue {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LbValue {
-    /// The VIP, network byte order.
+    /// The VIP, network byte order. The programs check it against the address asked for,
+    /// so a VIP entry left from a load balancer whose id was since reused can never reach
+    /// another service's backends.
     pub vip: u32,
-    /// Size of the Maglev table (a prime); 0 means no live backend.
-    pub table_size: u32,
-    pub backend_count: u32,
-    pub flags: u32,
+    /// Live backends: `BACKENDS` holds indices `0..count`. 0: refuse at once.
+    pub count: u32,
 }
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct MaglevKey {
+pub struct BackendSlot {
     pub lb_id: u32,
-    pub slot: u32,
+    pub index: u32,
 }
 
 /// A backend as the datapath needs it: the task's address on the VIP's network.
@@ -145,6 +178,24 @@ pub struct RevNatValue {
     pub _pad: u16,
 }
 
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AffinityKey {
+    pub socket_cookie: u64,
+    /// VIP address and port, network byte order.
+    pub vip: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub lb_id: u32,
+    /// Backend address, network byte order.
+    pub ip: u32,
+}
+
 /// Docker object ids are 25 characters; 32 bytes leave room, zero padded.
 pub const ID_LEN: usize = 32;
 
@@ -155,8 +206,14 @@ pub struct LbMeta {
     pub network_id: [u8; ID_LEN],
 }
 
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetMeta {
+    pub network_id: [u8; ID_LEN],
+}
+
 /// A well-mixed 64-bit hash (the splitmix64 finaliser). Socket cookies are sequential, so
-/// they must be mixed before they pick a Maglev slot.
+/// they must be mixed before they pick a backend.
 #[inline(always)]
 pub fn mix64(mut x: u64) -> u64 {
     x ^= x >> 30;
@@ -170,14 +227,18 @@ pub fn mix64(mut x: u64) -> u64 {
 mod pod {
     use super::*;
     // SAFETY: all of these are repr(C), made only of integers, with explicit padding.
+    unsafe impl aya::Pod for SandboxValue {}
     unsafe impl aya::Pod for VipKey {}
     unsafe impl aya::Pod for VipValue {}
     unsafe impl aya::Pod for LbValue {}
-    unsafe impl aya::Pod for MaglevKey {}
+    unsafe impl aya::Pod for BackendSlot {}
     unsafe impl aya::Pod for BackendValue {}
     unsafe impl aya::Pod for BackendKey {}
     unsafe impl aya::Pod for RevNatKey {}
     unsafe impl aya::Pod for RevNatValue {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for LbMeta {}
+    unsafe impl aya::Pod for NetMeta {}
     unsafe impl aya::Pod for DnsPorts {}
 }

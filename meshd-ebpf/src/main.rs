@@ -1,11 +1,12 @@
 //! Socket-level load balancing for service VIPs.
 //!
-//! `connect4` and `sendmsg4` rewrite a VIP destination to a backend chosen from the VIP's
-//! Maglev table, once per socket: no per-packet NAT, no conntrack entry, nothing to time
+//! `connect4` and `sendmsg4` rewrite a VIP destination to a backend picked from the VIP's
+//! live backends, once per socket: no per-packet NAT, no conntrack entry, nothing to time
 //! out. `recvmsg4` and `getpeername4` translate the backend back to the VIP so the
-//! application only ever sees the address it asked for. A VIP is looked up together with the
-//! caller's network-namespace cookie: only containers attached to the VIP's network see it,
-//! and sockets in namespaces meshd does not know pass through untouched.
+//! application only ever sees the address it asked for. The caller's network-namespace
+//! cookie names the networks it is attached to, and a VIP is looked up on those only: only
+//! containers attached to the VIP's network see it, and sockets in namespaces meshd does not
+//! know pass through untouched.
 //!
 //! The same hooks send `127.0.0.11:53` to meshd's DNS sockets in the caller's namespace
 //! (`DNS`), and show the answers as coming from port 53; only while those sockets exist, so
@@ -27,9 +28,14 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use meshd_common::{
-    capacity, mix64, BackendKey, BackendValue, DnsPorts, LbMeta, LbValue, MaglevKey, RevNatKey,
-    RevNatValue, VipKey, VipValue, DNS_ADDR, DNS_PORT,
+    capacity, mix64, AffinityKey, AffinityValue, BackendKey, BackendSlot, BackendValue, DnsPorts,
+    LbMeta, LbValue, NetMeta, RevNatKey, RevNatValue, SandboxValue, VipKey, VipValue, DNS_ADDR,
+    DNS_PORT, MAX_SANDBOX_NETS,
 };
+
+#[map(name = "MESHD_SANDBOX")]
+static SANDBOXES: HashMap<u64, SandboxValue> =
+    HashMap::pinned(capacity::SANDBOXES, BPF_F_NO_PREALLOC);
 
 #[map(name = "MESHD_VIPS")]
 static VIPS: HashMap<VipKey, VipValue> = HashMap::pinned(capacity::VIPS, BPF_F_NO_PREALLOC);
@@ -37,12 +43,16 @@ static VIPS: HashMap<VipKey, VipValue> = HashMap::pinned(capacity::VIPS, BPF_F_N
 #[map(name = "MESHD_LBS")]
 static LBS: HashMap<u32, LbValue> = HashMap::pinned(capacity::LBS, BPF_F_NO_PREALLOC);
 
-#[map(name = "MESHD_MAGLEV")]
-static MAGLEV: HashMap<MaglevKey, BackendValue> =
-    HashMap::pinned(capacity::MAGLEV, BPF_F_NO_PREALLOC);
+#[map(name = "MESHD_BACKENDS")]
+static BACKENDS: HashMap<BackendSlot, BackendValue> =
+    HashMap::pinned(capacity::BACKENDS, BPF_F_NO_PREALLOC);
 
 #[map(name = "MESHD_REVNAT")]
 static REVNAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::pinned(capacity::REVNAT, 0);
+
+#[map(name = "MESHD_AFFINITY")]
+static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(capacity::AFFINITY, 0);
 
 #[map(name = "MESHD_BE_CONNS")]
 static BACKEND_CONNS: PerCpuHashMap<BackendKey, u64> =
@@ -52,10 +62,13 @@ static BACKEND_CONNS: PerCpuHashMap<BackendKey, u64> =
 static LB_CONNS: PerCpuHashMap<u32, u64> =
     PerCpuHashMap::pinned(capacity::LB_CONNS, BPF_F_NO_PREALLOC);
 
-/// Read only by userspace (it maps ids back to Docker objects after a restart); declared here
-/// so it is created and pinned with the others.
+/// Read only by userspace (they map ids back to Docker objects after a restart); declared
+/// here so they are created and pinned with the others.
 #[map(name = "MESHD_LB_META")]
 static LB_META: HashMap<u32, LbMeta> = HashMap::pinned(capacity::LBS, BPF_F_NO_PREALLOC);
+
+#[map(name = "MESHD_NET_META")]
+static NET_META: HashMap<u32, NetMeta> = HashMap::pinned(capacity::NETWORKS, BPF_F_NO_PREALLOC);
 
 #[map(name = "MESHD_DNS")]
 static DNS: HashMap<u64, DnsPorts> = HashMap::pinned(capacity::DNS, BPF_F_NO_PREALLOC);
@@ -68,12 +81,12 @@ const DENY: i32 = 0;
 
 #[cgroup_sock_addr(connect4)]
 pub fn meshd_connect4(ctx: SockAddrContext) -> i32 {
-    balance(ctx.sock_addr)
+    balance(ctx.sock_addr, false)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn meshd_sendmsg4(ctx: SockAddrContext) -> i32 {
-    balance(ctx.sock_addr)
+    balance(ctx.sock_addr, true)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
@@ -88,8 +101,31 @@ pub fn meshd_getpeername4(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
+/// The load balancer `vip` names in this sandbox: the first of its networks that has it.
 #[inline(always)]
-fn balance(sa: *mut bpf_sock_addr) -> i32 {
+fn find_lb(netns_cookie: u64, vip: u32) -> Option<u32> {
+    let sb = SANDBOXES.get_ptr(&netns_cookie)?;
+    // SAFETY: a pointer the map lookup just returned.
+    let count = unsafe { (*sb).count } as usize;
+    for i in 0..MAX_SANDBOX_NETS {
+        if i >= count {
+            break;
+        }
+        let key = VipKey {
+            net: unsafe { (*sb).nets[i] },
+            ip: vip,
+        };
+        if let Some(v) = VIPS.get_ptr(&key) {
+            return Some(unsafe { (*v).lb_id });
+        }
+    }
+    None
+}
+
+/// `datagram`: an unconnected UDP send, which passes here for every datagram; it keeps the
+/// backend it had while that backend is live, as a connected socket would.
+#[inline(always)]
+fn balance(sa: *mut bpf_sock_addr, datagram: bool) -> i32 {
     // SAFETY: the kernel hands every sock_addr program a valid context.
     let (vip, port) = unsafe { ((*sa).user_ip4, (*sa).user_port as u16) };
     let netns_cookie = unsafe { bpf_get_netns_cookie(sa.cast()) };
@@ -97,29 +133,59 @@ fn balance(sa: *mut bpf_sock_addr) -> i32 {
         redirect_dns(sa, netns_cookie, vip, port);
         return ALLOW;
     }
-    let key = VipKey {
-        netns_cookie,
-        ip: vip,
-        _pad: 0,
-    };
-    let Some(entry) = VIPS.get_ptr(&key) else {
+    let Some(lb_id) = find_lb(netns_cookie, vip) else {
         return ALLOW;
     };
-    let lb_id = unsafe { (*entry).lb_id };
     let Some(lb) = LBS.get_ptr(&lb_id) else {
         return ALLOW;
     };
-    let table_size = unsafe { (*lb).table_size };
-    if table_size == 0 {
+    let (lb_vip, count) = unsafe { ((*lb).vip, (*lb).count) };
+    if lb_vip != vip {
+        // A stale VIP entry naming a reused id: never another service's backends.
+        return ALLOW;
+    }
+    if count == 0 {
         // A VIP with no live task: fail the connect at once instead of letting it time out.
         return DENY;
     }
     let socket_cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
-    let slot = (mix64(socket_cookie ^ ((vip as u64) << 32)) % table_size as u64) as u32;
-    let Some(backend) = MAGLEV.get_ptr(&MaglevKey { lb_id, slot }) else {
-        return ALLOW;
+    let aff_key = AffinityKey {
+        socket_cookie,
+        vip,
+        port,
+        _pad: 0,
     };
-    let backend_ip = unsafe { (*backend).ip };
+    let mut backend_ip = 0u32;
+    if datagram {
+        if let Some(a) = AFFINITY.get_ptr(&aff_key) {
+            let (a_lb, a_ip) = unsafe { ((*a).lb_id, (*a).ip) };
+            let live = BackendKey {
+                lb_id: a_lb,
+                ip: a_ip,
+            };
+            if a_lb == lb_id && BACKEND_CONNS.get_ptr(&live).is_some() {
+                backend_ip = a_ip;
+            }
+        }
+    }
+    let fresh = backend_ip == 0;
+    if fresh {
+        let index = (mix64(socket_cookie ^ ((vip as u64) << 32)) % count as u64) as u32;
+        let Some(backend) = BACKENDS.get_ptr(&BackendSlot { lb_id, index }) else {
+            return ALLOW;
+        };
+        backend_ip = unsafe { (*backend).ip };
+        if datagram {
+            let _ = AFFINITY.insert(
+                &aff_key,
+                &AffinityValue {
+                    lb_id,
+                    ip: backend_ip,
+                },
+                0,
+            );
+        }
+    }
     unsafe { (*sa).user_ip4 = backend_ip };
 
     let rev_key = RevNatKey {
@@ -135,16 +201,18 @@ fn balance(sa: *mut bpf_sock_addr) -> i32 {
     };
     remember_reverse(&rev_key, &rev);
 
-    // Per-CPU counters: a plain increment is race free. Userspace creates the entries.
-    if let Some(count) = LB_CONNS.get_ptr_mut(&lb_id) {
-        unsafe { *count += 1 };
-    }
-    let be_key = BackendKey {
-        lb_id,
-        ip: backend_ip,
-    };
-    if let Some(count) = BACKEND_CONNS.get_ptr_mut(&be_key) {
-        unsafe { *count += 1 };
+    if fresh {
+        // Per-CPU counters: a plain increment is race free. Userspace creates the entries.
+        if let Some(count) = LB_CONNS.get_ptr_mut(&lb_id) {
+            unsafe { *count += 1 };
+        }
+        let be_key = BackendKey {
+            lb_id,
+            ip: backend_ip,
+        };
+        if let Some(count) = BACKEND_CONNS.get_ptr_mut(&be_key) {
+            unsafe { *count += 1 };
+        }
     }
     ALLOW
 }

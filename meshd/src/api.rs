@@ -20,8 +20,8 @@ use tokio::{
 use tracing::warn;
 
 use crate::{
-    daemon::{unix_ms, Shared, Snapshot},
     model::EndpointMode,
+    status::{latency, unix_ms, Mode, Shared},
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/meshd/meshd.sock";
@@ -138,7 +138,6 @@ pub struct VipView {
     pub network_id: String,
     pub network: String,
     pub vip: Ipv4Addr,
-    pub table_size: u32,
     pub connections: u64,
     /// Local sandboxes (containers) that see this VIP.
     pub sandboxes: Vec<String>,
@@ -173,20 +172,15 @@ async fn dns_query(shared: &Shared, name: &str, from: &str, qtype: &str) -> Resu
         .clone()
         .context("meshd runs with --no-dns: containers use dockerd's resolver")?;
     let (sandbox, network_names) = {
-        let snap = shared.snapshot.lock().unwrap();
-        let found = snap
-            .state
+        let core = shared.core.read().unwrap();
+        let state = &core.state;
+        let found = state
             .sandboxes
-            .iter()
+            .values()
             .find(|s| s.name == from || s.container_id.starts_with(from))
             .cloned();
         let Some(sb) = found else {
-            let known: Vec<&str> = snap
-                .state
-                .sandboxes
-                .iter()
-                .map(|s| s.name.as_str())
-                .collect();
+            let known: Vec<&str> = state.sandboxes.values().map(|s| s.name.as_str()).collect();
             anyhow::bail!(
                 "no local container {from:?} (containers on this node: {})",
                 known.join(", ")
@@ -195,12 +189,7 @@ async fn dns_query(shared: &Shared, name: &str, from: &str, qtype: &str) -> Resu
         let names: Vec<String> = sb
             .networks
             .iter()
-            .map(|n| {
-                snap.state
-                    .networks
-                    .get(n)
-                    .map_or(n.clone(), |n| n.name.clone())
-            })
+            .map(|n| state.networks.get(n).map_or(n.clone(), |n| n.name.clone()))
             .collect();
         (sb, names)
     };
@@ -257,56 +246,125 @@ fn rand_id() -> u16 {
         & 0xffff) as u16
 }
 
+/// Whether meshd has read what it needs once: its containers, and the swarm (by whichever
+/// path this node's role uses).
+fn ready(shared: &Shared) -> bool {
+    let local = shared.local.lock().unwrap().resyncs > 0;
+    let swarm = match shared.identity.lock().unwrap().mode {
+        Mode::Standalone => true,
+        Mode::Manager | Mode::ManagerApi => shared.swarm.lock().unwrap().resyncs > 0,
+        Mode::Feed => shared.feed_client.lock().unwrap().snapshots > 0,
+    };
+    local && swarm
+}
+
+fn status(shared: &Shared) -> Result<Value> {
+    let is_ready = ready(shared);
+    let counts = counts(shared);
+    let id = shared.identity.lock().unwrap();
+    let core = shared.core.read().unwrap();
+    let desired = core.compiler.desired();
+    let rec = shared.reconcile.lock().unwrap().clone();
+    let (adopted, entries) = {
+        let e = shared.ebpf.lock().unwrap();
+        (e.adopted.clone(), e.entries())
+    };
+    let mut dns = json!(*shared.dns_status.lock().unwrap());
+    if let Some(d) = &shared.dns {
+        let d = d.lock().unwrap();
+        dns["sandboxes"] = json!(d.served());
+        dns["open_failures"] = json!(d.failures());
+    }
+    if let Some(r) = &shared.resolver {
+        dns["stats"] = json!(r.stats.view());
+    }
+    dns["names"] = json!(desired
+        .zones
+        .networks
+        .values()
+        .map(|n| n.names.len())
+        .sum::<usize>());
+    let feed_seq = core
+        .feed
+        .as_ref()
+        .map(|f| (f.epoch, f.seq, f.bytes_encoded));
+    let swarm = match id.mode {
+        Mode::Manager | Mode::ManagerApi => json!(*shared.swarm.lock().unwrap()),
+        _ => Value::Null,
+    };
+    let feed = match id.mode {
+        Mode::Manager => {
+            let mut hub = json!(*shared.hub.lock().unwrap());
+            if let Some((epoch, seq, bytes)) = feed_seq {
+                hub["epoch"] = json!(epoch);
+                hub["seq"] = json!(seq);
+                hub["bytes_encoded"] = json!(bytes);
+            }
+            json!({"hub": hub, "uploads": shared.feed_client.lock().unwrap().uploads})
+        }
+        Mode::Feed => json!({"client": *shared.feed_client.lock().unwrap()}),
+        _ => Value::Null,
+    };
+    let served = (unix_ms().saturating_sub(id.started_unix_ms)) / 1000;
+    Ok(json!({
+        "node_id": id.node_id,
+        "mode": id.mode,
+        "uptime_s": served,
+        "ready": is_ready,
+        "local": *shared.local.lock().unwrap(),
+        "swarm": swarm,
+        "feed": feed,
+        "datapath": {
+            "kind": "ebpf",
+            "pin_dir": id.pin_dir,
+            "cgroup": id.cgroup,
+            "adopted_at_start": adopted,
+            "map_entries": entries,
+            "appliers": rec.appliers,
+        },
+        "reconcile": {
+            "batches": rec.batches,
+            "changes": rec.changes,
+            "steps": rec.steps,
+            "sweeps": rec.sweeps,
+        },
+        "counts": counts,
+        "event_to_map": latency(&rec.event_to_map),
+        "step_time": latency(&rec.step_time),
+        "rejected": desired.rejected,
+        "dns": dns,
+    }))
+}
+
+fn counts(shared: &Shared) -> Value {
+    let core = shared.core.read().unwrap();
+    let (s, d) = (&core.state, core.compiler.desired());
+    json!({
+        "services": s.services.len(),
+        "tasks": s.tasks.len(),
+        "networks": s.networks.len(),
+        "nodes": s.nodes.len(),
+        "local_sandboxes": s.sandboxes.len(),
+        "reports": s.reports.len(),
+        "load_balancers": d.lbs.len(),
+        "backends": d.lbs.values().map(|l| l.backends.len()).sum::<usize>(),
+        "scoped_sandboxes": d.sandboxes.len(),
+    })
+}
+
 fn handle(shared: &Shared, req: Request) -> Result<Value> {
     match req {
         Request::Dns { .. } => unreachable!("answered by handle_async"),
-        Request::Status => {
-            let snap = shared.snapshot.lock().unwrap();
-            let mut dns = snap.dns.clone();
-            if let Some(r) = &shared.resolver {
-                dns.stats = r.stats.view();
-            }
-            Ok(json!({
-                "node_id": snap.node_id,
-                "uptime_s": (unix_ms().saturating_sub(snap.started_unix_ms)) / 1000,
-                "docker": snap.docker,
-                "datapath": {
-                    "kind": "ebpf",
-                    "pin_dir": snap.pin_dir,
-                    "cgroup": snap.cgroup,
-                    "adopted_at_start": snap.adopted,
-                    "last_apply": snap.last_apply,
-                    "applies_with_changes": snap.applies_with_changes,
-                },
-                "counts": {
-                    "services": snap.state.services.len(),
-                    "tasks": snap.state.tasks.len(),
-                    "networks": snap.state.networks.len(),
-                    "nodes": snap.state.nodes.len(),
-                    "local_sandboxes": snap.state.sandboxes.len(),
-                    "load_balancers": snap.desired.lbs.len(),
-                    "vip_entries": snap.desired.vips.len(),
-                },
-                "event_to_map": Snapshot::latency(&snap.event_to_map),
-                "read_to_map": Snapshot::latency(&snap.read_to_map),
-                "rejected": snap.rejected(),
-                "dns": dns,
-            }))
-        }
+        Request::Status => status(shared),
         Request::Services => {
-            let counters = shared.datapath.lock().unwrap().counters()?;
-            let snap = shared.snapshot.lock().unwrap();
-            let list: Vec<ServiceSummary> = snap
-                .state
+            let counters = shared.ebpf.lock().unwrap().counters()?;
+            let core = shared.core.read().unwrap();
+            let (state, desired) = (&core.state, core.compiler.desired());
+            let list: Vec<ServiceSummary> = state
                 .services
                 .values()
                 .map(|s| {
-                    let lbs: Vec<_> = snap
-                        .desired
-                        .lbs
-                        .iter()
-                        .filter(|(r, _)| r.service_id == s.id)
-                        .collect();
+                    let lbs: Vec<_> = desired.lbs_of(&s.id).collect();
                     ServiceSummary {
                         id: s.id.clone(),
                         name: s.name.clone(),
@@ -315,7 +373,7 @@ fn handle(shared: &Shared, req: Request) -> Result<Value> {
                             .vips
                             .iter()
                             .map(|(n, ip)| {
-                                let name = snap.state.networks.get(n).map_or(n, |n| &n.name);
+                                let name = state.networks.get(n).map_or(n, |n| &n.name);
                                 (name.clone(), *ip)
                             })
                             .collect(),
@@ -334,40 +392,28 @@ fn handle(shared: &Shared, req: Request) -> Result<Value> {
             Ok(serde_json::to_value(list)?)
         }
         Request::Service { name } => {
-            let counters = shared.datapath.lock().unwrap().counters()?;
-            let snap = shared.snapshot.lock().unwrap();
-            let s = snap
-                .state
+            let counters = shared.ebpf.lock().unwrap().counters()?;
+            let core = shared.core.read().unwrap();
+            let (state, desired) = (&core.state, core.compiler.desired());
+            let s = state
                 .services
                 .values()
                 .find(|s| s.name == name || s.id == name || s.id.starts_with(&name))
                 .with_context(|| format!("no service named {name:?}"))?;
             let node_name = |id: &str| {
-                snap.state
+                state
                     .nodes
                     .get(id)
                     .map(|n| n.hostname.clone())
                     .unwrap_or_default()
             };
             let mut vips = Vec::new();
-            for (r, lb) in snap
-                .desired
-                .lbs
-                .iter()
-                .filter(|(r, _)| r.service_id == s.id)
-            {
-                let sandboxes = snap
-                    .desired
-                    .vips
-                    .iter()
-                    .filter(|(_, lr)| *lr == r)
-                    .filter_map(|((cookie, _), _)| {
-                        snap.state
-                            .sandboxes
-                            .iter()
-                            .find(|sb| sb.netns_cookie == *cookie)
-                            .map(|sb| sb.name.clone())
-                    })
+            for (r, lb) in desired.lbs_of(&s.id) {
+                let sandboxes = desired
+                    .sandboxes
+                    .values()
+                    .filter(|sc| sc.networks.contains(&r.network_id))
+                    .map(|sc| sc.name.clone())
                     .collect();
                 let backends = lb
                     .backends
@@ -388,31 +434,33 @@ fn handle(shared: &Shared, req: Request) -> Result<Value> {
                     .collect();
                 vips.push(VipView {
                     network_id: r.network_id.clone(),
-                    network: lb.network_name.clone(),
+                    network: state
+                        .networks
+                        .get(&r.network_id)
+                        .map(|n| n.name.clone())
+                        .unwrap_or_default(),
                     vip: lb.vip,
-                    table_size: lb.table_size,
                     connections: counters.per_lb.get(r).copied().unwrap_or(0),
                     sandboxes,
                     backends,
                 });
             }
-            let backend_ids: Vec<&str> = snap
-                .desired
-                .lbs
-                .iter()
-                .filter(|(r, _)| r.service_id == s.id)
+            let backend_ids: Vec<&str> = desired
+                .lbs_of(&s.id)
                 .flat_map(|(_, lb)| lb.backends.iter().map(|b| b.task_id.as_str()))
                 .collect();
-            let not_serving = snap
-                .state
-                .tasks
-                .iter()
-                .filter(|t| t.service_id == s.id && !backend_ids.contains(&t.id.as_str()))
+            let not_serving = state
+                .tasks_of(&s.id)
+                .filter(|t| !backend_ids.contains(&t.id.as_str()))
                 .map(|t| {
-                    let why = if !t.is_live() {
-                        format!("state {} / desired {}", t.state, t.desired_state)
-                    } else if snap.state.nodes.get(&t.node_id).is_some_and(|n| n.is_down()) {
+                    let why = if t.state != crate::model::TaskState::Running || t.desired != crate::model::TaskState::Running {
+                        format!("state {} / desired {}", t.state, t.desired)
+                    } else if state.nodes.get(&t.node_id).is_some_and(|n| n.is_down()) {
                         "node down".to_string()
+                    } else if !state.serves(t) {
+                        "health check failing on its node".to_string()
+                    } else if s.mode == EndpointMode::Dnsrr {
+                        "dnsrr: served by DNS only".to_string()
                     } else {
                         "no address on a VIP network".to_string()
                     };
@@ -428,7 +476,7 @@ fn handle(shared: &Shared, req: Request) -> Result<Value> {
             })?)
         }
         Request::Maps => {
-            let dump = shared.datapath.lock().unwrap().dump()?;
+            let dump = shared.ebpf.lock().unwrap().dump()?;
             Ok(serde_json::to_value(dump)?)
         }
     }

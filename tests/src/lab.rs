@@ -40,6 +40,10 @@ pub struct LabSpec {
     /// Swarm dispatcher heartbeat (`docker swarm init --dispatcher-heartbeat`); None keeps
     /// Docker's 5 s. Node loss is reported after a few heartbeats.
     pub heartbeat: Option<String>,
+    /// Workers' meshd read the managers' Docker API (`--manager-api`, TLS) instead of the
+    /// managers' meshd (the feed).
+    #[serde(default)]
+    pub manager_api: bool,
 }
 
 impl LabSpec {
@@ -49,6 +53,7 @@ impl LabSpec {
             nodes,
             managers,
             heartbeat: None,
+            manager_api: false,
         }
     }
 
@@ -198,7 +203,7 @@ impl Lab {
             key: tls.join("client-key.pem"),
         };
         for (i, node) in self.nodes.iter().enumerate() {
-            let manager = (i >= self.spec.managers).then_some(&remote);
+            let manager = (i >= self.spec.managers && self.spec.manager_api).then_some(&remote);
             let m = Meshd::start_with(node, &pin_dir(&node.spec), manager)
                 .with_context(|| format!("meshd on {}", self.hostname(i)))?;
             self.meshds.push(m);

@@ -38,7 +38,7 @@ pub fn reset_pins(pin_dir: &Path) {
     }
 }
 
-/// The manager APIs a worker's meshd reads, with mutual TLS.
+/// Managers' Docker APIs a meshd reads directly (`--manager-api`), with mutual TLS.
 #[derive(Clone, Debug)]
 pub struct RemoteManager {
     /// `tcp://addr:port`, comma-separated when there are several managers.
@@ -85,18 +85,22 @@ impl Meshd {
     ) -> Result<Meshd> {
         let mut m = Meshd::handle(node, pin_dir, true);
         m.args.extend_from_slice(extra);
-        match manager {
-            None => m.args.extend(["--docker-host".into(), node.host()]),
-            Some(r) => {
-                m.args.extend(["--docker-host".into(), r.url.clone()]);
-                for (flag, path) in [
-                    ("--tls-ca", &r.ca),
-                    ("--tls-cert", &r.cert),
-                    ("--tls-key", &r.key),
-                ] {
-                    m.args.extend([flag.into(), path.display().to_string()]);
-                }
-                m.args.extend(["--local-docker-host".into(), node.host()]);
+        m.args.extend(["--docker-host".into(), node.host()]);
+        m.args.extend([
+            "--swarm-certs".into(),
+            node.swarm_certs().display().to_string(),
+            "--docker-netns-dir".into(),
+            node.dir.join("exec/netns").display().to_string(),
+        ]);
+        if let Some(r) = manager {
+            // The managers' Docker API directly, instead of their meshd's feed.
+            m.args.extend(["--manager-api".into(), r.url.clone()]);
+            for (flag, path) in [
+                ("--tls-ca", &r.ca),
+                ("--tls-cert", &r.cert),
+                ("--tls-key", &r.key),
+            ] {
+                m.args.extend([flag.into(), path.display().to_string()]);
             }
         }
         m.spawn()?;
@@ -154,10 +158,8 @@ impl Meshd {
             Daemon::spawn(&mut cmd, &self.place, &self.marker, Some(&self.pidfile))
                 .context("spawn meshd")?,
         );
-        wait_for("meshd to report a sync", Duration::from_secs(30), || {
-            self.status()
-                .ok()
-                .filter(|s| s["docker"]["syncs"].as_u64().unwrap_or(0) > 0)
+        wait_for("meshd to be ready", Duration::from_secs(30), || {
+            self.status().ok().filter(|s| s["ready"] == true)
         })
         .with_context(|| format!("meshd log:\n{}", self.log_tail()))?;
         Ok(())

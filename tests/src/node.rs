@@ -236,6 +236,11 @@ impl Node {
         self.start_dockerd()
     }
 
+    /// Swarm's node certificates of this node (the feed's TLS).
+    pub fn swarm_certs(&self) -> PathBuf {
+        self.dir.join("data/swarm/certificates")
+    }
+
     pub fn host(&self) -> String {
         format!("unix://{}", self.sock.display())
     }

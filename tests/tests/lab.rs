@@ -133,25 +133,48 @@ fn cross_node_scenario(lab: &mut Lab) -> Result<()> {
             "task {task} on {node} answered {n} of 200: {seen:?}"
         );
     }
-    // Workers' meshd read the manager over TCP with mutual TLS, and program the same VIP.
+    // Workers' meshd follow the manager's meshd (the feed, mutual TLS with the swarm's own
+    // node certificates), and program the same VIP.
     for w in ["node2", "node3"] {
         let st = lab.meshd(w)?.status()?;
+        let feed = &st["feed"]["client"];
         ensure!(
-            st["docker"]["manager"]
-                .as_str()
-                .is_some_and(|s| s.starts_with("tcp://"))
-                && st["docker"]["connected"] == true,
-            "{w}'s meshd should read the manager over TCP: {}",
-            st["docker"]
+            st["mode"] == "feed"
+                && feed["connected"] == true
+                && feed["hub"] == "192.168.100.1:2378",
+            "{w}'s meshd should follow node1's feed: {feed}"
         );
         lab.meshd(w)?.wait_backends("echo", 4)?;
     }
+    let hub = lab.meshd("node1")?.status()?;
+    let peers = hub["feed"]["hub"]["peers"]
+        .as_object()
+        .map_or(0, |p| p.len());
+    // node2 and node3: each one subscription and one upload link.
+    ensure!(
+        peers == 4,
+        "node1 should serve 4 feed links: {}",
+        hub["feed"]
+    );
 
-    // `meshd check` on a worker: the lab's client certificate is accepted; one from
-    // another CA is refused with a TLS error, before anything is read.
+    // `meshd check` on a worker, through the feed (no Docker credential for the manager),
+    // and through the managers' Docker API: the lab's client certificate is accepted; one
+    // from another CA is refused with a TLS error, before anything is read.
+    let node2 = lab.node("node2")?;
+    let mut argv = vec![bin("meshd").display().to_string(), "check".into()];
+    argv.extend(["--docker-host".into(), node2.host()]);
+    argv.extend([
+        "--swarm-certs".into(),
+        node2.swarm_certs().display().to_string(),
+    ]);
+    let via_feed = run(&mut lab.exec_command("node2", &argv)?)?;
+    ensure!(
+        via_feed.contains("the feed of 192.168.100.1:2378") && via_feed.contains("would program"),
+        "meshd check through the feed said {via_feed:?}"
+    );
     let check = |tls: &std::path::Path| -> Result<String> {
         let mut argv = vec![bin("meshd").display().to_string(), "check".into()];
-        argv.extend(["--docker-host".into(), "tcp://192.168.100.1:2376".into()]);
+        argv.extend(["--manager-api".into(), "tcp://192.168.100.1:2376".into()]);
         for (flag, file) in [
             ("--tls-ca", "ca.pem"),
             ("--tls-cert", "client.pem"),
@@ -159,7 +182,7 @@ fn cross_node_scenario(lab: &mut Lab) -> Result<()> {
         ] {
             argv.extend([flag.into(), tls.join(file).display().to_string()]);
         }
-        argv.extend(["--local-docker-host".into(), lab.node("node2")?.host()]);
+        argv.extend(["--docker-host".into(), lab.node("node2")?.host()]);
         run(&mut lab.exec_command("node2", &argv)?)
     };
     let ok = check(&lab.dir.join("tls"))?;
@@ -526,22 +549,54 @@ fn a_worker_keeps_reading_the_swarm_when_its_manager_is_lost() {
     if !require_root("a_worker_keeps_reading_the_swarm_when_its_manager_is_lost") {
         return;
     }
-    let mut spec = LabSpec::new(&format!("{}m", run_tag()), 4, 3);
+    let mut spec = LabSpec::new(&format!("{}m", run_tag()), 5, 3);
     spec.heartbeat = Some("1s".into());
     let mut lab = Lab::up(spec).expect("lab up");
     with_logs(&mut lab, manager_loss_scenario);
 }
 
-fn manager_loss_scenario(lab: &mut Lab) -> Result<()> {
-    let worker = lab.meshd("node4")?;
-    let st = worker.status()?;
+/// The manager a worker's meshd follows now (feed address).
+fn hub_of(lab: &Lab, node: &str) -> Result<String> {
+    let st = lab.meshd(node)?.status()?;
     ensure!(
-        st["docker"]["manager"] == "tcp://192.168.100.1:2376"
-            && st["docker"]["managers"].as_array().map(Vec::len) == Some(3),
-        "node4's meshd should read node1 first of 3 managers: {}",
-        st["docker"]
+        st["feed"]["client"]["connected"] == true,
+        "{node} not subscribed: {}",
+        st["feed"]
     );
-    // node1 (the leader) is lost; node2 and node3 keep quorum and elect a new leader.
+    Ok(st["feed"]["client"]["hub"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string())
+}
+
+fn manager_loss_scenario(lab: &mut Lab) -> Result<()> {
+    // node5 reads the managers' Docker API directly (--manager-api), the option for nodes
+    // whose managers run no meshd; node4 follows the feed.
+    let tls = lab.dir.join("tls");
+    let remote = meshd_tests::meshd_proc::RemoteManager {
+        url: (1..=3)
+            .map(|i| format!("tcp://192.168.100.{i}:2376"))
+            .collect::<Vec<_>>()
+            .join(","),
+        ca: tls.join("ca.pem"),
+        cert: tls.join("client.pem"),
+        key: tls.join("client-key.pem"),
+    };
+    let pins = lab.meshds[4].pin_dir.clone();
+    lab.meshds[4].kill9();
+    // The old handle must not remove the new meshd's socket when it drops.
+    lab.meshds[4].detach();
+    lab.meshds[4] = meshd_tests::Meshd::start_with(lab.node("node5")?, &pins, Some(&remote))?;
+    let st = lab.meshd("node5")?.status()?;
+    ensure!(
+        st["mode"] == "manager_api" && st["swarm"]["endpoint"] == "tcp://192.168.100.1:2376",
+        "node5's meshd should read node1's API first of 3: {}",
+        st["swarm"]
+    );
+    // node1 (the leader, and the first manager both read) is lost; node2 and node3 keep
+    // quorum and elect a new leader.
+    let followed = hub_of(lab, "node4")?;
+    eprintln!("node4 follows {followed}; losing node1");
     lab.node_mut("node1")?.stop_dockerd();
     let n2 = lab.node("node2")?;
     wait_for("a new swarm leader", Duration::from_secs(60), || {
@@ -550,23 +605,26 @@ fn manager_loss_scenario(lab: &mut Lab) -> Result<()> {
     })?;
     n2.create_service("after", "late", 2, "1s", &["sh", "-c", WEB_CMD])?;
     n2.wait_running("after", 2)?;
-    let worker = lab.meshd("node4")?;
-    wait_for(
-        "node4's meshd to program a service created after node1 was lost",
-        Duration::from_secs(30),
-        || (worker.backends("after") == Some(2)).then_some(()),
-    )?;
-    let st = worker.status()?;
-    let now = st["docker"]["manager"].as_str().unwrap_or_default();
+    for w in ["node4", "node5"] {
+        let m = lab.meshd(w)?;
+        wait_for(
+            &format!("{w}'s meshd to program a service created after node1 was lost"),
+            Duration::from_secs(30),
+            || (m.backends("after") == Some(2)).then_some(()),
+        )?;
+    }
+    let lost: BTreeSet<String> = ["192.168.100.1".to_string()].into();
+    let now = hub_of(lab, "node4")?;
     ensure!(
-        now == "tcp://192.168.100.2:2376" || now == "tcp://192.168.100.3:2376",
-        "node4's meshd should now read node2 or node3: {}",
-        st["docker"]
+        !lost.contains(now.split(':').next().unwrap_or_default()),
+        "node4 still follows a lost manager: {now}"
     );
+    let st = lab.meshd("node5")?.status()?;
+    let reads = st["swarm"]["endpoint"].as_str().unwrap_or_default();
     ensure!(
-        st["docker"]["connected"] == true,
-        "not connected: {}",
-        st["docker"]
+        !reads.contains("192.168.100.1:") && st["swarm"]["connected"] == true,
+        "node5's meshd should read another manager's API now: {}",
+        st["swarm"]
     );
     Ok(())
 }

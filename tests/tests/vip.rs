@@ -193,7 +193,7 @@ fn scenario(lab: &mut OneNodeSwarm) -> Result<()> {
 
     // 7. Restart: the pinned state is adopted and nothing is rewritten.
     let lbs_before = pinned_map_len(&pins.0, "MESHD_LBS")?;
-    let slots_before = pinned_map_len(&pins.0, "MESHD_MAGLEV")?;
+    let slots_before = pinned_map_len(&pins.0, "MESHD_BACKENDS")?;
     meshd.restart()?;
     let st = meshd.status()?;
     let adopted = &st["datapath"]["adopted_at_start"];
@@ -205,13 +205,16 @@ fn scenario(lab: &mut OneNodeSwarm) -> Result<()> {
         adopted["replaced_links"] == 4,
         "old links not replaced: {adopted}"
     );
+    let vip_applier = &st["datapath"]["appliers"][0];
     ensure!(
-        st["datapath"]["applies_with_changes"] == 0,
-        "restart rewrote maps though nothing changed: {st}"
+        vip_applier["name"] == "ebpf"
+            && vip_applier["totals"]["writes"] == 0
+            && vip_applier["totals"]["deletes"] == 0,
+        "restart rewrote maps though nothing changed: {vip_applier}"
     );
     ensure!(
-        pinned_map_len(&pins.0, "MESHD_MAGLEV")? == slots_before,
-        "Maglev slots changed"
+        pinned_map_len(&pins.0, "MESHD_BACKENDS")? == slots_before,
+        "backend slots changed"
     );
     let seen = get_many(node, 30, "http://web/")?;
     ensure!(
@@ -221,12 +224,9 @@ fn scenario(lab: &mut OneNodeSwarm) -> Result<()> {
 
     // 8. Removing the service clears its entries from the kernel maps.
     let vips_before = pinned_map_len(&pins.0, "MESHD_VIPS")?;
-    let web_scope = meshd.ctl(&["service", "web"])?["vips"][0]["sandboxes"]
+    let web_backends = meshd.ctl(&["service", "web"])?["vips"][0]["backends"]
         .as_array()
         .map_or(0, Vec::len);
-    let web_table = meshd.ctl(&["service", "web"])?["vips"][0]["table_size"]
-        .as_u64()
-        .unwrap() as usize;
     node.docker(&["service", "rm", "web"])?;
     wait_for("web to leave meshctl", Duration::from_secs(5), || {
         let list = meshd.ctl(&["services"]).ok()?;
@@ -240,16 +240,15 @@ fn scenario(lab: &mut OneNodeSwarm) -> Result<()> {
             (lbs == lbs_before - 1).then_some(())
         },
     )?;
-    // The removed service's sandboxes (its own tasks) left the scope of other VIPs too, so
-    // count only what must be gone at least.
+    // One VIP entry per load balancer (the sandboxes are scoped by network).
     let vips_after = pinned_map_len(&pins.0, "MESHD_VIPS")?;
     ensure!(
-        vips_after + web_scope <= vips_before,
-        "VIP entries {vips_before} → {vips_after}, web had {web_scope}"
+        vips_after + 1 == vips_before,
+        "VIP entries {vips_before} → {vips_after}"
     );
     ensure!(
-        pinned_map_len(&pins.0, "MESHD_MAGLEV")? + web_table <= slots_before,
-        "web's Maglev slots still pinned"
+        pinned_map_len(&pins.0, "MESHD_BACKENDS")? + web_backends <= slots_before,
+        "web's backend slots still pinned"
     );
     let dump: Value = meshd.ctl(&["maps"])?;
     ensure!(

@@ -1,21 +1,12 @@
 #!/bin/sh
-# The manager: its Docker API also on TCP with mutual TLS (workers' meshd read it), the
-# swarm, and meshd reading the local engine.
+# The manager: the swarm, and meshd reading the local engine and serving the feed to the
+# workers' meshd on port 2378 (mutual TLS with the swarm's node certificates). Only the
+# worker join token goes to the shared folder.
 set -eu
 : "${NODE_IP:?}"
 LAB=/vagrant/.lab
 mkdir -p "$LAB"
-sh /meshd/vagrant/provision/tls.sh /etc/docker/tls "$NODE_IP"
-install -m 0644 /etc/docker/tls/ca.pem /etc/docker/tls/client.pem "$LAB/"
-install -m 0600 /etc/docker/tls/client-key.pem "$LAB/"
-mkdir -p /etc/systemd/system/docker.service.d
-cat > /etc/systemd/system/docker.service.d/meshd-lab.conf <<UNIT
-[Service]
-ExecStart=
-ExecStart=/usr/sbin/dockerd -H fd:// -H tcp://${NODE_IP}:2376 --tlsverify --tlscacert=/etc/docker/tls/ca.pem --tlscert=/etc/docker/tls/server.pem --tlskey=/etc/docker/tls/server-key.pem --containerd=/run/containerd/containerd.sock
-UNIT
-systemctl daemon-reload
-systemctl restart docker
+systemctl enable --now docker
 if [ "$(docker info -f '{{.Swarm.LocalNodeState}}')" != active ]; then
   docker swarm init --advertise-addr "$NODE_IP"
 fi

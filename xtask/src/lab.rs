@@ -26,6 +26,10 @@ pub enum LabCmd {
         /// Do not deploy the demo stack.
         #[arg(long)]
         no_demo: bool,
+        /// Workers' meshd read the managers' Docker API over TLS (`--manager-api`) instead
+        /// of the managers' meshd (the feed, the default).
+        #[arg(long)]
+        manager_api: bool,
         /// Use the binaries already built (skip setup and `cargo build`).
         #[arg(long)]
         no_build: bool,
@@ -72,6 +76,7 @@ pub fn run(cmd: LabCmd) -> Result<()> {
             heartbeat,
             no_demo,
             no_build,
+            manager_api,
         } => {
             if !no_build {
                 crate::setup()?;
@@ -83,6 +88,7 @@ pub fn run(cmd: LabCmd) -> Result<()> {
                     nodes,
                     managers,
                     heartbeat,
+                    manager_api,
                 },
                 !no_demo,
             )
@@ -228,28 +234,47 @@ fn status(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// One line on a meshd: is it reading Docker, how much it programmed, what it rejected.
+/// One line on a meshd: is it following the swarm, how much it programmed, what it rejected.
 fn meshd_health(status: Option<Value>) -> String {
     let Some(s) = status else {
         return "NOT RUNNING (no answer on its socket)".into();
     };
-    let d = &s["docker"];
     let c = &s["counts"];
     let rejected = s["rejected"].as_array().map_or(0, Vec::len);
-    let health = if d["connected"].as_bool() == Some(true) {
-        "ok".to_string()
-    } else {
-        format!(
-            "NOT READING DOCKER: {}",
-            d["last_error"].as_str().unwrap_or("?")
-        )
+    let (from, error) = match s["mode"].as_str() {
+        Some("feed") => {
+            let f = &s["feed"]["client"];
+            (
+                format!("feed from {}", f["hub"].as_str().unwrap_or("no manager")),
+                (f["connected"] != true).then(|| {
+                    f["last_error"]
+                        .as_str()
+                        .unwrap_or("not subscribed")
+                        .to_string()
+                }),
+            )
+        }
+        Some("manager") | Some("manager_api") => {
+            let w = &s["swarm"];
+            let peers = s["feed"]["hub"]["peers"].as_object().map_or(0, |p| p.len());
+            (
+                format!(
+                    "reads {}, serves {peers} feed links",
+                    w["endpoint"].as_str().unwrap_or("?")
+                ),
+                (w["connected"] != true)
+                    .then(|| w["last_error"].as_str().unwrap_or("?").to_string()),
+            )
+        }
+        _ => ("local containers only".into(), None),
+    };
+    let health = match (s["ready"] == true, error) {
+        (true, None) => "ok".to_string(),
+        (_, Some(e)) => format!("NOT FOLLOWING THE SWARM: {e}"),
+        (false, None) => "starting".to_string(),
     };
     format!(
-        "{health}; {} syncs; {} VIPs on {} local containers; {} rejected; reads {}",
-        d["syncs"],
-        c["vip_entries"],
-        c["local_sandboxes"],
-        rejected,
-        d["manager"].as_str().unwrap_or("?")
+        "{health}; {} load balancers; {} local containers; {} rejected; {from}",
+        c["load_balancers"], c["local_sandboxes"], rejected,
     )
 }

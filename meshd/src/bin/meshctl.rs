@@ -93,10 +93,10 @@ fn run(cli: &Cli) -> Result<()> {
             println!("service {} ({}) mode {:?}", s.name, s.id, s.mode);
             for v in &s.vips {
                 println!(
-                    "  network {} VIP {}  maglev table {}  connections {}  seen by {} local container(s)",
+                    "  network {} VIP {}  backends {}  connections {}  seen by {} local container(s)",
                     v.network,
                     v.vip,
-                    v.table_size,
+                    v.backends.len(),
                     v.connections,
                     v.sandboxes.len()
                 );
@@ -170,42 +170,126 @@ fn print_dns(d: &Value) {
 }
 
 fn print_status(d: &Value) {
-    let docker = &d["docker"];
-    println!("node            {}", d["node_id"].as_str().unwrap_or("?"));
+    let s = |v: &Value| v.as_str().unwrap_or("").to_string();
     println!(
-        "docker          {} ({}), events {}, syncs {} ok / {} failed",
-        docker["manager"].as_str().unwrap_or(""),
-        if docker["connected"] == true {
-            "connected"
+        "node            {} ({}){}",
+        d["node_id"]
+            .as_str()
+            .filter(|n| !n.is_empty())
+            .unwrap_or("not in a swarm"),
+        s(&d["mode"]).replace('_', " "),
+        if d["ready"] == true {
+            ""
         } else {
-            "NOT connected"
-        },
-        if docker["events_connected"] == true {
-            "following"
-        } else {
-            "NOT following"
-        },
-        docker["syncs"],
-        docker["failed_syncs"],
+            ", NOT READY: still reading"
+        }
     );
-    if let Some(all) = docker["managers"].as_array().filter(|m| m.len() > 1) {
-        let all: Vec<&str> = all.iter().filter_map(Value::as_str).collect();
+    let src = |name: &str, v: &Value| {
+        if v.is_null() {
+            return;
+        }
         println!(
-            "managers        {} (in order of preference)",
-            all.join(", ")
+            "{name:<16}{} ({}), {} events, {} reads, {} full reads",
+            s(&v["endpoint"]),
+            if v["connected"] == true {
+                "following"
+            } else {
+                "NOT connected"
+            },
+            v["events"],
+            v["reads"],
+            v["resyncs"]
         );
+        if let Some(e) = v["last_error"].as_str() {
+            println!("  last error    {e}");
+        }
+    };
+    src("local engine", &d["local"]);
+    src("swarm from", &d["swarm"]);
+    let feed = &d["feed"];
+    if let Some(c) = feed.get("client") {
+        println!(
+            "feed            {} ({}), seq {}, {} snapshots, {} batches, {} failovers",
+            c["hub"].as_str().unwrap_or("no manager"),
+            if c["connected"] == true {
+                "subscribed"
+            } else {
+                "NOT subscribed"
+            },
+            c["seq"],
+            c["snapshots"],
+            c["batches"],
+            c["failovers"]
+        );
+        if let Some(e) = c["last_error"].as_str() {
+            println!("  last error    {e}");
+        }
     }
-    if let Some(e) = docker["last_error"].as_str() {
-        println!("last error      {e}");
+    if let Some(h) = feed.get("hub") {
+        let peers = h["peers"].as_object().map_or(0, |p| p.len());
+        println!(
+            "feed served     on {}, {} nodes connected, seq {}, {} refused",
+            s(&h["listen"]),
+            peers,
+            h["seq"],
+            h["refused"]
+        );
+        if let Some(e) = h["last_refusal"].as_str() {
+            println!("  last refusal  {e}");
+        }
+    }
+    for (hub, u) in feed
+        .get("client")
+        .unwrap_or(feed)
+        .get("uploads")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+    {
+        println!(
+            "  reports to    {hub} ({}), {} reports, {} hints",
+            if u["connected"] == true { "up" } else { "DOWN" },
+            u["reports"],
+            u["hints"]
+        );
     }
     let dp = &d["datapath"];
     println!(
-        "datapath        ebpf, cgroup {}, pins {}",
-        dp["cgroup"].as_str().unwrap_or(""),
-        dp["pin_dir"].as_str().unwrap_or("")
+        "datapath        ebpf, cgroup {}, pins {}, {} map entries",
+        s(&dp["cgroup"]),
+        s(&dp["pin_dir"]),
+        dp["map_entries"]
     );
-    println!("adopted         {}", dp["adopted_at_start"]);
-    println!("counts          {}", d["counts"]);
+    let a = &dp["adopted_at_start"];
+    println!(
+        "adopted         {} load balancers, {} sandboxes, {} backend slots (read in {:.1} ms)",
+        a["load_balancers"],
+        a["sandboxes"],
+        a["backend_slots"],
+        a["read_ms"].as_f64().unwrap_or(0.0)
+    );
+    for ap in dp["appliers"].as_array().into_iter().flatten() {
+        println!(
+            "  applier {:<6}{} applies, {} writes, {} deletes{}",
+            s(&ap["name"]),
+            ap["applies"],
+            ap["totals"]["writes"],
+            ap["totals"]["deletes"],
+            match ap["last_error"].as_str() {
+                Some(e) => format!(", FAILING: {e}"),
+                None => String::new(),
+            }
+        );
+    }
+    let c = &d["counts"];
+    println!(
+        "swarm           {} services, {} tasks, {} networks, {} nodes; {} load balancers, {} backends",
+        c["services"], c["tasks"], c["networks"], c["nodes"], c["load_balancers"], c["backends"]
+    );
+    println!(
+        "this node       {} containers scoped, {} other nodes report containers",
+        c["scoped_sandboxes"], c["reports"]
+    );
     let l = &d["event_to_map"];
     println!(
         "event→map       {} samples, p50 {:.2} ms, p99 {:.2} ms",
@@ -233,7 +317,11 @@ fn print_status(d: &Value) {
             dns["upstreams_from"].as_str().unwrap_or(""),
             dns["upstream_changes"]
         );
-        println!("dns queries     {}", dns["stats"]);
+        let q = &dns["stats"];
+        println!(
+            "dns queries     {} answered, {} forwarded ({} failed), {} refused, {} malformed",
+            q["answered"], q["forwarded"], q["forward_failed"], q["refused"], q["formerr"]
+        );
         for e in dns["config_errors"].as_array().into_iter().flatten() {
             println!("  upstream config: {}", e.as_str().unwrap_or(""));
         }

@@ -11,8 +11,13 @@ use meshd::{
     compile::compile,
     daemon::{self, Config, DnsConfig, UpstreamSource},
     datapath::ebpf,
-    source::docker_api::{DockerApi, TlsFiles},
-    source::{docker::DockerSource, managers::Managers},
+    feed,
+    model::{Change, ClusterState},
+    source::{
+        docker_api::{DockerApi, TlsFiles},
+        managers::Managers,
+        swarm::{read_once, SwarmConfig},
+    },
 };
 use meshd_dns::upstream::MAX_UPSTREAMS;
 
@@ -35,42 +40,57 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf/meshd")]
         pin_dir: PathBuf,
     },
-    /// Read Docker once with these settings and say what meshd would program; touches no
-    /// kernel state. Exits non-zero when Docker cannot be read (TLS, address, permissions).
+    /// Read the swarm once the way the daemon would (this node's engine, then the managers'
+    /// meshd or --manager-api) and say what meshd would program; touches no kernel state.
+    /// Exits non-zero when something cannot be read (address, TLS, certificates).
     Check {
         #[command(flatten)]
-        docker: DockerArgs,
+        docker: Box<DockerArgs>,
     },
 }
 
 /// Where Docker state comes from.
 #[derive(Args)]
 struct DockerArgs {
-    /// Docker Engine API of a swarm manager: unix:///path or tcp://host:port. Several,
-    /// comma-separated, in order of preference: meshd moves on when one stops answering.
+    /// This node's Docker Engine API: unix:///path (or tcp://host:port with TLS).
     #[arg(
         long,
         env = "MESHD_DOCKER_HOST",
-        default_value = "unix:///var/run/docker.sock",
-        value_delimiter = ','
+        default_value = "unix:///var/run/docker.sock"
     )]
-    docker_host: Vec<String>,
-    /// This node's engine, for its containers; defaults to --docker-host.
-    #[arg(long, env = "MESHD_LOCAL_DOCKER_HOST")]
-    local_docker_host: Option<String>,
-    /// CA certificate that signed the manager's TLS certificate (tcp:// only).
+    docker_host: String,
+    /// Where this node's dockerd makes container network namespaces (`<exec-root>/netns`);
+    /// learned from its containers when not given, else /var/run/docker/netns.
+    #[arg(long)]
+    docker_netns_dir: Option<PathBuf>,
+    /// Read the swarm from these managers' Docker APIs (tcp://host:port, comma-separated,
+    /// in order of preference) instead of from the managers' meshd. For nodes whose
+    /// managers do not run meshd; it needs a client certificate that is root on them.
+    #[arg(long, value_delimiter = ',')]
+    manager_api: Vec<String>,
+    /// CA certificate that signed the managers' API certificate (--manager-api).
     #[arg(long)]
     tls_ca: Option<PathBuf>,
-    /// Client certificate for the manager (tcp:// only).
+    /// Client certificate for the managers' API (--manager-api).
     #[arg(long)]
     tls_cert: Option<PathBuf>,
-    /// Client key for the manager (tcp:// only).
+    /// Client key for the managers' API (--manager-api).
     #[arg(long)]
     tls_key: Option<PathBuf>,
     /// Accept tcp:// without TLS. The Docker API is root on the manager: only for a private
     /// network namespace, never across machines.
     #[arg(long)]
     insecure_plain_tcp: bool,
+    /// The swarm's node certificates: the feed between meshd's is mutual TLS with them.
+    #[arg(long, default_value = "/var/lib/docker/swarm/certificates")]
+    swarm_certs: PathBuf,
+    /// Where a manager's meshd serves the feed (its port is where the others look).
+    #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], feed::DEFAULT_PORT)))]
+    feed_listen: SocketAddr,
+    /// The managers' feed addresses (IP:PORT, comma-separated), instead of the managers
+    /// this node's engine names.
+    #[arg(long, value_delimiter = ',')]
+    feed_hub: Vec<SocketAddr>,
 }
 
 #[derive(Args)]
@@ -86,15 +106,13 @@ struct RunArgs {
     /// meshctl's socket.
     #[arg(long, default_value = meshd::api::DEFAULT_SOCKET)]
     api_socket: PathBuf,
-    /// Full re-read of Docker state, for what no event announces (milliseconds).
-    #[arg(long, default_value_t = 1000)]
-    poll_ms: u64,
-    /// Re-read interval right after an event (milliseconds).
-    #[arg(long, default_value_t = 25)]
-    fast_poll_ms: u64,
-    /// How long fast re-reads go on after an event (milliseconds).
-    #[arg(long, default_value_t = 3000)]
-    fast_window_ms: u64,
+    /// How long one pass of the safety-net re-read of every service's tasks takes, on
+    /// managers (seconds). Events and hints do the real work; this catches what they miss.
+    #[arg(long, default_value_t = 600)]
+    resync_s: u64,
+    /// How often every applier re-checks everything it owns (seconds).
+    #[arg(long, default_value_t = 600)]
+    sweep_s: u64,
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
@@ -161,53 +179,127 @@ impl DockerArgs {
             key: self.tls_key.clone(),
         }
     }
-}
 
-/// The managers' and this node's Docker APIs, refusing an unauthenticated remote API.
-fn apis(a: &DockerArgs) -> Result<(Managers, DockerApi)> {
-    let tls = a.tls();
-    let tls_given = tls.ca.is_some() || tls.cert.is_some() || tls.key.is_some();
-    let mut managers = Vec::new();
-    for host in &a.docker_host {
-        if host.starts_with("tcp://") && !tls_given && !a.insecure_plain_tcp {
-            bail!(
-                "--docker-host {host} is plain TCP: anyone on that network could drive the \
-                 manager. Give --tls-ca, --tls-cert and --tls-key (dockerd --tlsverify), or \
-                 --insecure-plain-tcp inside a private network namespace"
-            );
+    /// This node's engine, and the managers' APIs when --manager-api is given (refusing an
+    /// unauthenticated remote API).
+    fn apis(&self) -> Result<(DockerApi, Option<Managers>)> {
+        let local =
+            DockerApi::new(&self.docker_host, &TlsFiles::default()).context("--docker-host")?;
+        if self.manager_api.is_empty() {
+            return Ok((local, None));
         }
-        managers.push(DockerApi::new(host, &tls).with_context(|| format!("--docker-host {host}"))?);
+        let tls = self.tls();
+        let tls_given = tls.ca.is_some() || tls.cert.is_some() || tls.key.is_some();
+        let mut managers = Vec::new();
+        for host in &self.manager_api {
+            if host.starts_with("tcp://") && !tls_given && !self.insecure_plain_tcp {
+                bail!(
+                    "--manager-api {host} is plain TCP: anyone on that network could drive the \
+                     manager. Give --tls-ca, --tls-cert and --tls-key (dockerd --tlsverify), or \
+                     --insecure-plain-tcp inside a private network namespace"
+                );
+            }
+            managers
+                .push(DockerApi::new(host, &tls).with_context(|| format!("--manager-api {host}"))?);
+        }
+        Ok((local, Some(Managers::new(managers))))
     }
-    if managers.is_empty() {
-        bail!("--docker-host: give at least one manager");
-    }
-    let local = match &a.local_docker_host {
-        Some(h) => DockerApi::new(h, &TlsFiles::default()).context("--local-docker-host")?,
-        None => managers[0].clone(),
-    };
-    Ok((Managers::new(managers), local))
 }
 
+/// `meshd check`: one read, by the same path the daemon would take.
 fn check(a: DockerArgs) -> Result<()> {
-    let (manager, local) = apis(&a)?;
+    let (local, managers) = a.apis()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let mut source = DockerSource::new(manager.clone(), local.clone());
-        let mut state = None;
-        for _ in 0..manager.len() {
-            let from = source.managers.pick().1.endpoint().to_string();
-            match source.fetch().await {
-                Ok(s) => {
-                    state = Some((s, from));
-                    break;
+        let info = local
+            .get_json("/info")
+            .await
+            .with_context(|| format!("cannot read this node's engine at {}", local.endpoint()))?;
+        let s = |p: &str| {
+            info.pointer(p)
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_string()
+        };
+        let node_id = s("/Swarm/NodeID");
+        let manager = info
+            .pointer("/Swarm/ControlAvailable")
+            .and_then(|v| v.as_bool())
+            == Some(true);
+        println!(
+            "this node: {} ({}), engine {}",
+            if node_id.is_empty() {
+                "not in a swarm"
+            } else {
+                &node_id
+            },
+            if manager { "manager" } else { "worker" },
+            local.endpoint()
+        );
+        let (changes, from): (Vec<Change>, String) = if let Some(m) = &managers {
+            let mut last = None;
+            let mut got = None;
+            for _ in 0..m.len() {
+                let (i, api) = m.pick();
+                match read_once(api).await {
+                    Ok(c) => {
+                        got = Some((c, api.endpoint().to_string()));
+                        break;
+                    }
+                    Err(e) => {
+                        eprintln!("cannot read the swarm from {}: {e}", api.endpoint());
+                        m.failed(i);
+                        last = Some(e);
+                    }
                 }
-                Err(e) => eprintln!("cannot read Docker state from {from}: {e}"),
             }
-        }
-        let (state, from) = state.context("no manager could be read")?;
-        let node_id = source.node_id().await.unwrap_or_default();
+            match got {
+                Some(g) => g,
+                None => bail!(
+                    "no manager could be read ({})",
+                    last.map(|e| e.to_string()).unwrap_or_default()
+                ),
+            }
+        } else if node_id.is_empty() {
+            (Vec::new(), "nowhere (not in a swarm)".into())
+        } else if manager {
+            (
+                read_once(&local)
+                    .await
+                    .context("read the swarm from this manager's engine")?,
+                local.endpoint().to_string(),
+            )
+        } else {
+            let certs = feed::certs::SwarmCerts::load(&a.swarm_certs)?;
+            let hubs: Vec<SocketAddr> = if a.feed_hub.is_empty() {
+                info.pointer("/Swarm/RemoteManagers")
+                    .and_then(|v| v.as_array())
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|m| m.get("Addr")?.as_str()?.rsplit_once(':')?.0.parse().ok())
+                    .map(|ip: std::net::IpAddr| SocketAddr::new(ip, a.feed_listen.port()))
+                    .collect()
+            } else {
+                a.feed_hub.clone()
+            };
+            let mut got = None;
+            for h in &hubs {
+                match feed::client::snapshot_once(&certs, *h).await {
+                    Ok(c) => {
+                        got = Some((
+                            c,
+                            format!("the feed of {h} (mutual TLS, {})", certs.current().me),
+                        ));
+                        break;
+                    }
+                    Err(e) => eprintln!("cannot read the feed of {h}: {e}"),
+                }
+            }
+            got.with_context(|| format!("no manager's meshd answered (tried {hubs:?})"))?
+        };
+        let state = ClusterState::from_changes(changes);
         let desired = compile(&state);
         println!(
             "read {} services, {} tasks, {} networks, {} nodes from {}",
@@ -218,21 +310,15 @@ fn check(a: DockerArgs) -> Result<()> {
             from
         );
         println!(
-            "this node {}: {} local containers from {}",
-            if node_id.is_empty() {
-                "(not in a swarm)"
-            } else {
-                &node_id
-            },
-            state.sandboxes.len(),
-            local.endpoint()
-        );
-        println!(
-            "would program {} load balancers and {} VIP entries",
+            "would program {} load balancers with {} backends",
             desired.lbs.len(),
-            desired.vips.len()
+            desired
+                .lbs
+                .values()
+                .map(|l| l.backends.len())
+                .sum::<usize>()
         );
-        for r in &state.rejected {
+        for r in &desired.rejected {
             println!("rejected {} {}: {}", r.kind, r.id, r.reason);
         }
         Ok(())
@@ -271,19 +357,25 @@ fn real_main() -> Result<()> {
         return Ok(());
     }
     if let Some(Command::Check { docker }) = cli.command {
-        return check(docker);
+        return check(*docker);
     }
     let a = cli.run;
-    let (managers, local) = apis(&a.docker)?;
+    let (docker, manager_api) = a.docker.apis()?;
     let cfg = Config {
-        managers,
-        local,
+        docker,
+        docker_netns_dir: a.docker.docker_netns_dir.clone(),
+        manager_api,
+        swarm_certs: a.docker.swarm_certs.clone(),
+        feed_listen: a.docker.feed_listen,
+        feed_hubs: a.docker.feed_hub.clone(),
         pin_dir: a.pin_dir,
         cgroup: a.cgroup,
         api_socket: a.api_socket,
-        poll_interval: Duration::from_millis(a.poll_ms),
-        fast_poll_interval: Duration::from_millis(a.fast_poll_ms),
-        fast_window: Duration::from_millis(a.fast_window_ms),
+        swarm: SwarmConfig {
+            resync: Duration::from_secs(a.resync_s.max(1)),
+            ..SwarmConfig::default()
+        },
+        sweep_every: Duration::from_secs(a.sweep_s.max(1)),
         dns: a.dns.config()?,
     };
     tokio::runtime::Builder::new_multi_thread()

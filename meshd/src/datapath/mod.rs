@@ -1,3 +1,49 @@
-//! Appliers that turn `Desired` into kernel state.
+//! Appliers: each owns one piece of state outside the process (kernel maps, DNS sockets)
+//! and brings it in line with `Desired`, writing only the difference. The eBPF VIP datapath
+//! is one implementation; IPVS (a later issue) is another.
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::compile::{Changed, Desired};
+
 pub mod ebpf;
-pub mod tables;
+
+/// What one apply wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ApplyStats {
+    pub writes: usize,
+    pub deletes: usize,
+}
+
+impl ApplyStats {
+    pub fn is_empty(&self) -> bool {
+        self.writes + self.deletes == 0
+    }
+
+    pub fn add(&mut self, other: ApplyStats) {
+        self.writes += other.writes;
+        self.deletes += other.deletes;
+    }
+}
+
+pub trait Applier: Send {
+    /// For logs and `meshctl status`.
+    fn name(&self) -> &'static str;
+
+    /// Brings what this applier owns in line with `desired` for what `changed` names;
+    /// `everything` also sweeps what `desired` no longer knows (start, periodic resync).
+    /// On error the applier re-reads what it has applied, so the same call again (with
+    /// the same `changed`) converges and leaves nothing behind.
+    fn apply(
+        &mut self,
+        desired: &Desired,
+        changed: &Changed,
+        everything: bool,
+    ) -> Result<ApplyStats>;
+
+    /// Whether the applier has something of its own to retry even when nothing changed (a
+    /// DNS socket that could not be opened yet).
+    fn wants_retry(&self) -> bool {
+        false
+    }
+}

@@ -1,12 +1,16 @@
-//! A minimal Docker Engine API client on hyper: GET JSON and the `/events` stream, over a
-//! unix socket, plain TCP, or TCP with TLS (client certificate, as `dockerd --tlsverify`).
+//! A minimal Docker Engine API client on hyper: GET and the `/events` stream, over a unix
+//! socket, plain TCP, or TCP with TLS (client certificate, as `dockerd --tlsverify`).
+//! Connections are kept alive and reused: a re-read costs a request, not a TLS handshake.
 //!
 //! Why not bollard: its typed `Task` has no `NetworksAttachments` (where task addresses
-//! are), and its typed lists fail whole on one malformed object. meshd reads raw JSON and
-//! decodes each object on its own, so a bad object is rejected alone.
+//! are), and its typed lists fail whole on one malformed object. meshd reads raw answers
+//! and decodes each object on its own (`decode`), so a bad object is rejected alone.
 use std::{
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -80,10 +84,23 @@ enum Endpoint {
     },
 }
 
+/// Requests and answer bytes, for `meshctl status` and the control-plane benchmark.
+#[derive(Debug, Default)]
+pub struct ApiCounters {
+    pub requests: AtomicU64,
+    pub bytes: AtomicU64,
+    pub connections: AtomicU64,
+}
+
+/// Idle keep-alive connections, reused for the next request.
+const MAX_IDLE: usize = 4;
+
 #[derive(Clone)]
 pub struct DockerApi {
     endpoint: Endpoint,
     display: String,
+    idle: Arc<Mutex<Vec<hyper::client::conn::http1::SendRequest<Empty<Bytes>>>>>,
+    pub counters: Arc<ApiCounters>,
 }
 
 trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -118,6 +135,8 @@ impl DockerApi {
         Ok(Self {
             endpoint,
             display: host.to_string(),
+            idle: Arc::default(),
+            counters: Arc::default(),
         })
     }
 
@@ -156,29 +175,76 @@ impl DockerApi {
         }
     }
 
-    async fn send(&self, path: &str) -> Result<hyper::Response<Incoming>, ApiError> {
+    async fn handshake(
+        &self,
+    ) -> Result<hyper::client::conn::http1::SendRequest<Empty<Bytes>>, ApiError> {
         let io = self.connect().await?;
-        let http_err = |reason| ApiError::Http {
-            endpoint: self.display.clone(),
-            reason,
-        };
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        self.counters.connections.fetch_add(1, Ordering::Relaxed);
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
-            .map_err(http_err)?;
+            .map_err(|reason| ApiError::Http {
+                endpoint: self.display.clone(),
+                reason,
+            })?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let req = Request::get(format!("/{API_VERSION}{path}"))
-            .header("host", "docker")
-            .body(Empty::<Bytes>::new())
-            .expect("a GET request with a valid path");
-        sender.send_request(req).await.map_err(http_err)
+        Ok(sender)
     }
 
-    /// GET `path` (under the API version) and parse the answer as JSON.
-    pub async fn get_json(&self, path: &str) -> Result<serde_json::Value, ApiError> {
+    /// Sends a GET on a kept-alive connection (a new one when none is idle); `reuse` says
+    /// whether the connection may go back to the pool once the answer is read.
+    async fn send(
+        &self,
+        path: &str,
+    ) -> Result<
+        (
+            hyper::Response<Incoming>,
+            hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+        ),
+        ApiError,
+    > {
+        let pooled = {
+            let mut idle = self.idle.lock().unwrap();
+            let mut found = None;
+            while let Some(s) = idle.pop() {
+                if !s.is_closed() {
+                    found = Some(s);
+                    break;
+                }
+            }
+            found
+        };
+        let req = || {
+            Request::get(format!("/{API_VERSION}{path}"))
+                .header("host", "docker")
+                .body(Empty::<Bytes>::new())
+                .expect("a GET request with a valid path")
+        };
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        if let Some(mut sender) = pooled {
+            if sender.ready().await.is_ok() {
+                if let Ok(resp) = sender.send_request(req()).await {
+                    return Ok((resp, sender));
+                }
+            }
+            // The engine closed it meanwhile: a fresh connection.
+        }
+        let mut sender = self.handshake().await?;
+        let resp = sender
+            .send_request(req())
+            .await
+            .map_err(|reason| ApiError::Http {
+                endpoint: self.display.clone(),
+                reason,
+            })?;
+        Ok((resp, sender))
+    }
+
+    /// GET `path` (under the API version): the whole answer body.
+    pub async fn get_bytes(&self, path: &str) -> Result<Bytes, ApiError> {
         let fut = async {
-            let resp = self.send(path).await?;
+            let (resp, sender) = self.send(path).await?;
             let status = resp.status();
             let body = resp
                 .into_body()
@@ -189,17 +255,27 @@ impl DockerApi {
                     reason,
                 })?
                 .to_bytes();
+            self.counters
+                .bytes
+                .fetch_add(body.len() as u64, Ordering::Relaxed);
+            {
+                let mut idle = self.idle.lock().unwrap();
+                if idle.len() < MAX_IDLE {
+                    idle.push(sender);
+                }
+            }
             if !status.is_success() {
                 return Err(ApiError::Status {
                     path: path.into(),
                     status,
-                    body: String::from_utf8_lossy(&body).trim().to_string(),
+                    body: String::from_utf8_lossy(&body)
+                        .trim()
+                        .chars()
+                        .take(500)
+                        .collect(),
                 });
             }
-            serde_json::from_slice(&body).map_err(|reason| ApiError::Json {
-                path: path.into(),
-                reason,
-            })
+            Ok(body)
         };
         tokio::time::timeout(REQUEST_TIMEOUT, fut)
             .await
@@ -209,10 +285,40 @@ impl DockerApi {
             })?
     }
 
+    /// GET `path` and parse the answer as JSON (small answers: `/info`).
+    pub async fn get_json(&self, path: &str) -> Result<serde_json::Value, ApiError> {
+        let body = self.get_bytes(path).await?;
+        serde_json::from_slice(&body).map_err(|reason| ApiError::Json {
+            path: path.into(),
+            reason,
+        })
+    }
+
+    /// Whether an error is the engine's "no such object" (404): the object is gone.
+    pub fn is_not_found(e: &ApiError) -> bool {
+        matches!(e, ApiError::Status { status, .. } if *status == StatusCode::NOT_FOUND)
+    }
+
     /// Opens `/events` (with `query`, already URL-encoded) and returns the stream.
     pub async fn events(&self, query: &str) -> Result<EventStream, ApiError> {
         let path = format!("/events?{query}");
-        let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.send(&path))
+        // A stream holds its connection for as long as it runs: never a pooled one.
+        let fut = async {
+            self.counters.requests.fetch_add(1, Ordering::Relaxed);
+            let mut sender = self.handshake().await?;
+            let req = Request::get(format!("/{API_VERSION}{path}"))
+                .header("host", "docker")
+                .body(Empty::<Bytes>::new())
+                .expect("a GET request with a valid path");
+            sender
+                .send_request(req)
+                .await
+                .map_err(|reason| ApiError::Http {
+                    endpoint: self.display.clone(),
+                    reason,
+                })
+        };
+        let resp = tokio::time::timeout(REQUEST_TIMEOUT, fut)
             .await
             .map_err(|_| ApiError::Timeout {
                 path: path.clone(),
@@ -228,6 +334,7 @@ impl DockerApi {
         Ok(EventStream {
             body: resp.into_body(),
             buf: BytesMut::new(),
+            counters: self.counters.clone(),
         })
     }
 }
@@ -236,12 +343,13 @@ impl DockerApi {
 pub struct EventStream {
     body: Incoming,
     buf: BytesMut,
+    counters: Arc<ApiCounters>,
 }
 
 impl EventStream {
-    /// The next event; `Ok(None)` when the engine closed the stream. A line that is not JSON
-    /// comes back as an error value for that line only.
-    pub async fn next(&mut self) -> Result<Option<Result<serde_json::Value, String>>, ApiError> {
+    /// The next event; `Ok(None)` when the engine closed the stream. A line that is not an
+    /// event comes back as an error value for that line only.
+    pub async fn next(&mut self) -> Result<Option<Result<super::decode::Event, String>>, ApiError> {
         loop {
             if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
                 let line = self.buf.split_to(pos + 1);
@@ -249,9 +357,7 @@ impl EventStream {
                 if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
-                return Ok(Some(
-                    serde_json::from_slice(line).map_err(|e| format!("bad event line: {e}")),
-                ));
+                return Ok(Some(super::decode::event(line)));
             }
             match self.body.frame().await {
                 None => return Ok(None),
@@ -263,6 +369,9 @@ impl EventStream {
                 }
                 Some(Ok(frame)) => {
                     if let Ok(mut data) = frame.into_data() {
+                        self.counters
+                            .bytes
+                            .fetch_add(data.remaining() as u64, Ordering::Relaxed);
                         while data.has_remaining() {
                             let chunk = data.chunk();
                             self.buf.extend_from_slice(chunk);

@@ -1,4 +1,6 @@
-//! Maglev consistent hashing (Eisenbud et al., NSDI 2016).
+//! Maglev consistent hashing (Eisenbud et al., NSDI 2016), for the per-packet ingress path
+//! (the next datapath), where every node and every restart must pick the same backend for a
+//! flow. Socket-level VIPs do not need it: a socket picks once, from the dense backend array.
 //!
 //! Each backend walks its own permutation of the table's slots and the backends take turns
 //! claiming free slots, so every backend ends up with an almost equal share, and adding or

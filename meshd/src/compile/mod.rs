@@ -1,0 +1,508 @@
+//! `compile`: ClusterState → Desired, the one pure product everything downstream applies:
+//! load balancers (a service's VIP on one network, with its live backends), the scope of
+//! each local sandbox (its networks), the DNS names per network, and the rejected objects.
+//!
+//! `Compiler` keeps a `Desired` and recompiles only what a change touched (`Dirty`), so one
+//! task change costs the same with 10 services or 10 000; `compile` is the same work done
+//! for everything, and the two always agree (property test). Deterministic: the same state
+//! gives the same Desired byte for byte, so a restarted meshd recomputes exactly the tables
+//! it left pinned.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    sync::Arc,
+};
+
+use meshd_common::MAX_SANDBOX_NETS;
+use meshd_dns::{NetworkRecords, Zones};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    dns::zones::network_records,
+    model::{ClusterState, Dirty, EndpointMode, Kind, Rejected},
+};
+
+/// One load balancer: a service's VIP on one network.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct LbRef {
+    pub service_id: String,
+    pub network_id: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backend {
+    pub ip: Ipv4Addr,
+    pub task_id: String,
+    pub node_id: String,
+    pub slot: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lb {
+    pub service_name: String,
+    pub vip: Ipv4Addr,
+    /// Live backends, sorted by address, one per address.
+    pub backends: Vec<Backend>,
+}
+
+/// What a local sandbox (network namespace) sees: the VIPs of these networks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxScope {
+    pub container_id: String,
+    pub name: String,
+    /// Where its namespace is (Docker's `SandboxKey`): the DNS applier opens sockets there.
+    pub netns_path: String,
+    /// Network ids, at most `MAX_SANDBOX_NETS`.
+    pub networks: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Desired {
+    pub lbs: BTreeMap<LbRef, Arc<Lb>>,
+    /// By network-namespace cookie.
+    pub sandboxes: BTreeMap<u64, Arc<SandboxScope>>,
+    /// The names DNS answers, per network.
+    #[serde(skip)]
+    pub zones: Zones,
+    /// What the source could not read, and what compile could not use.
+    pub rejected: Vec<Rejected>,
+}
+
+impl Desired {
+    /// The load balancers of one service.
+    pub fn lbs_of<'a>(
+        &'a self,
+        service_id: &str,
+    ) -> impl Iterator<Item = (&'a LbRef, &'a Arc<Lb>)> + 'a {
+        let from = LbRef {
+            service_id: service_id.to_string(),
+            network_id: String::new(),
+        };
+        let sid = service_id.to_string();
+        self.lbs
+            .range(from..)
+            .take_while(move |(r, _)| r.service_id == sid)
+    }
+}
+
+/// What changed in `Desired` since the last update: what appliers must look at again.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changed {
+    pub lbs: BTreeSet<LbRef>,
+    pub sandboxes: BTreeSet<u64>,
+    pub networks: BTreeSet<String>,
+    pub rejected: bool,
+}
+
+impl Changed {
+    pub fn is_empty(&self) -> bool {
+        self.lbs.is_empty()
+            && self.sandboxes.is_empty()
+            && self.networks.is_empty()
+            && !self.rejected
+    }
+
+    pub fn merge(&mut self, other: &Changed) {
+        self.lbs.extend(other.lbs.iter().cloned());
+        self.sandboxes.extend(other.sandboxes.iter().copied());
+        self.networks.extend(other.networks.iter().cloned());
+        self.rejected |= other.rejected;
+    }
+
+    /// Everything in `desired`, as if it were all new (an applier starting afresh).
+    pub fn everything(desired: &Desired) -> Changed {
+        Changed {
+            lbs: desired.lbs.keys().cloned().collect(),
+            sandboxes: desired.sandboxes.keys().copied().collect(),
+            networks: desired.zones.networks.keys().cloned().collect(),
+            rejected: true,
+        }
+    }
+}
+
+/// The load balancers of one service (none for dnsrr, or when it is gone).
+pub fn service_lbs(state: &ClusterState, service_id: &str) -> Vec<(LbRef, Lb)> {
+    let Some(service) = state.services.get(service_id) else {
+        return Vec::new();
+    };
+    if service.mode != EndpointMode::Vip {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for (network_id, &vip) in &service.vips {
+        if !state.networks.contains_key(network_id) {
+            continue;
+        }
+        let mut backends: Vec<Backend> = state
+            .tasks_of(service_id)
+            .filter(|t| state.serves(t))
+            .filter_map(|t| {
+                t.addresses.get(network_id).map(|&ip| Backend {
+                    ip,
+                    task_id: t.id.clone(),
+                    node_id: t.node_id.clone(),
+                    slot: t.slot,
+                })
+            })
+            .collect();
+        backends.sort_by(|a, b| a.ip.cmp(&b.ip).then(a.task_id.cmp(&b.task_id)));
+        backends.dedup_by_key(|b| b.ip);
+        out.push((
+            LbRef {
+                service_id: service_id.to_string(),
+                network_id: network_id.clone(),
+            },
+            Lb {
+                service_name: service.name.clone(),
+                vip,
+                backends,
+            },
+        ));
+    }
+    out
+}
+
+/// The scope of one local container, and why part of it is left out (if it is).
+fn sandbox_scope(
+    state: &ClusterState,
+    container_id: &str,
+) -> Option<(u64, SandboxScope, Option<Rejected>)> {
+    let sb = state.sandboxes.get(container_id)?;
+    let mut networks = sb.networks.clone();
+    let mut note = None;
+    if networks.len() > MAX_SANDBOX_NETS {
+        note = Some(Rejected {
+            kind: Kind::Container,
+            id: container_id.to_string(),
+            reason: format!(
+                "attached to {} networks: VIPs answer on the first {MAX_SANDBOX_NETS} only ({} left out)",
+                networks.len(),
+                networks[MAX_SANDBOX_NETS..].join(", ")
+            ),
+        });
+        networks.truncate(MAX_SANDBOX_NETS);
+    }
+    Some((
+        sb.netns_cookie,
+        SandboxScope {
+            container_id: container_id.to_string(),
+            name: sb.name.clone(),
+            netns_path: sb.netns_path.clone(),
+            networks,
+        },
+        note,
+    ))
+}
+
+/// Keeps `Desired` in step with a `ClusterState` as it changes.
+#[derive(Debug, Default)]
+pub struct Compiler {
+    desired: Desired,
+    /// Local container id → its namespace cookie, to find the scope to drop when it goes.
+    cookie_of: BTreeMap<String, u64>,
+    /// Namespace cookie → the containers that claim it.
+    claims: BTreeMap<u64, BTreeSet<String>>,
+    /// Compile's own rejections (a container on too many networks), by container id.
+    notes: BTreeMap<String, Rejected>,
+}
+
+impl Compiler {
+    pub fn desired(&self) -> &Desired {
+        &self.desired
+    }
+
+    /// Recompiles everything (start, or a full resync) and says what differs.
+    pub fn rebuild(&mut self, state: &ClusterState) -> Changed {
+        let mut dirty = Dirty {
+            services: state.services.keys().cloned().collect(),
+            networks: state.networks.keys().cloned().collect(),
+            sandboxes: state.sandboxes.keys().cloned().collect(),
+            rejected: true,
+        };
+        // And whatever Desired holds that the state may no longer have.
+        dirty
+            .services
+            .extend(self.desired.lbs.keys().map(|r| r.service_id.clone()));
+        dirty
+            .networks
+            .extend(self.desired.zones.networks.keys().cloned());
+        dirty.sandboxes.extend(self.cookie_of.keys().cloned());
+        self.update(state, &dirty)
+    }
+
+    /// Recompiles what `dirty` names and says what changed.
+    pub fn update(&mut self, state: &ClusterState, dirty: &Dirty) -> Changed {
+        let mut changed = Changed::default();
+        for sid in &dirty.services {
+            let fresh: BTreeMap<LbRef, Lb> = service_lbs(state, sid).into_iter().collect();
+            let old: Vec<LbRef> = self
+                .desired
+                .lbs_of(sid)
+                .map(|(r, _)| r.clone())
+                .filter(|r| !fresh.contains_key(r))
+                .collect();
+            for r in old {
+                self.desired.lbs.remove(&r);
+                changed.lbs.insert(r);
+            }
+            for (r, lb) in fresh {
+                if self.desired.lbs.get(&r).is_none_or(|o| **o != lb) {
+                    self.desired.lbs.insert(r.clone(), Arc::new(lb));
+                    changed.lbs.insert(r);
+                }
+            }
+        }
+        // Sandboxes are keyed by namespace. Two containers never share one in practice,
+        // but if they claim the same cookie the lowest container id answers, whatever the
+        // order they came in.
+        let mut cookies = BTreeSet::new();
+        for cid in &dirty.sandboxes {
+            let fresh = sandbox_scope(state, cid);
+            let new_cookie = fresh.as_ref().map(|(c, _, _)| *c);
+            let old_cookie = self.cookie_of.get(cid).copied();
+            if old_cookie != new_cookie {
+                if let Some(c) = old_cookie {
+                    if let Some(set) = self.claims.get_mut(&c) {
+                        set.remove(cid);
+                        if set.is_empty() {
+                            self.claims.remove(&c);
+                        }
+                    }
+                    self.cookie_of.remove(cid);
+                    cookies.insert(c);
+                }
+                if let Some(c) = new_cookie {
+                    self.claims.entry(c).or_default().insert(cid.clone());
+                    self.cookie_of.insert(cid.clone(), c);
+                }
+            }
+            cookies.extend(new_cookie);
+            let note = fresh.and_then(|(_, _, n)| n);
+            if self.notes.get(cid) != note.as_ref() {
+                changed.rejected = true;
+                match note {
+                    Some(n) => self.notes.insert(cid.clone(), n),
+                    None => self.notes.remove(cid),
+                };
+            }
+        }
+        for cookie in cookies {
+            let winner = self.claims.get(&cookie).and_then(|s| s.first()).cloned();
+            let scope = winner
+                .and_then(|w| sandbox_scope(state, &w))
+                .map(|(_, s, _)| s);
+            match scope {
+                Some(sc) => {
+                    if self
+                        .desired
+                        .sandboxes
+                        .get(&cookie)
+                        .is_none_or(|o| **o != sc)
+                    {
+                        self.desired.sandboxes.insert(cookie, Arc::new(sc));
+                        changed.sandboxes.insert(cookie);
+                    }
+                }
+                None => {
+                    if self.desired.sandboxes.remove(&cookie).is_some() {
+                        changed.sandboxes.insert(cookie);
+                    }
+                }
+            }
+        }
+        for nid in &dirty.networks {
+            let fresh = network_records(state, nid);
+            let old = self.desired.zones.networks.get(nid);
+            match (old, fresh) {
+                (Some(o), Some(f)) if **o == f => {}
+                (None, None) => {}
+                (_, Some(f)) => {
+                    self.desired.zones.networks.insert(nid.clone(), Arc::new(f));
+                    changed.networks.insert(nid.clone());
+                }
+                (Some(_), None) => {
+                    self.desired.zones.networks.remove(nid);
+                    changed.networks.insert(nid.clone());
+                }
+            }
+        }
+        if dirty.rejected || changed.rejected {
+            let mut list = state.rejected_list();
+            list.extend(self.notes.values().cloned());
+            if list != self.desired.rejected {
+                self.desired.rejected = list;
+                changed.rejected = true;
+            }
+        }
+        changed
+    }
+}
+
+/// Everything, from scratch.
+pub fn compile(state: &ClusterState) -> Desired {
+    let mut c = Compiler::default();
+    c.rebuild(state);
+    c.desired
+}
+
+/// The records of one network as `compile` would make them (for tests elsewhere).
+pub fn zone(state: &ClusterState, network_id: &str) -> Option<Arc<NetworkRecords>> {
+    network_records(state, network_id).map(Arc::new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{state_tests::*, Change, NodeState, TaskState};
+    use proptest::prelude::*;
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn state() -> ClusterState {
+        let mut s = ClusterState::default();
+        for c in [
+            Change::PutNetwork(net("net1")),
+            Change::PutNetwork(net("net2")),
+            Change::PutService(svc("svc1", &[("net1", [10, 0, 1, 2])])),
+            Change::PutNode(node("n1", NodeState::Ready)),
+            Change::PutNode(node("n2", NodeState::Ready)),
+            Change::PutTask(task("t1", "svc1", "n1", "net1", [10, 0, 1, 5])),
+            Change::PutTask(task("t2", "svc1", "n2", "net1", [10, 0, 1, 4])),
+            Change::PutSandbox(sandbox("c1", 11, &["net1"])),
+            Change::PutSandbox(sandbox("c2", 22, &["net2"])),
+        ] {
+            s.apply(c);
+        }
+        let mut dnsrr = svc("svc2", &[]);
+        dnsrr.mode = EndpointMode::Dnsrr;
+        s.apply(Change::PutService(dnsrr));
+        let mut starting = task("t3", "svc1", "n1", "net1", [10, 0, 1, 6]);
+        starting.state = TaskState::Starting;
+        s.apply(Change::PutTask(starting));
+        let mut draining = task("t4", "svc1", "n1", "net1", [10, 0, 1, 7]);
+        draining.desired = TaskState::Shutdown;
+        s.apply(Change::PutTask(draining));
+        s
+    }
+
+    fn lb1(d: &Desired) -> &Lb {
+        &d.lbs[&LbRef {
+            service_id: "svc1".into(),
+            network_id: "net1".into(),
+        }]
+    }
+
+    #[test]
+    fn only_serving_tasks_are_backends() {
+        let d = compile(&state());
+        let ips: Vec<_> = lb1(&d).backends.iter().map(|b| b.ip).collect();
+        assert_eq!(ips, vec![ip("10.0.1.4"), ip("10.0.1.5")]);
+        assert_eq!(lb1(&d).vip, ip("10.0.1.2"));
+        assert!(
+            d.lbs.keys().all(|r| r.service_id != "svc2"),
+            "dnsrr has no LB"
+        );
+    }
+
+    #[test]
+    fn sandboxes_are_scoped_to_their_networks() {
+        let d = compile(&state());
+        assert_eq!(d.sandboxes[&11].networks, ["net1"]);
+        assert_eq!(d.sandboxes[&22].networks, ["net2"]);
+    }
+
+    #[test]
+    fn a_down_node_takes_its_tasks_out() {
+        let mut s = state();
+        s.apply(Change::PutNode(node("n2", NodeState::Down)));
+        let d = compile(&s);
+        assert_eq!(lb1(&d).backends.len(), 1);
+        assert_eq!(lb1(&d).backends[0].node_id, "n1");
+    }
+
+    #[test]
+    fn one_task_change_recompiles_one_load_balancer() {
+        let mut s = state();
+        let mut c = Compiler::default();
+        c.rebuild(&s);
+        let dirty = s.apply(Change::DropTask("t1".into()));
+        let changed = c.update(&s, &dirty);
+        assert_eq!(changed.lbs.len(), 1);
+        assert!(changed.sandboxes.is_empty());
+        assert_eq!(changed.networks, ["net1".to_string()].into());
+        assert_eq!(c.desired(), &compile(&s));
+    }
+
+    #[test]
+    fn a_container_on_too_many_networks_is_noted_and_served_on_the_first_ones() {
+        let mut s = state();
+        let nets: Vec<String> = (0..MAX_SANDBOX_NETS + 2)
+            .map(|i| format!("x{i:02}"))
+            .collect();
+        let refs: Vec<&str> = nets.iter().map(String::as_str).collect();
+        s.apply(Change::PutSandbox(sandbox("c3", 33, &refs)));
+        let d = compile(&s);
+        assert_eq!(d.sandboxes[&33].networks.len(), MAX_SANDBOX_NETS);
+        assert!(d
+            .rejected
+            .iter()
+            .any(|r| r.id == "c3" && r.reason.contains("first 16")));
+    }
+
+    proptest! {
+        // Whatever the order and mix of changes, updating only what each change touched
+        // gives exactly what compiling everything gives.
+        #[test]
+        fn incremental_equals_full(changes in proptest::collection::vec(arb_change(), 0..80)) {
+            let mut s = ClusterState::default();
+            let mut c = Compiler::default();
+            for ch in changes {
+                let before = c.desired().clone();
+                let dirty = s.apply(ch);
+                let changed = c.update(&s, &dirty);
+                let full = compile(&s);
+                prop_assert_eq!(c.desired(), &full);
+                // Whatever moved is named in `changed`: appliers that look only there miss
+                // nothing.
+                let after = c.desired();
+                for k in before.lbs.keys().chain(after.lbs.keys()) {
+                    if before.lbs.get(k) != after.lbs.get(k) {
+                        prop_assert!(changed.lbs.contains(k), "{:?} moved unannounced", k);
+                    }
+                }
+                for k in before.sandboxes.keys().chain(after.sandboxes.keys()) {
+                    if before.sandboxes.get(k) != after.sandboxes.get(k) {
+                        prop_assert!(changed.sandboxes.contains(k));
+                    }
+                }
+                for k in before.zones.networks.keys().chain(after.zones.networks.keys()) {
+                    if before.zones.networks.get(k) != after.zones.networks.get(k) {
+                        prop_assert!(changed.networks.contains(k));
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn dns_task_answers_are_the_datapath_backends(changes in proptest::collection::vec(arb_change(), 0..80)) {
+            let s = ClusterState::from_changes(changes);
+            let d = compile(&s);
+            for (r, lb) in &d.lbs {
+                let Some(svc) = s.services.get(&r.service_id) else { continue };
+                let Some(zone) = d.zones.networks.get(&r.network_id) else { continue };
+                let name = format!("tasks.{}", svc.name.to_ascii_lowercase());
+                let mut from_dns: Vec<Ipv4Addr> = zone
+                    .names
+                    .get(&name)
+                    .map(|e| e.addrs.clone())
+                    .unwrap_or_default();
+                from_dns.sort();
+                from_dns.dedup();
+                let backends: Vec<Ipv4Addr> = lb.backends.iter().map(|b| b.ip).collect();
+                prop_assert_eq!(from_dns, backends, "service {} on {}", svc.name, r.network_id);
+            }
+        }
+    }
+}

@@ -1,0 +1,468 @@
+//! The reconcile loop: updates from the sources → ClusterState → compile what they touched
+//! → each applier writes the difference. A burst of updates is taken as one step. An applier
+//! that fails keeps what it was asked to do and gets it again on the next step or tick, so a
+//! failure never loses a change; while Docker cannot be read nothing is applied at all, and
+//! the kernel keeps forwarding what it has.
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::{
+    compile::Changed,
+    datapath::{Applier, ApplyStats},
+    feed::{feeds, report_of},
+    model::{Change, Dirty, NodeReport},
+    source::{Origin, Update},
+    status::{push_sample, unix_ms, ApplierStatus, Core, ReconcileStatus},
+};
+
+/// One applier and what it still has to do.
+pub struct Slot {
+    pub applier: Arc<Mutex<dyn Applier>>,
+    pending: Changed,
+    /// Sweep on the next apply (start, after a failure, the periodic full pass).
+    everything: bool,
+}
+
+impl Slot {
+    pub fn new(applier: Arc<Mutex<dyn Applier>>) -> Slot {
+        Slot {
+            applier,
+            pending: Changed::default(),
+            everything: true,
+        }
+    }
+}
+
+/// What one step did.
+#[derive(Debug, Default)]
+pub struct Step {
+    pub changes: usize,
+    pub written: ApplyStats,
+    pub failed: usize,
+}
+
+pub struct Reconciler {
+    pub core: Arc<RwLock<Core>>,
+    pub slots: Vec<Slot>,
+    /// This node's id: its report goes to the managers (and, on a manager, into the feed).
+    pub node_id: String,
+    pub report: Option<watch::Sender<Option<NodeReport>>>,
+    pub status: Arc<Mutex<ReconcileStatus>>,
+    last_report: Option<NodeReport>,
+    /// Sources whose first full read has not arrived: nothing is applied before.
+    waiting: BTreeSet<Source>,
+}
+
+/// Which full reads must arrive before the first apply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Source {
+    /// This node's containers.
+    Local,
+    /// The swarm (from a manager's engine or the feed).
+    Swarm,
+}
+
+impl Reconciler {
+    pub fn new(
+        core: Arc<RwLock<Core>>,
+        slots: Vec<Slot>,
+        status: Arc<Mutex<ReconcileStatus>>,
+    ) -> Reconciler {
+        {
+            let mut st = status.lock().unwrap();
+            st.appliers = slots
+                .iter()
+                .map(|s| ApplierStatus {
+                    name: s.applier.lock().unwrap().name().to_string(),
+                    ..Default::default()
+                })
+                .collect();
+        }
+        Reconciler {
+            core,
+            slots,
+            node_id: String::new(),
+            report: None,
+            status,
+            last_report: None,
+            waiting: [Source::Local, Source::Swarm].into(),
+        }
+    }
+
+    /// The swarm side needs no read (this node is not in a swarm).
+    pub fn no_swarm(&mut self) {
+        self.waiting.remove(&Source::Swarm);
+    }
+
+    /// Whether every source has been read whole once.
+    pub fn ready(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    /// Takes a batch of updates into the state, compiles what they touched and applies.
+    pub fn step(&mut self, updates: Vec<Update>) -> Step {
+        let started = Instant::now();
+        let origin = updates.iter().filter_map(|u| u.origin).min();
+        let was_ready = self.ready();
+        for u in &updates {
+            if u.complete {
+                self.waiting.remove(&match u.from {
+                    Origin::Local => Source::Local,
+                    _ => Source::Swarm,
+                });
+            }
+        }
+        let mut count = 0;
+        let changed = {
+            let mut core = self.core.write().unwrap();
+            let mut dirty = Dirty::default();
+            let mut to_feed = Vec::new();
+            for u in updates {
+                for c in u.changes {
+                    count += 1;
+                    if core.feed.is_some()
+                        && matches!(u.from, Origin::Swarm | Origin::Peer)
+                        && feeds(&c)
+                    {
+                        to_feed.push(c.clone());
+                    }
+                    dirty.merge(core.state.apply(c));
+                }
+            }
+            // What this node reports follows its containers.
+            if !self.node_id.is_empty() {
+                let mine = report_of(&core.state, &self.node_id);
+                if self.last_report.as_ref() != Some(&mine) {
+                    if core.feed.is_some() {
+                        // A manager's own report is part of what it serves.
+                        dirty.merge(core.state.apply(Change::PutReport(mine.clone())));
+                        to_feed.push(Change::PutReport(mine.clone()));
+                    }
+                    if let Some(tx) = &self.report {
+                        let _ = tx.send(Some(mine.clone()));
+                    }
+                    self.last_report = Some(mine);
+                }
+            }
+            if let Some(feed) = core.feed.as_mut() {
+                feed.publish(to_feed);
+            }
+            let Core {
+                state, compiler, ..
+            } = &mut *core;
+            compiler.update(state, &dirty)
+        };
+        let mut step = if !self.ready() {
+            // Compiled, not applied: the first apply sweeps everything anyway.
+            Step::default()
+        } else if !was_ready {
+            info!("every source read once: applying");
+            self.apply(&changed, true)
+        } else {
+            self.apply(&changed, false)
+        };
+        step.changes = count;
+        let mut st = self.status.lock().unwrap();
+        st.batches += 1;
+        st.changes += count as u64;
+        st.steps += 1;
+        st.last_step_unix_ms = unix_ms();
+        if !step.written.is_empty() {
+            push_sample(&mut st.step_time, started.elapsed());
+            if let Some(o) = origin {
+                let took = o.elapsed();
+                push_sample(&mut st.event_to_map, took);
+                info!(
+                    writes = step.written.writes,
+                    deletes = step.written.deletes,
+                    event_to_map_us = took.as_micros() as u64,
+                    "datapath updated"
+                );
+            }
+        }
+        step
+    }
+
+    /// Gives every applier what is pending (and a full sweep to those marked for one).
+    pub fn apply(&mut self, changed: &Changed, sweep: bool) -> Step {
+        if !self.ready() {
+            return Step::default();
+        }
+        let core = self.core.read().unwrap();
+        let desired = core.compiler.desired();
+        let mut step = Step::default();
+        let mut st = self.status.lock().unwrap();
+        if sweep {
+            st.sweeps += 1;
+        }
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            slot.pending.merge(changed);
+            let everything = slot.everything || sweep;
+            let mut applier = slot.applier.lock().unwrap();
+            if slot.pending.is_empty() && !everything && !applier.wants_retry() {
+                continue;
+            }
+            let rec = &mut st.appliers[i];
+            match applier.apply(desired, &slot.pending, everything) {
+                Ok(stats) => {
+                    slot.pending = Changed::default();
+                    slot.everything = false;
+                    rec.applies += 1;
+                    rec.last = stats;
+                    rec.totals.add(stats);
+                    rec.pending = false;
+                    rec.last_error = None;
+                    step.written.add(stats);
+                }
+                Err(e) => {
+                    // What the failed apply half-did may lie outside `pending`: the retry
+                    // sweeps.
+                    slot.everything = true;
+                    step.failed += 1;
+                    rec.failures += 1;
+                    rec.pending = true;
+                    let msg = format!("{e:#}");
+                    if rec.last_error.as_deref() != Some(&msg) {
+                        warn!(applier = applier.name(), error = %msg, "apply failed; will retry");
+                    }
+                    rec.last_error = Some(msg);
+                }
+            }
+        }
+        step
+    }
+
+    /// A full pass: every applier re-checks everything it owns against Desired.
+    pub fn sweep(&mut self) -> Step {
+        self.apply(&Changed::default(), true)
+    }
+
+    /// Retries what failed; a no-op when nothing is pending.
+    pub fn retry(&mut self) -> Step {
+        self.apply(&Changed::default(), false)
+    }
+}
+
+/// Runs until `updates` closes or `stop` fires: each burst of updates is one step; a tick
+/// retries failures; every `sweep_every`, a full pass.
+pub async fn run(
+    mut r: Reconciler,
+    mut updates: mpsc::UnboundedReceiver<Update>,
+    mut tick: impl FnMut(&mut Reconciler) + Send,
+    sweep_every: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> Reconciler {
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_sweep = Instant::now() + sweep_every;
+    loop {
+        tokio::select! {
+            u = updates.recv() => {
+                let Some(u) = u else { break };
+                let mut batch = vec![u];
+                while let Ok(more) = updates.try_recv() {
+                    batch.push(more);
+                }
+                r.step(batch);
+            }
+            _ = ticker.tick() => {
+                tick(&mut r);
+                if Instant::now() >= next_sweep {
+                    r.sweep();
+                    next_sweep = Instant::now() + sweep_every;
+                } else {
+                    r.retry();
+                }
+            }
+            _ = stop.changed() => break,
+        }
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        compile::Desired,
+        model::{state_tests::*, Change},
+    };
+
+    /// Records what it was asked; fails while `fail` is set.
+    #[derive(Default)]
+    struct Fake {
+        calls: Vec<(Changed, bool)>,
+        fail: bool,
+        lbs_seen: usize,
+    }
+
+    impl Applier for Fake {
+        fn name(&self) -> &'static str {
+            "fake"
+        }
+        fn apply(
+            &mut self,
+            desired: &Desired,
+            changed: &Changed,
+            everything: bool,
+        ) -> anyhow::Result<ApplyStats> {
+            self.calls.push((changed.clone(), everything));
+            if self.fail {
+                anyhow::bail!("the kernel said no");
+            }
+            self.lbs_seen = desired.lbs.len();
+            Ok(ApplyStats {
+                writes: changed.lbs.len() + changed.sandboxes.len(),
+                deletes: 0,
+            })
+        }
+    }
+
+    fn reconciler(fake: Arc<Mutex<Fake>>) -> Reconciler {
+        let slots = vec![Slot::new(fake)];
+        let mut r = Reconciler::new(Arc::default(), slots, Arc::default());
+        // Both sources read (nothing yet).
+        r.step(vec![
+            Update {
+                changes: vec![],
+                origin: None,
+                from: Origin::Local,
+                complete: true,
+            },
+            Update {
+                changes: vec![],
+                origin: None,
+                from: Origin::Swarm,
+                complete: true,
+            },
+        ]);
+        r
+    }
+
+    fn swarm(changes: Vec<Change>) -> Update {
+        Update {
+            changes,
+            origin: Some(Instant::now()),
+            from: Origin::Swarm,
+            complete: false,
+        }
+    }
+
+    #[test]
+    fn nothing_is_applied_before_every_source_was_read_whole() {
+        let fake = Arc::new(Mutex::new(Fake::default()));
+        let mut r = Reconciler::new(
+            Arc::default(),
+            vec![Slot::new(fake.clone())],
+            Arc::default(),
+        );
+        r.step(vec![swarm(vec![Change::PutNetwork(net("n1"))])]);
+        r.step(vec![Update {
+            changes: vec![],
+            origin: None,
+            from: Origin::Local,
+            complete: true,
+        }]);
+        r.retry();
+        assert!(
+            fake.lock().unwrap().calls.is_empty(),
+            "half a picture must not be applied"
+        );
+        r.step(vec![Update {
+            changes: vec![Change::PutService(svc("s1", &[("n1", [10, 0, 0, 2])]))],
+            origin: None,
+            from: Origin::Swarm,
+            complete: true,
+        }]);
+        let f = fake.lock().unwrap();
+        assert_eq!(f.calls.len(), 1);
+        assert!(f.calls[0].1, "the first apply is a sweep");
+        assert_eq!(f.lbs_seen, 1);
+    }
+
+    #[test]
+    fn a_step_applies_what_the_updates_touched_and_records_the_latency() {
+        let fake = Arc::new(Mutex::new(Fake::default()));
+        let mut r = reconciler(fake.clone());
+        r.sweep();
+        let step = r.step(vec![
+            swarm(vec![Change::PutNetwork(net("n1"))]),
+            swarm(vec![
+                Change::PutService(svc("s1", &[("n1", [10, 0, 0, 2])])),
+                Change::PutTask(task("t1", "s1", "a", "n1", [10, 0, 0, 5])),
+            ]),
+        ]);
+        assert_eq!(step.changes, 3);
+        let f = fake.lock().unwrap();
+        let (changed, everything) = f.calls.last().unwrap();
+        assert!(!everything);
+        assert_eq!(changed.lbs.len(), 1, "one load balancer");
+        assert_eq!(f.lbs_seen, 1);
+        assert_eq!(r.status.lock().unwrap().event_to_map.len(), 1);
+    }
+
+    #[test]
+    fn a_failed_apply_keeps_its_changes_for_the_retry_with_a_sweep() {
+        let fake = Arc::new(Mutex::new(Fake::default()));
+        let mut r = reconciler(fake.clone());
+        r.sweep();
+        fake.lock().unwrap().fail = true;
+        r.step(vec![swarm(vec![
+            Change::PutNetwork(net("n1")),
+            Change::PutService(svc("s1", &[("n1", [10, 0, 0, 2])])),
+        ])]);
+        r.step(vec![swarm(vec![Change::PutService(svc(
+            "s2",
+            &[("n1", [10, 0, 0, 3])],
+        ))])]);
+        assert!(r.status.lock().unwrap().appliers[0].pending);
+        fake.lock().unwrap().fail = false;
+        r.retry();
+        let f = fake.lock().unwrap();
+        let (changed, everything) = f.calls.last().unwrap();
+        // Both services' load balancers, though the first failed twice, and a sweep.
+        assert_eq!(changed.lbs.len(), 2);
+        assert!(everything);
+        assert_eq!(f.lbs_seen, 2);
+        assert!(!r.status.lock().unwrap().appliers[0].pending);
+        // Nothing pending: a retry does not call the applier at all.
+        let calls = f.calls.len();
+        drop(f);
+        r.retry();
+        assert_eq!(fake.lock().unwrap().calls.len(), calls);
+    }
+
+    #[test]
+    fn a_managers_step_feeds_swarm_changes_but_not_local_containers() {
+        let fake = Arc::new(Mutex::new(Fake::default()));
+        let mut r = reconciler(fake);
+        r.node_id = "me".into();
+        r.core.write().unwrap().feed = Some(crate::feed::FeedLog::new());
+        r.step(vec![
+            swarm(vec![Change::PutNetwork(net("n1"))]),
+            Update {
+                changes: vec![Change::PutSandbox(sandbox("c1", 5, &["n1"]))],
+                origin: None,
+                from: Origin::Local,
+                complete: false,
+            },
+        ]);
+        let core = r.core.read().unwrap();
+        let feed = core.feed.as_ref().unwrap();
+        assert_eq!(feed.seq, 1, "one batch");
+        let batch = feed.since(0).unwrap();
+        let text = String::from_utf8_lossy(&batch[0].1[4..]).to_string();
+        assert!(
+            text.contains("PutNetwork") && text.contains("PutReport"),
+            "{text}"
+        );
+        assert!(!text.contains("PutSandbox"));
+        assert!(core.state.reports.contains_key("me"));
+    }
+}

@@ -1,0 +1,366 @@
+//! The kernel maps as plain data: what meshd believes they hold (read back from bpffs at
+//! start and after any failed write), the single-entry operations that change them, and the
+//! lookups planning needs. Pure: the same code runs against the real maps (`maps.rs`) and
+//! against a copy in tests.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use meshd_common::{
+    BackendKey, BackendSlot, BackendValue, LbMeta, LbValue, NetMeta, SandboxValue, VipKey,
+    VipValue, ID_LEN,
+};
+
+use crate::compile::LbRef;
+
+/// The address as the kernel holds it in `sock_addr` (network byte order in memory).
+pub fn addr_be(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+pub fn addr_from_be(raw: u32) -> Ipv4Addr {
+    Ipv4Addr::from(raw.to_ne_bytes())
+}
+
+fn id_bytes(s: &str) -> [u8; ID_LEN] {
+    let mut out = [0u8; ID_LEN];
+    let n = s.len().min(ID_LEN);
+    out[..n].copy_from_slice(&s.as_bytes()[..n]);
+    out
+}
+
+fn id_string(b: &[u8; ID_LEN]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(ID_LEN);
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+pub fn lb_meta(r: &LbRef) -> LbMeta {
+    LbMeta {
+        service_id: id_bytes(&r.service_id),
+        network_id: id_bytes(&r.network_id),
+    }
+}
+
+pub fn lb_ref(m: &LbMeta) -> LbRef {
+    LbRef {
+        service_id: id_string(&m.service_id),
+        network_id: id_string(&m.network_id),
+    }
+}
+
+pub fn net_meta(network_id: &str) -> NetMeta {
+    NetMeta {
+        network_id: id_bytes(network_id),
+    }
+}
+
+pub fn net_id(m: &NetMeta) -> String {
+    id_string(&m.network_id)
+}
+
+/// The network of a load balancer's meta entry.
+fn net_id_of(m: &LbMeta) -> String {
+    id_string(&m.network_id)
+}
+
+/// One write to one map entry. Counters are created with zeros (and zeroed if an entry
+/// was somehow left), so a reused id never starts with another load balancer's figures.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    PutLbMeta(u32, LbMeta),
+    PutNetMeta(u32, NetMeta),
+    PutLbCounter(u32),
+    PutBackendCounter(BackendKey),
+    PutBackend(BackendSlot, BackendValue),
+    PutLb(u32, LbValue),
+    PutVip(VipKey, VipValue),
+    PutSandbox(u64, SandboxValue),
+    DelSandbox(u64),
+    DelVip(VipKey),
+    DelLb(u32),
+    DelBackend(BackendSlot),
+    DelBackendCounter(BackendKey),
+    DelLbCounter(u32),
+    DelLbMeta(u32),
+    DelNetMeta(u32),
+}
+
+impl Op {
+    pub fn is_delete(&self) -> bool {
+        matches!(
+            self,
+            Op::DelSandbox(_)
+                | Op::DelVip(_)
+                | Op::DelLb(_)
+                | Op::DelBackend(_)
+                | Op::DelBackendCounter(_)
+                | Op::DelLbCounter(_)
+                | Op::DelLbMeta(_)
+                | Op::DelNetMeta(_)
+        )
+    }
+}
+
+/// Everything meshd's VIP maps hold (counter values are the kernel's, not kept here).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelTables {
+    pub sandboxes: BTreeMap<u64, SandboxValue>,
+    pub vips: BTreeMap<VipKey, VipValue>,
+    pub lbs: BTreeMap<u32, LbValue>,
+    pub backends: BTreeMap<BackendSlot, BackendValue>,
+    pub backend_counters: BTreeSet<BackendKey>,
+    pub lb_counters: BTreeSet<u32>,
+    pub lb_meta: BTreeMap<u32, LbMeta>,
+    pub net_meta: BTreeMap<u32, NetMeta>,
+    /// Derived from the tables above.
+    lb_ids: BTreeMap<LbRef, u32>,
+    net_ids: BTreeMap<String, u32>,
+    /// Network index → how many VIP entries and sandbox entries name it.
+    net_users: BTreeMap<u32, usize>,
+    /// Network id → how many load balancers (meta entries) are on it.
+    lbs_on_net: BTreeMap<String, usize>,
+}
+
+fn count(users: &mut BTreeMap<u32, usize>, net: u32, up: bool) {
+    let n = users.entry(net).or_default();
+    if up {
+        *n += 1;
+    } else {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            users.remove(&net);
+        }
+    }
+}
+
+impl KernelTables {
+    /// Tables as read back from the kernel; the derived lookups are rebuilt.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_parts(
+        sandboxes: BTreeMap<u64, SandboxValue>,
+        vips: BTreeMap<VipKey, VipValue>,
+        lbs: BTreeMap<u32, LbValue>,
+        backends: BTreeMap<BackendSlot, BackendValue>,
+        backend_counters: BTreeSet<BackendKey>,
+        lb_counters: BTreeSet<u32>,
+        lb_meta: BTreeMap<u32, LbMeta>,
+        net_meta: BTreeMap<u32, NetMeta>,
+    ) -> KernelTables {
+        let mut t = KernelTables {
+            backends,
+            backend_counters,
+            lb_counters,
+            lbs,
+            net_meta,
+            ..Default::default()
+        };
+        t.net_ids = t.net_meta.iter().map(|(&i, m)| (net_id(m), i)).collect();
+        for (id, m) in lb_meta {
+            t.apply(&Op::PutLbMeta(id, m));
+        }
+        for (k, v) in vips {
+            t.apply(&Op::PutVip(k, v));
+        }
+        for (c, v) in sandboxes {
+            t.apply(&Op::PutSandbox(c, v));
+        }
+        t
+    }
+
+    /// Network indices a sandbox entry names.
+    fn sandbox_nets(v: &SandboxValue) -> &[u32] {
+        &v.nets[..(v.count as usize).min(v.nets.len())]
+    }
+
+    fn count_lb(&mut self, m: &LbMeta, up: bool) {
+        let net = net_id_of(m);
+        let n = self.lbs_on_net.entry(net.clone()).or_default();
+        if up {
+            *n += 1;
+        } else {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.lbs_on_net.remove(&net);
+            }
+        }
+    }
+
+    pub fn lb_id(&self, r: &LbRef) -> Option<u32> {
+        self.lb_ids.get(r).copied()
+    }
+
+    pub fn lb_ids(&self) -> &BTreeMap<LbRef, u32> {
+        &self.lb_ids
+    }
+
+    pub fn net_index(&self, network_id: &str) -> Option<u32> {
+        self.net_ids.get(network_id).copied()
+    }
+
+    pub fn net_ids(&self) -> &BTreeMap<String, u32> {
+        &self.net_ids
+    }
+
+    /// The backend slots of one load balancer, in index order.
+    pub fn slots_of(&self, lb_id: u32) -> impl Iterator<Item = (u32, Ipv4Addr)> + '_ {
+        self.backends
+            .range(
+                BackendSlot { lb_id, index: 0 }..=BackendSlot {
+                    lb_id,
+                    index: u32::MAX,
+                },
+            )
+            .map(|(k, v)| (k.index, addr_from_be(v.ip)))
+    }
+
+    pub fn backend_counters_of(&self, lb_id: u32) -> impl Iterator<Item = &BackendKey> + '_ {
+        self.backend_counters.range(
+            BackendKey { lb_id, ip: 0 }..=BackendKey {
+                lb_id,
+                ip: u32::MAX,
+            },
+        )
+    }
+
+    /// Whether any load balancer, VIP entry or sandbox entry still names network index
+    /// `net`.
+    pub fn net_in_use(&self, net: u32) -> bool {
+        self.net_users.contains_key(&net)
+            || self
+                .net_meta
+                .get(&net)
+                .is_some_and(|m| self.lbs_on_net.contains_key(&net_id(m)))
+    }
+
+    /// Applies one operation, as the kernel would.
+    pub fn apply(&mut self, op: &Op) {
+        match *op {
+            Op::PutLbMeta(id, m) => {
+                if let Some(old) = self.lb_meta.insert(id, m) {
+                    self.lb_ids.remove(&lb_ref(&old));
+                    self.count_lb(&old, false);
+                }
+                self.lb_ids.insert(lb_ref(&m), id);
+                self.count_lb(&m, true);
+            }
+            Op::PutNetMeta(i, m) => {
+                if let Some(old) = self.net_meta.insert(i, m) {
+                    self.net_ids.remove(&net_id(&old));
+                }
+                self.net_ids.insert(net_id(&m), i);
+            }
+            Op::PutLbCounter(id) => {
+                self.lb_counters.insert(id);
+            }
+            Op::PutBackendCounter(k) => {
+                self.backend_counters.insert(k);
+            }
+            Op::PutBackend(k, v) => {
+                self.backends.insert(k, v);
+            }
+            Op::PutLb(id, v) => {
+                self.lbs.insert(id, v);
+            }
+            Op::PutVip(k, v) => {
+                if self.vips.insert(k, v).is_none() {
+                    count(&mut self.net_users, k.net, true);
+                }
+            }
+            Op::PutSandbox(c, v) => {
+                if let Some(old) = self.sandboxes.insert(c, v) {
+                    for &n in Self::sandbox_nets(&old) {
+                        count(&mut self.net_users, n, false);
+                    }
+                }
+                for &n in Self::sandbox_nets(&v) {
+                    count(&mut self.net_users, n, true);
+                }
+            }
+            Op::DelSandbox(c) => {
+                if let Some(old) = self.sandboxes.remove(&c) {
+                    for &n in Self::sandbox_nets(&old) {
+                        count(&mut self.net_users, n, false);
+                    }
+                }
+            }
+            Op::DelVip(k) => {
+                if self.vips.remove(&k).is_some() {
+                    count(&mut self.net_users, k.net, false);
+                }
+            }
+            Op::DelLb(id) => {
+                self.lbs.remove(&id);
+            }
+            Op::DelBackend(k) => {
+                self.backends.remove(&k);
+            }
+            Op::DelBackendCounter(k) => {
+                self.backend_counters.remove(&k);
+            }
+            Op::DelLbCounter(id) => {
+                self.lb_counters.remove(&id);
+            }
+            Op::DelLbMeta(id) => {
+                if let Some(old) = self.lb_meta.remove(&id) {
+                    self.lb_ids.remove(&lb_ref(&old));
+                    self.count_lb(&old, false);
+                }
+            }
+            Op::DelNetMeta(i) => {
+                if let Some(old) = self.net_meta.remove(&i) {
+                    self.net_ids.remove(&net_id(&old));
+                }
+            }
+        }
+    }
+
+    pub fn entries(&self) -> usize {
+        self.sandboxes.len()
+            + self.vips.len()
+            + self.lbs.len()
+            + self.backends.len()
+            + self.backend_counters.len()
+            + self.lb_counters.len()
+            + self.lb_meta.len()
+            + self.net_meta.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_kept_in_network_order() {
+        let ip: Ipv4Addr = "10.1.2.3".parse().unwrap();
+        assert_eq!(addr_be(ip).to_ne_bytes(), [10, 1, 2, 3]);
+        assert_eq!(addr_from_be(addr_be(ip)), ip);
+    }
+
+    #[test]
+    fn meta_round_trips_ids_and_keeps_the_lookups() {
+        let r = LbRef {
+            service_id: "svc-x".into(),
+            network_id: "net-y".into(),
+        };
+        assert_eq!(lb_ref(&lb_meta(&r)), r);
+        let mut t = KernelTables::default();
+        t.apply(&Op::PutLbMeta(3, lb_meta(&r)));
+        t.apply(&Op::PutNetMeta(7, net_meta("net-y")));
+        assert_eq!((t.lb_id(&r), t.net_index("net-y")), (Some(3), Some(7)));
+        let rebuilt = KernelTables::from_parts(
+            t.sandboxes.clone(),
+            t.vips.clone(),
+            t.lbs.clone(),
+            t.backends.clone(),
+            t.backend_counters.clone(),
+            t.lb_counters.clone(),
+            t.lb_meta.clone(),
+            t.net_meta.clone(),
+        );
+        assert_eq!(rebuilt, t);
+        t.apply(&Op::DelLbMeta(3));
+        assert_eq!(t.lb_id(&r), None);
+    }
+}

@@ -1,0 +1,383 @@
+//! The names meshd's DNS answers on one network, from ClusterState. Pure, and built from the
+//! same liveness rule as the datapath (`ClusterState::serves`), so DNS never names a task
+//! the datapath already dropped. Compile rebuilds only the networks a change touched.
+use std::net::Ipv4Addr;
+
+use meshd_dns::{records::normalize, Entry, Kind, NetworkRecords};
+
+use tracing::debug;
+
+use super::hostname_template::{expand, TaskContext};
+use crate::model::{ClusterState, EndpointMode, SandboxEndpoint, Service, Task};
+
+/// A task's container name, as Docker names it: `<service>.<slot>.<task id>` (global
+/// services have no slot: the node id stands in).
+pub fn task_name(service: &str, t: &Task) -> String {
+    format!("{service}.{}.{}", slot_or_node(t), t.id)
+}
+
+/// A task's slot, or for a global service's task (no slot) its node id, as swarm puts it
+/// in task names and in the `.Task.Slot` template field.
+fn slot_or_node(t: &Task) -> String {
+    match t.slot {
+        Some(slot) if slot > 0 => slot.to_string(),
+        _ => t.node_id.clone(),
+    }
+}
+
+/// Docker's short container id: also the default hostname, and a name on every network.
+fn short_id(container_id: &str) -> &str {
+    container_id.get(..12).unwrap_or(container_id)
+}
+
+/// The hostname a task's container got from its service's `--hostname` template; none when
+/// meshd cannot expand it (that task keeps its other names).
+fn task_hostname(
+    state: &ClusterState,
+    svc: &Service,
+    t: &Task,
+    task_name: &str,
+    template: &str,
+) -> Option<String> {
+    let slot = slot_or_node(t);
+    let ctx = TaskContext {
+        service_id: &svc.id,
+        service_name: &svc.name,
+        node_id: &t.node_id,
+        node_hostname: state.nodes.get(&t.node_id).map(|n| n.hostname.as_str()),
+        task_id: &t.id,
+        task_name,
+        task_slot: &slot,
+    };
+    expand(template, &ctx)
+        .inspect_err(|e| debug!(task = %t.id, template, error = %e, "no DNS name from --hostname"))
+        .ok()
+        .filter(|h| !h.is_empty())
+}
+
+fn put(net: &mut NetworkRecords, name: &str, entry: Entry) {
+    // The first claim on a name wins (services before tasks before containers), so one
+    // object cannot shadow another by picking its name.
+    net.names.entry(normalize(name)).or_insert(entry);
+}
+
+fn endpoint(addr: Ipv4Addr, about: String) -> Entry {
+    Entry {
+        kind: Kind::Endpoint,
+        addrs: vec![addr],
+        shuffle: false,
+        about,
+    }
+}
+
+/// A service's aliases on this network: the spec names the network by id or by name.
+fn aliases_on<'a>(
+    svc: &'a Service,
+    net_id: &'a str,
+    net_name: &'a str,
+) -> impl Iterator<Item = &'a String> + 'a {
+    svc.aliases
+        .iter()
+        .filter(move |(target, _)| target.as_str() == net_id || target.as_str() == net_name)
+        .flat_map(|(_, a)| a.iter())
+}
+
+/// The names of a container (local or reported by its node) on one network.
+fn container_names(
+    net: &mut NetworkRecords,
+    id: &str,
+    name: &str,
+    hostname: &str,
+    ep: &SandboxEndpoint,
+) {
+    let Some(ip) = ep.addr else {
+        return;
+    };
+    if !name.is_empty() {
+        net.ptr
+            .entry(ip)
+            .or_insert_with(|| normalize(&format!("{name}.{}", net.name)));
+        put(net, name, endpoint(ip, format!("container {name}")));
+    }
+    for alias in &ep.aliases {
+        put(
+            net,
+            alias,
+            endpoint(ip, format!("alias {alias} of container {name}")),
+        );
+    }
+    // As Docker 25+ does for every container: its short id and its hostname.
+    for (n, what) in [(short_id(id), "id"), (hostname, "hostname")] {
+        if !n.is_empty() {
+            put(net, n, endpoint(ip, format!("container {name} ({what})")));
+        }
+    }
+}
+
+/// The names of network `network_id`, or None when the network is not known.
+pub fn network_records(state: &ClusterState, network_id: &str) -> Option<NetworkRecords> {
+    let network = state.networks.get(network_id)?;
+    let mut net = NetworkRecords {
+        id: network.id.clone(),
+        name: normalize(&network.name),
+        internal: network.internal,
+        ..Default::default()
+    };
+    let services: Vec<&Service> = state.services_on(network_id).collect();
+
+    // Services first: their name, aliases and tasks.<name>.
+    for svc in &services {
+        let mut live: Vec<Ipv4Addr> = state
+            .tasks_of(&svc.id)
+            .filter(|t| state.serves(t))
+            .filter_map(|t| t.addresses.get(network_id).copied())
+            .collect();
+        live.sort();
+        let main = match (svc.mode, svc.vips.get(network_id)) {
+            (EndpointMode::Vip, Some(vip)) => {
+                net.ptr.insert(*vip, normalize(&svc.name));
+                Entry {
+                    kind: Kind::ServiceVip,
+                    addrs: vec![*vip],
+                    shuffle: false,
+                    about: format!("service {} (VIP)", svc.name),
+                }
+            }
+            _ => Entry {
+                kind: Kind::ServiceDnsrr,
+                addrs: live.clone(),
+                shuffle: true,
+                about: format!("service {} (dnsrr, {} live tasks)", svc.name, live.len()),
+            },
+        };
+        for alias in aliases_on(svc, network_id, &network.name) {
+            let mut e = main.clone();
+            e.kind = if e.shuffle {
+                Kind::ServiceDnsrr
+            } else {
+                Kind::Alias
+            };
+            e.about = format!("alias {alias} of {}", main.about);
+            put(&mut net, alias, e);
+        }
+        put(&mut net, &svc.name, main);
+        put(
+            &mut net,
+            &format!("tasks.{}", svc.name),
+            Entry {
+                kind: Kind::Tasks,
+                addrs: live,
+                shuffle: true,
+                about: format!("live tasks of service {}", svc.name),
+            },
+        );
+    }
+
+    // Then each live task: its name, hostname and short container id.
+    for svc in &services {
+        for t in state.tasks_of(&svc.id).filter(|t| state.serves(t)) {
+            let Some(&ip) = t.addresses.get(network_id) else {
+                continue;
+            };
+            let name = task_name(&svc.name, t);
+            net.ptr
+                .insert(ip, normalize(&format!("{name}.{}", net.name)));
+            put(&mut net, &name, endpoint(ip, format!("task {name}")));
+            if let Some(h) = t
+                .hostname
+                .as_deref()
+                .and_then(|tpl| task_hostname(state, svc, t, &name, tpl))
+            {
+                put(
+                    &mut net,
+                    &h,
+                    endpoint(ip, format!("task {name} (hostname)")),
+                );
+            }
+            if let Some(cid) = &t.container_id {
+                // The short container id is also the task's hostname.
+                put(
+                    &mut net,
+                    short_id(cid),
+                    endpoint(ip, format!("task {name} (container id)")),
+                );
+            }
+        }
+    }
+
+    // Then containers: this node's (plain `docker run` on attachable networks, and task
+    // containers with their aliases), then those other nodes report.
+    for sb in state.sandboxes_on(network_id) {
+        if let Some(ep) = sb.endpoints.get(network_id) {
+            container_names(&mut net, &sb.container_id, &sb.name, &sb.hostname, ep);
+        }
+    }
+    for c in state.remote_containers_on(network_id) {
+        if let Some(ep) = c.endpoints.get(network_id) {
+            container_names(&mut net, &c.container_id, &c.name, &c.hostname, ep);
+        }
+    }
+    Some(net)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::{
+        compile::compile,
+        model::{
+            state_tests::*, Change, EndpointMode, NodeReport, NodeState, RemoteContainer, TaskState,
+        },
+    };
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn state() -> ClusterState {
+        let mut s = ClusterState::default();
+        let mut front = net("n1");
+        front.name = "Front".into();
+        let mut back = net("n2");
+        back.name = "back".into();
+        back.internal = true;
+        s.apply(Change::PutNetwork(front));
+        s.apply(Change::PutNetwork(back));
+        s.apply(Change::PutNode(node("node2", NodeState::Down)));
+        let mut web = svc("s1", &[("n1", [10, 0, 1, 2])]);
+        web.name = "Web".into();
+        web.aliases = [("Front".to_string(), vec!["www".to_string()])].into();
+        s.apply(Change::PutService(web));
+        let mut app = svc("s2", &[]);
+        app.name = "app".into();
+        app.mode = EndpointMode::Dnsrr;
+        s.apply(Change::PutService(app));
+        let t = |id: &str, svc: &str, node: &str, slot: u64, net: &str, addr: [u8; 4]| {
+            let mut t = task(id, svc, node, net, addr);
+            t.slot = Some(slot);
+            t.container_id = Some(format!("{id}cccccccccccccccc"));
+            t
+        };
+        for x in [
+            t("t1", "s1", "node1", 1, "n1", [10, 0, 1, 3]),
+            t("t2", "s1", "node2", 2, "n1", [10, 0, 1, 4]),
+            t("t3", "s2", "node1", 1, "n2", [10, 0, 2, 5]),
+            t("t4", "s2", "node1", 2, "n2", [10, 0, 2, 6]),
+        ] {
+            s.apply(Change::PutTask(x));
+        }
+        let mut stopped = t("t5", "s2", "node1", 3, "n2", [10, 0, 2, 7]);
+        stopped.desired = TaskState::Shutdown;
+        s.apply(Change::PutTask(stopped));
+        let mut c = sandbox("c1", 1, &["n1"]);
+        c.name = "client".into();
+        c.hostname = "laptop".into();
+        c.endpoints = [(
+            "n1".to_string(),
+            SandboxEndpoint {
+                addr: Some(ip("10.0.1.9")),
+                aliases: vec!["cli".into()],
+            },
+        )]
+        .into();
+        s.apply(Change::PutSandbox(c));
+        s
+    }
+
+    #[test]
+    fn services_tasks_aliases_and_containers_get_names_on_their_networks() {
+        let z = compile(&state()).zones;
+        let front = &z.networks["n1"];
+        assert_eq!(front.name, "front");
+        assert_eq!(front.names["web"].addrs, [ip("10.0.1.2")]);
+        assert_eq!(front.names["www"].addrs, [ip("10.0.1.2")]);
+        // t2 is on a down node: not a task anyone should reach.
+        assert_eq!(front.names["tasks.web"].addrs, [ip("10.0.1.3")]);
+        assert_eq!(front.names["web.1.t1"].addrs, [ip("10.0.1.3")]);
+        assert!(!front.names.contains_key("web.2.t2"));
+        assert_eq!(front.names["t1cccccccccc"].addrs, [ip("10.0.1.3")]);
+        assert_eq!(front.names["client"].addrs, [ip("10.0.1.9")]);
+        assert_eq!(front.names["cli"].addrs, [ip("10.0.1.9")]);
+        assert_eq!(front.names["laptop"].addrs, [ip("10.0.1.9")]);
+        assert_eq!(front.names["c1"].addrs, [ip("10.0.1.9")], "short id");
+        assert_eq!(front.ptr[&ip("10.0.1.2")], "web");
+        assert_eq!(front.ptr[&ip("10.0.1.3")], "web.1.t1.front");
+        let back = &z.networks["n2"];
+        assert!(back.internal);
+        let app = &back.names["app"];
+        assert!(app.shuffle && app.kind == Kind::ServiceDnsrr);
+        // t5 is draining (desired shutdown): not in dnsrr answers.
+        assert_eq!(app.addrs, [ip("10.0.2.5"), ip("10.0.2.6")]);
+        assert!(!back.names.contains_key("web"));
+    }
+
+    #[test]
+    fn a_container_cannot_take_a_service_name() {
+        let mut s = state();
+        let mut c = s.sandboxes["c1"].clone();
+        c.endpoints.get_mut("n1").unwrap().aliases = vec!["web".into()];
+        s.apply(Change::PutSandbox(c));
+        let z = compile(&s).zones;
+        assert_eq!(z.networks["n1"].names["web"].addrs, [ip("10.0.1.2")]);
+    }
+
+    #[test]
+    fn containers_other_nodes_report_resolve_by_name() {
+        let mut s = state();
+        s.apply(Change::PutReport(NodeReport {
+            node_id: "node3".into(),
+            containers: vec![RemoteContainer {
+                container_id: "abcdef0123456789".into(),
+                name: "probe".into(),
+                hostname: "probe-host".into(),
+                endpoints: [(
+                    "n1".to_string(),
+                    SandboxEndpoint {
+                        addr: Some(ip("10.0.1.77")),
+                        aliases: vec!["p".into()],
+                    },
+                )]
+                .into(),
+            }],
+            unhealthy_tasks: vec![],
+        }));
+        let z = compile(&s).zones;
+        let front = &z.networks["n1"];
+        for name in ["probe", "p", "probe-host", "abcdef012345"] {
+            assert_eq!(front.names[name].addrs, [ip("10.0.1.77")], "{name}");
+        }
+        assert!(
+            !z.networks["n2"].names.contains_key("probe"),
+            "not on that network"
+        );
+    }
+
+    #[test]
+    fn a_service_hostname_template_names_each_task() {
+        let mut s = state();
+        let mut n1 = node("node1", NodeState::Ready);
+        n1.hostname = "worker1".into();
+        s.apply(Change::PutNode(n1));
+        let tasks: BTreeMap<String, Task> = s.tasks.clone();
+        for (id, mut t) in tasks {
+            if t.service_id == "s2" {
+                t.hostname = Some("{{.Service.Name}}-{{.Task.Slot}}.{{ .Node.Hostname }}".into());
+            }
+            if id == "t1" {
+                t.hostname = Some("{{.Service.Labels}}".into());
+            }
+            s.apply(Change::PutTask(t));
+        }
+        let z = compile(&s).zones;
+        let back = &z.networks["n2"];
+        assert_eq!(back.names["app-1.worker1"].addrs, [ip("10.0.2.5")]);
+        assert_eq!(back.names["app-2.worker1"].addrs, [ip("10.0.2.6")]);
+        assert!(!back.names.contains_key("app-3.worker1"), "draining task");
+        // A template meshd cannot expand costs that task its hostname, nothing else.
+        let front = &z.networks["n1"];
+        assert_eq!(front.names["web.1.t1"].addrs, [ip("10.0.1.3")]);
+        assert!(!front.names.keys().any(|n| n.contains("labels")));
+    }
+}

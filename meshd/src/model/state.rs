@@ -1,0 +1,1021 @@
+//! The store behind `ClusterState`: objects by id, the indexes that let a change find what
+//! it touches, and `apply`, which turns a `Change` into the `Dirty` set compile works from.
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::objects::*;
+
+/// One thing a source learned.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Change {
+    PutService(Service),
+    DropService(String),
+    PutTask(Task),
+    DropTask(String),
+    /// A filtered re-read: the live tasks of this service are exactly these; its other
+    /// tasks are gone (or no longer meant to run).
+    ServiceTasks {
+        service_id: String,
+        tasks: Vec<Task>,
+    },
+    PutNetwork(Network),
+    DropNetwork(String),
+    PutNode(Node),
+    DropNode(String),
+    /// A container of this node, by container id.
+    PutSandbox(Sandbox),
+    DropSandbox(String),
+    /// What another node reports (its standalone containers, unhealthy tasks).
+    PutReport(NodeReport),
+    DropReport(String),
+    /// A full read of one kind: whatever of that kind is not in it is gone.
+    Resync(Resync),
+    Reject(Rejected),
+}
+
+/// A full read of one kind of object, with the objects of that kind that did not decode
+/// (they replace every earlier rejection of that kind).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Resync {
+    Services(Vec<Service>, Vec<Rejected>),
+    /// Every live task (desired state running).
+    Tasks(Vec<Task>, Vec<Rejected>),
+    Networks(Vec<Network>, Vec<Rejected>),
+    Nodes(Vec<Node>, Vec<Rejected>),
+    Sandboxes(Vec<Sandbox>, Vec<Rejected>),
+    /// Every other node's report.
+    Reports(Vec<NodeReport>),
+}
+
+/// What a change touched: the services whose load balancers, the networks whose names and
+/// the local sandboxes whose scope must be compiled again.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Dirty {
+    pub services: BTreeSet<String>,
+    pub networks: BTreeSet<String>,
+    /// By container id.
+    pub sandboxes: BTreeSet<String>,
+    /// The rejected list changed.
+    pub rejected: bool,
+}
+
+impl Dirty {
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+            && self.networks.is_empty()
+            && self.sandboxes.is_empty()
+            && !self.rejected
+    }
+
+    pub fn merge(&mut self, other: Dirty) {
+        self.services.extend(other.services);
+        self.networks.extend(other.networks);
+        self.sandboxes.extend(other.sandboxes);
+        self.rejected |= other.rejected;
+    }
+}
+
+/// Derived lookups, kept in step with the objects by `apply`.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Index {
+    tasks_by_service: BTreeMap<String, BTreeSet<String>>,
+    tasks_by_node: BTreeMap<String, BTreeSet<String>>,
+    /// Network → service → how many references (a VIP, a task address) tie them.
+    services_by_network: BTreeMap<String, BTreeMap<String, u32>>,
+    sandboxes_by_network: BTreeMap<String, BTreeSet<String>>,
+    /// Network → nodes whose report has a container on it.
+    reports_by_network: BTreeMap<String, BTreeSet<String>>,
+    /// Task → the nodes (engine reports) that call it unhealthy.
+    unhealthy: BTreeMap<String, BTreeSet<String>>,
+}
+
+fn add_ref(map: &mut BTreeMap<String, BTreeMap<String, u32>>, outer: &str, inner: &str) {
+    *map.entry(outer.to_string())
+        .or_default()
+        .entry(inner.to_string())
+        .or_default() += 1;
+}
+
+fn drop_ref(map: &mut BTreeMap<String, BTreeMap<String, u32>>, outer: &str, inner: &str) {
+    if let Some(m) = map.get_mut(outer) {
+        if let Some(n) = m.get_mut(inner) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(inner);
+            }
+        }
+        if m.is_empty() {
+            map.remove(outer);
+        }
+    }
+}
+
+fn add_to(map: &mut BTreeMap<String, BTreeSet<String>>, outer: &str, inner: &str) {
+    map.entry(outer.to_string())
+        .or_default()
+        .insert(inner.to_string());
+}
+
+fn remove_from(map: &mut BTreeMap<String, BTreeSet<String>>, outer: &str, inner: &str) {
+    if let Some(s) = map.get_mut(outer) {
+        s.remove(inner);
+        if s.is_empty() {
+            map.remove(outer);
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClusterState {
+    /// By service id.
+    pub services: BTreeMap<String, Service>,
+    /// Live tasks (desired state running, and those just turned to shutdown), by task id.
+    pub tasks: BTreeMap<String, Task>,
+    /// By network id.
+    pub networks: BTreeMap<String, Network>,
+    /// By node id.
+    pub nodes: BTreeMap<String, Node>,
+    /// Containers running on this node, by container id.
+    pub sandboxes: BTreeMap<String, Sandbox>,
+    /// Other nodes' reports, by node id.
+    pub reports: BTreeMap<String, NodeReport>,
+    /// Objects that could not be used, by kind and id; each is left out, the rest is used.
+    pub rejected: BTreeMap<(Kind, String), Rejected>,
+    index: Index,
+}
+
+/// The networks a service shows up on: its VIPs' and its tasks'.
+fn service_refs(s: &Service) -> impl Iterator<Item = &String> {
+    s.vips.keys()
+}
+
+impl ClusterState {
+    /// Builds a state from whole lists (tests, the feed's snapshot).
+    pub fn from_changes(changes: impl IntoIterator<Item = Change>) -> ClusterState {
+        let mut s = ClusterState::default();
+        for c in changes {
+            s.apply(c);
+        }
+        s
+    }
+
+    /// Whether `task` gets connections and DNS answers: `Task::serves` with its node and
+    /// its engine's health report.
+    pub fn serves(&self, task: &Task) -> bool {
+        task.serves(
+            self.nodes.get(&task.node_id),
+            self.index.unhealthy.contains_key(&task.id),
+        )
+    }
+
+    /// The tasks of a service, live or draining.
+    pub fn tasks_of<'a>(&'a self, service_id: &str) -> impl Iterator<Item = &'a Task> + 'a {
+        self.index
+            .tasks_by_service
+            .get(service_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.tasks.get(id))
+    }
+
+    pub fn tasks_on_node<'a>(&'a self, node_id: &str) -> impl Iterator<Item = &'a Task> + 'a {
+        self.index
+            .tasks_by_node
+            .get(node_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.tasks.get(id))
+    }
+
+    /// Services with a VIP or a task on this network.
+    pub fn services_on<'a>(&'a self, network_id: &str) -> impl Iterator<Item = &'a Service> + 'a {
+        self.index
+            .services_by_network
+            .get(network_id)
+            .into_iter()
+            .flat_map(|m| m.keys())
+            .filter_map(|id| self.services.get(id))
+    }
+
+    pub fn sandboxes_on<'a>(&'a self, network_id: &str) -> impl Iterator<Item = &'a Sandbox> + 'a {
+        self.index
+            .sandboxes_by_network
+            .get(network_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.sandboxes.get(id))
+    }
+
+    /// Other nodes' containers on this network (not those of a node swarm reports down,
+    /// nor this node's own, which are sandboxes).
+    pub fn remote_containers_on<'a>(
+        &'a self,
+        network_id: &'a str,
+    ) -> impl Iterator<Item = &'a RemoteContainer> + 'a {
+        self.index
+            .reports_by_network
+            .get(network_id)
+            .into_iter()
+            .flatten()
+            .filter(|node| !self.nodes.get(*node).is_some_and(Node::is_down))
+            .filter_map(|node| self.reports.get(node))
+            .flat_map(|r| r.containers.iter())
+            .filter(move |c| {
+                c.endpoints.contains_key(network_id)
+                    && !self.sandboxes.contains_key(&c.container_id)
+            })
+    }
+
+    /// The networks a service shows up on (VIPs and task addresses).
+    pub fn networks_of_service(&self, service_id: &str) -> BTreeSet<String> {
+        let mut out: BTreeSet<String> = self
+            .services
+            .get(service_id)
+            .into_iter()
+            .flat_map(|s| s.vips.keys().cloned())
+            .collect();
+        for t in self.tasks_of(service_id) {
+            out.extend(t.addresses.keys().cloned());
+        }
+        out
+    }
+
+    pub fn rejected_list(&self) -> Vec<Rejected> {
+        self.rejected.values().cloned().collect()
+    }
+
+    /// Applies one change and says what it touched. A change that changes nothing (the same
+    /// object read again) touches nothing.
+    pub fn apply(&mut self, change: Change) -> Dirty {
+        let mut d = Dirty::default();
+        match change {
+            Change::PutService(s) => self.put_service(s, &mut d),
+            Change::DropService(id) => self.drop_service(&id, &mut d),
+            Change::PutTask(t) => self.put_task(t, &mut d),
+            Change::DropTask(id) => self.drop_task(&id, &mut d),
+            Change::ServiceTasks { service_id, tasks } => {
+                let keep: BTreeSet<String> = tasks.iter().map(|t| t.id.clone()).collect();
+                let gone: Vec<String> = self
+                    .tasks_of(&service_id)
+                    .filter(|t| !keep.contains(&t.id))
+                    .map(|t| t.id.clone())
+                    .collect();
+                for id in gone {
+                    self.drop_task(&id, &mut d);
+                }
+                for t in tasks {
+                    self.put_task(t, &mut d);
+                }
+            }
+            Change::PutNetwork(n) => self.put_network(n, &mut d),
+            Change::DropNetwork(id) => self.drop_network(&id, &mut d),
+            Change::PutNode(n) => self.put_node(n, &mut d),
+            Change::DropNode(id) => self.drop_node(&id, &mut d),
+            Change::PutSandbox(s) => self.put_sandbox(s, &mut d),
+            Change::DropSandbox(id) => self.drop_sandbox(&id, &mut d),
+            Change::PutReport(r) => self.put_report(r, &mut d),
+            Change::DropReport(id) => self.drop_report(&id, &mut d),
+            Change::Resync(r) => self.resync(r, &mut d),
+            Change::Reject(r) => {
+                let key = (r.kind, r.id.clone());
+                if self.rejected.get(&key) != Some(&r) {
+                    self.rejected.insert(key, r);
+                    d.rejected = true;
+                }
+            }
+        }
+        d
+    }
+
+    fn accept(&mut self, kind: Kind, id: &str, d: &mut Dirty) {
+        if self.rejected.remove(&(kind, id.to_string())).is_some() {
+            d.rejected = true;
+        }
+    }
+
+    fn replace_rejections(&mut self, kind: Kind, list: Vec<Rejected>, d: &mut Dirty) {
+        let before: Vec<Rejected> = self
+            .rejected
+            .values()
+            .filter(|r| r.kind == kind)
+            .cloned()
+            .collect();
+        let mut after = list;
+        after.sort_by(|a, b| a.id.cmp(&b.id));
+        after.dedup_by(|a, b| a.id == b.id);
+        if before != after {
+            self.rejected.retain(|(k, _), _| *k != kind);
+            for r in after {
+                self.rejected.insert((r.kind, r.id.clone()), r);
+            }
+            d.rejected = true;
+        }
+    }
+
+    /// Marks a service and the networks it is on (its VIPs' and its tasks').
+    fn touch_service(&self, id: &str, d: &mut Dirty) {
+        d.services.insert(id.to_string());
+        d.networks.extend(self.networks_of_service(id));
+    }
+
+    fn put_service(&mut self, s: Service, d: &mut Dirty) {
+        self.accept(Kind::Service, &s.id, d);
+        if self.services.get(&s.id) == Some(&s) {
+            return;
+        }
+        if let Some(old) = self.services.get(&s.id) {
+            for net in old.vips.keys().cloned().collect::<Vec<_>>() {
+                drop_ref(&mut self.index.services_by_network, &net, &s.id);
+            }
+            self.touch_service(&s.id, d);
+        }
+        for net in service_refs(&s) {
+            add_ref(&mut self.index.services_by_network, net, &s.id);
+        }
+        // Aliases may name a network by name: its names change too.
+        for target in s.aliases.keys() {
+            if let Some(n) = self.network_by_id_or_name(target) {
+                d.networks.insert(n);
+            }
+        }
+        let id = s.id.clone();
+        self.services.insert(id.clone(), s);
+        self.touch_service(&id, d);
+    }
+
+    fn network_by_id_or_name(&self, target: &str) -> Option<String> {
+        if self.networks.contains_key(target) {
+            return Some(target.to_string());
+        }
+        self.networks
+            .values()
+            .find(|n| n.name == target)
+            .map(|n| n.id.clone())
+    }
+
+    fn drop_service(&mut self, id: &str, d: &mut Dirty) {
+        self.accept(Kind::Service, id, d);
+        let Some(old) = self.services.get(id) else {
+            return;
+        };
+        for target in old.aliases.keys() {
+            if let Some(n) = self.network_by_id_or_name(target) {
+                d.networks.insert(n);
+            }
+        }
+        self.touch_service(id, d);
+        let old = self.services.remove(id).expect("just looked up");
+        for net in old.vips.keys() {
+            drop_ref(&mut self.index.services_by_network, net, id);
+        }
+        // Its tasks go with it.
+        let tasks: Vec<String> = self.tasks_of(id).map(|t| t.id.clone()).collect();
+        for t in tasks {
+            self.drop_task(&t, d);
+        }
+    }
+
+    fn index_task(&mut self, t: &Task, add: bool) {
+        let f = if add { add_to } else { remove_from };
+        f(&mut self.index.tasks_by_service, &t.service_id, &t.id);
+        if !t.node_id.is_empty() {
+            f(&mut self.index.tasks_by_node, &t.node_id, &t.id);
+        }
+        for net in t.addresses.keys() {
+            if add {
+                add_ref(&mut self.index.services_by_network, net, &t.service_id);
+            } else {
+                drop_ref(&mut self.index.services_by_network, net, &t.service_id);
+            }
+        }
+    }
+
+    fn touch_task(t: &Task, d: &mut Dirty) {
+        d.services.insert(t.service_id.clone());
+        d.networks.extend(t.addresses.keys().cloned());
+    }
+
+    fn put_task(&mut self, t: Task, d: &mut Dirty) {
+        self.accept(Kind::Task, &t.id, d);
+        if let Some(old) = self.tasks.get(&t.id) {
+            if *old == t {
+                return;
+            }
+            let old = old.clone();
+            Self::touch_task(&old, d);
+            self.index_task(&old, false);
+        }
+        Self::touch_task(&t, d);
+        // A service's name entries live on every network it is on: a task on a new network
+        // changes them there.
+        d.networks.extend(
+            self.services
+                .get(&t.service_id)
+                .into_iter()
+                .flat_map(|s| s.vips.keys().cloned()),
+        );
+        self.index_task(&t, true);
+        self.tasks.insert(t.id.clone(), t);
+    }
+
+    fn drop_task(&mut self, id: &str, d: &mut Dirty) {
+        self.accept(Kind::Task, id, d);
+        if let Some(old) = self.tasks.remove(id) {
+            Self::touch_task(&old, d);
+            self.index_task(&old, false);
+        }
+    }
+
+    fn put_network(&mut self, n: Network, d: &mut Dirty) {
+        self.accept(Kind::Network, &n.id, d);
+        if self.networks.get(&n.id) == Some(&n) {
+            return;
+        }
+        self.touch_network(&n.id, d);
+        self.networks.insert(n.id.clone(), n);
+    }
+
+    /// A network's names, the services on it (their load balancers need it known) and the
+    /// sandboxes scoped to it.
+    fn touch_network(&self, id: &str, d: &mut Dirty) {
+        d.networks.insert(id.to_string());
+        d.services
+            .extend(self.services_on(id).map(|s| s.id.clone()));
+        d.sandboxes
+            .extend(self.sandboxes_on(id).map(|s| s.container_id.clone()));
+    }
+
+    fn drop_network(&mut self, id: &str, d: &mut Dirty) {
+        self.accept(Kind::Network, id, d);
+        if self.networks.contains_key(id) {
+            self.touch_network(id, d);
+            self.networks.remove(id);
+        }
+    }
+
+    fn put_node(&mut self, n: Node, d: &mut Dirty) {
+        self.accept(Kind::Node, &n.id, d);
+        let old = self.nodes.get(&n.id);
+        if old == Some(&n) {
+            return;
+        }
+        // Only what compile reads: liveness and the hostname (for --hostname templates).
+        let matters = old.is_none_or(|o| o.is_down() != n.is_down() || o.hostname != n.hostname);
+        let id = n.id.clone();
+        self.nodes.insert(id.clone(), n);
+        if matters {
+            self.touch_node(&id, d);
+        }
+    }
+
+    fn touch_node(&self, id: &str, d: &mut Dirty) {
+        for t in self.tasks_on_node(id) {
+            Self::touch_task(t, d);
+        }
+        if let Some(r) = self.reports.get(id) {
+            self.touch_report(r, d);
+        }
+    }
+
+    fn drop_node(&mut self, id: &str, d: &mut Dirty) {
+        self.accept(Kind::Node, id, d);
+        if self.nodes.remove(id).is_some() {
+            self.touch_node(id, d);
+            // A node that left the swarm reports nothing any more.
+            self.drop_report(id, d);
+        }
+    }
+
+    fn index_sandbox(&mut self, s: &Sandbox, add: bool) {
+        for net in &s.networks {
+            if add {
+                add_to(&mut self.index.sandboxes_by_network, net, &s.container_id);
+            } else {
+                remove_from(&mut self.index.sandboxes_by_network, net, &s.container_id);
+            }
+        }
+        if let Some(task) = &s.task_id {
+            if s.health == Health::Unhealthy {
+                let reporter = format!("container {}", s.container_id);
+                self.set_unhealthy(task, &reporter, add);
+            }
+        }
+    }
+
+    fn set_unhealthy(&mut self, task: &str, reporter: &str, on: bool) {
+        if on {
+            add_to(&mut self.index.unhealthy, task, reporter);
+        } else {
+            remove_from(&mut self.index.unhealthy, task, reporter);
+        }
+    }
+
+    fn touch_sandbox(&self, s: &Sandbox, d: &mut Dirty) {
+        d.sandboxes.insert(s.container_id.clone());
+        d.networks.extend(s.networks.iter().cloned());
+        if s.health == Health::Unhealthy {
+            if let Some(t) = s.task_id.as_ref().and_then(|t| self.tasks.get(t)) {
+                Self::touch_task(t, d);
+            }
+        }
+    }
+
+    fn put_sandbox(&mut self, s: Sandbox, d: &mut Dirty) {
+        self.accept(Kind::Container, &s.container_id, d);
+        if let Some(old) = self.sandboxes.get(&s.container_id) {
+            if *old == s {
+                return;
+            }
+            let old = old.clone();
+            self.touch_sandbox(&old, d);
+            self.index_sandbox(&old, false);
+        }
+        self.index_sandbox(&s, true);
+        self.touch_sandbox(&s, d);
+        self.sandboxes.insert(s.container_id.clone(), s);
+    }
+
+    fn drop_sandbox(&mut self, id: &str, d: &mut Dirty) {
+        self.accept(Kind::Container, id, d);
+        if let Some(old) = self.sandboxes.get(id).cloned() {
+            self.touch_sandbox(&old, d);
+            self.index_sandbox(&old, false);
+            self.sandboxes.remove(id);
+        }
+    }
+
+    fn index_report(&mut self, r: &NodeReport, add: bool) {
+        // A report comes and goes whole, so a node is on a network while any of its
+        // reported containers is.
+        for c in &r.containers {
+            for net in c.endpoints.keys() {
+                if add {
+                    add_to(&mut self.index.reports_by_network, net, &r.node_id);
+                } else {
+                    remove_from(&mut self.index.reports_by_network, net, &r.node_id);
+                }
+            }
+        }
+        for t in &r.unhealthy_tasks {
+            self.set_unhealthy(t, &r.node_id, add);
+        }
+    }
+
+    fn touch_report(&self, r: &NodeReport, d: &mut Dirty) {
+        for c in &r.containers {
+            d.networks.extend(c.endpoints.keys().cloned());
+        }
+        for t in r.unhealthy_tasks.iter().filter_map(|t| self.tasks.get(t)) {
+            Self::touch_task(t, d);
+        }
+    }
+
+    fn put_report(&mut self, mut r: NodeReport, d: &mut Dirty) {
+        r.containers
+            .sort_by(|a, b| a.container_id.cmp(&b.container_id));
+        r.unhealthy_tasks.sort();
+        r.unhealthy_tasks.dedup();
+        self.accept(Kind::Report, &r.node_id, d);
+        if let Some(old) = self.reports.get(&r.node_id) {
+            if *old == r {
+                return;
+            }
+            let old = old.clone();
+            self.touch_report(&old, d);
+            self.index_report(&old, false);
+        }
+        self.index_report(&r, true);
+        self.touch_report(&r, d);
+        self.reports.insert(r.node_id.clone(), r);
+    }
+
+    fn drop_report(&mut self, node: &str, d: &mut Dirty) {
+        if let Some(old) = self.reports.get(node).cloned() {
+            self.touch_report(&old, d);
+            self.index_report(&old, false);
+            self.reports.remove(node);
+        }
+    }
+
+    fn resync(&mut self, r: Resync, d: &mut Dirty) {
+        // Apply what is new or changed, drop what is gone; the kind's rejections are
+        // replaced after, since a put clears its own.
+        macro_rules! replace {
+            ($list:expr, $map:ident, $id:ident, $put:ident, $drop:ident) => {{
+                let keep: BTreeSet<String> = $list.iter().map(|o| o.$id.clone()).collect();
+                let gone: Vec<String> = self
+                    .$map
+                    .keys()
+                    .filter(|k| !keep.contains(*k))
+                    .cloned()
+                    .collect();
+                for id in gone {
+                    self.$drop(&id, d);
+                }
+                for o in $list {
+                    self.$put(o, d);
+                }
+            }};
+        }
+        match r {
+            Resync::Services(list, rej) => {
+                replace!(list, services, id, put_service, drop_service);
+                self.replace_rejections(Kind::Service, rej, d);
+            }
+            Resync::Tasks(list, rej) => {
+                replace!(list, tasks, id, put_task, drop_task);
+                self.replace_rejections(Kind::Task, rej, d);
+            }
+            Resync::Networks(list, rej) => {
+                replace!(list, networks, id, put_network, drop_network);
+                self.replace_rejections(Kind::Network, rej, d);
+            }
+            Resync::Nodes(list, rej) => {
+                replace!(list, nodes, id, put_node, drop_node);
+                self.replace_rejections(Kind::Node, rej, d);
+            }
+            Resync::Sandboxes(list, rej) => {
+                replace!(list, sandboxes, container_id, put_sandbox, drop_sandbox);
+                self.replace_rejections(Kind::Container, rej, d);
+            }
+            Resync::Reports(list) => {
+                replace!(list, reports, node_id, put_report, drop_report);
+            }
+        }
+    }
+
+    /// Every object as a list of changes that rebuilds this state (the feed's snapshot).
+    pub fn snapshot(&self) -> Vec<Change> {
+        let mut out = vec![
+            Change::Resync(Resync::Networks(
+                self.networks.values().cloned().collect(),
+                self.rejected_of(Kind::Network),
+            )),
+            Change::Resync(Resync::Nodes(
+                self.nodes.values().cloned().collect(),
+                self.rejected_of(Kind::Node),
+            )),
+            Change::Resync(Resync::Services(
+                self.services.values().cloned().collect(),
+                self.rejected_of(Kind::Service),
+            )),
+            Change::Resync(Resync::Tasks(
+                self.tasks.values().cloned().collect(),
+                self.rejected_of(Kind::Task),
+            )),
+        ];
+        out.push(Change::Resync(Resync::Reports(
+            self.reports.values().cloned().collect(),
+        )));
+        out
+    }
+
+    fn rejected_of(&self, kind: Kind) -> Vec<Rejected> {
+        self.rejected
+            .values()
+            .filter(|r| r.kind == kind)
+            .cloned()
+            .collect()
+    }
+
+    /// The indexes rebuilt from the objects alone: equal to the maintained ones whenever
+    /// `apply` is right (checked by the property tests).
+    #[cfg(test)]
+    fn reindexed(&self) -> Index {
+        let mut s = ClusterState {
+            networks: self.networks.clone(),
+            ..Default::default()
+        };
+        for svc in self.services.values() {
+            for net in service_refs(svc) {
+                add_ref(&mut s.index.services_by_network, net, &svc.id);
+            }
+        }
+        for t in self.tasks.values() {
+            s.index_task(t, true);
+        }
+        for sb in self.sandboxes.values() {
+            s.index_sandbox(sb, true);
+        }
+        for r in self.reports.values() {
+            s.index_report(r, true);
+        }
+        s.index
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::net::Ipv4Addr;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    pub fn svc(id: &str, nets: &[(&str, [u8; 4])]) -> Service {
+        Service {
+            id: id.into(),
+            name: format!("svc-{id}"),
+            mode: EndpointMode::Vip,
+            vips: nets
+                .iter()
+                .map(|(n, ip)| (n.to_string(), Ipv4Addr::from(*ip)))
+                .collect(),
+            aliases: BTreeMap::new(),
+            ports: Vec::new(),
+            labels: BTreeMap::new(),
+            updating: false,
+            version: 1,
+        }
+    }
+
+    pub fn task(id: &str, service: &str, node: &str, net: &str, ip: [u8; 4]) -> Task {
+        Task {
+            id: id.into(),
+            service_id: service.into(),
+            node_id: node.into(),
+            slot: Some(1),
+            state: TaskState::Running,
+            desired: TaskState::Running,
+            addresses: [(net.to_string(), Ipv4Addr::from(ip))].into(),
+            container_id: Some(format!("{id}-container-0000")),
+            hostname: None,
+            version: 1,
+        }
+    }
+
+    pub fn net(id: &str) -> Network {
+        Network {
+            id: id.into(),
+            name: format!("net-{id}"),
+            internal: false,
+            ingress: false,
+            scope: "swarm".into(),
+            attachable: true,
+        }
+    }
+
+    pub fn node(id: &str, state: NodeState) -> Node {
+        Node {
+            id: id.into(),
+            hostname: format!("host-{id}"),
+            state,
+            role: Role::Worker,
+            addr: None,
+            manager_addr: None,
+            version: 1,
+        }
+    }
+
+    pub fn sandbox(id: &str, cookie: u64, nets: &[&str]) -> Sandbox {
+        Sandbox {
+            container_id: id.into(),
+            name: format!("c-{id}"),
+            netns_cookie: cookie,
+            netns_path: format!("/run/netns/{id}"),
+            networks: nets.iter().map(|n| n.to_string()).collect(),
+            endpoints: BTreeMap::new(),
+            hostname: String::new(),
+            task_id: None,
+            health: Health::None,
+        }
+    }
+
+    #[test]
+    fn the_same_object_read_again_touches_nothing() {
+        let mut s = ClusterState::default();
+        s.apply(Change::PutNetwork(net("n1")));
+        s.apply(Change::PutService(svc("s1", &[("n1", [10, 0, 0, 2])])));
+        let d = s.apply(Change::PutTask(task("t1", "s1", "a", "n1", [10, 0, 0, 5])));
+        assert!(d.services.contains("s1") && d.networks.contains("n1"));
+        let again = s.apply(Change::PutTask(task("t1", "s1", "a", "n1", [10, 0, 0, 5])));
+        assert!(again.is_empty(), "{again:?}");
+    }
+
+    #[test]
+    fn a_node_going_down_touches_the_services_of_its_tasks_only() {
+        let mut s = ClusterState::default();
+        for n in ["n1", "n2"] {
+            s.apply(Change::PutNetwork(net(n)));
+        }
+        s.apply(Change::PutNode(node("a", NodeState::Ready)));
+        s.apply(Change::PutNode(node("b", NodeState::Ready)));
+        s.apply(Change::PutService(svc("s1", &[("n1", [10, 0, 0, 2])])));
+        s.apply(Change::PutService(svc("s2", &[("n2", [10, 0, 1, 2])])));
+        s.apply(Change::PutTask(task("t1", "s1", "a", "n1", [10, 0, 0, 5])));
+        s.apply(Change::PutTask(task("t2", "s2", "b", "n2", [10, 0, 1, 5])));
+        let d = s.apply(Change::PutNode(node("a", NodeState::Down)));
+        assert_eq!(d.services, ["s1".to_string()].into());
+        assert_eq!(d.networks, ["n1".to_string()].into());
+        assert!(!s.serves(&s.tasks["t1"]));
+        assert!(s.serves(&s.tasks["t2"]));
+        // A heartbeat that changes nothing compile reads touches nothing.
+        let mut n = node("b", NodeState::Ready);
+        n.version = 9;
+        assert!(s.apply(Change::PutNode(n)).is_empty());
+    }
+
+    #[test]
+    fn service_tasks_replaces_that_services_tasks_only() {
+        let mut s = ClusterState::default();
+        s.apply(Change::PutTask(task("t1", "s1", "a", "n1", [10, 0, 0, 5])));
+        s.apply(Change::PutTask(task("t2", "s1", "a", "n1", [10, 0, 0, 6])));
+        s.apply(Change::PutTask(task("t3", "s2", "a", "n1", [10, 0, 0, 7])));
+        s.apply(Change::ServiceTasks {
+            service_id: "s1".into(),
+            tasks: vec![task("t2", "s1", "a", "n1", [10, 0, 0, 6])],
+        });
+        let ids: Vec<&str> = s.tasks.keys().map(String::as_str).collect();
+        assert_eq!(ids, ["t2", "t3"]);
+    }
+
+    #[test]
+    fn an_unhealthy_report_takes_a_task_out_and_a_healthy_one_puts_it_back() {
+        let mut s = ClusterState::default();
+        s.apply(Change::PutService(svc("s1", &[("n1", [10, 0, 0, 2])])));
+        s.apply(Change::PutTask(task("t1", "s1", "b", "n1", [10, 0, 0, 5])));
+        let d = s.apply(Change::PutReport(NodeReport {
+            node_id: "b".into(),
+            containers: vec![],
+            unhealthy_tasks: vec!["t1".into()],
+        }));
+        assert!(d.services.contains("s1"));
+        assert!(!s.serves(&s.tasks["t1"]));
+        s.apply(Change::PutReport(NodeReport {
+            node_id: "b".into(),
+            ..Default::default()
+        }));
+        assert!(s.serves(&s.tasks["t1"]));
+        // This node's own engine says the same through the sandbox's health.
+        let mut sb = sandbox("c1", 7, &["n1"]);
+        sb.task_id = Some("t1".into());
+        sb.health = Health::Unhealthy;
+        s.apply(Change::PutSandbox(sb.clone()));
+        assert!(!s.serves(&s.tasks["t1"]));
+        sb.health = Health::Healthy;
+        s.apply(Change::PutSandbox(sb));
+        assert!(s.serves(&s.tasks["t1"]));
+    }
+
+    #[test]
+    fn rejections_clear_when_the_object_reads_well_and_resync_replaces_them() {
+        let mut s = ClusterState::default();
+        let bad = Rejected {
+            kind: Kind::Service,
+            id: "s1".into(),
+            reason: "bad".into(),
+        };
+        assert!(s.apply(Change::Reject(bad.clone())).rejected);
+        assert!(!s.apply(Change::Reject(bad.clone())).rejected, "same again");
+        assert!(s.apply(Change::PutService(svc("s1", &[]))).rejected);
+        assert!(s.rejected.is_empty());
+        s.apply(Change::Resync(Resync::Services(vec![], vec![bad])));
+        assert_eq!(s.rejected.len(), 1);
+        s.apply(Change::Resync(Resync::Services(vec![], vec![])));
+        assert!(s.rejected.is_empty());
+    }
+
+    // A random sequence of changes over a small universe of ids: the maintained indexes
+    // always equal indexes rebuilt from scratch, and a resync to the final objects from any
+    // other state reaches the same state.
+    pub fn arb_change() -> impl Strategy<Value = Change> {
+        let id = |p: &'static str| (0..4u8).prop_map(move |i| format!("{p}{i}"));
+        let ip = (1..6u8).prop_map(|i| [10, 0, 0, i]);
+        let state = prop_oneof![
+            Just(TaskState::Running),
+            Just(TaskState::Starting),
+            Just(TaskState::Shutdown)
+        ];
+        let task = (
+            id("t"),
+            id("s"),
+            id("node"),
+            id("n"),
+            ip.clone(),
+            state.clone(),
+            state,
+        )
+            .prop_map(|(t, s, node, n, ip, st, de)| {
+                let mut t = task(&t, &s, &node, &n, ip);
+                t.state = st;
+                t.desired = de;
+                t
+            });
+        let service =
+            (id("s"), id("n"), ip.clone(), any::<bool>()).prop_map(|(s, n, ip, dnsrr)| {
+                let mut s = svc(&s, &[(&n, ip)]);
+                if dnsrr {
+                    s.mode = EndpointMode::Dnsrr;
+                    s.vips.clear();
+                }
+                s
+            });
+        let node_state = prop_oneof![Just(NodeState::Ready), Just(NodeState::Down)];
+        let sandbox = (
+            id("c"),
+            1..4u64,
+            proptest::collection::vec(id("n"), 0..3),
+            any::<bool>(),
+        )
+            .prop_map(|(c, cookie, nets, sick)| {
+                let mut nets = nets;
+                nets.sort();
+                nets.dedup();
+                let refs: Vec<&str> = nets.iter().map(String::as_str).collect();
+                let mut sb = sandbox(&c, cookie, &refs);
+                sb.task_id = Some("t1".into());
+                sb.health = if sick {
+                    Health::Unhealthy
+                } else {
+                    Health::Healthy
+                };
+                for n in &nets {
+                    sb.endpoints.insert(
+                        n.clone(),
+                        SandboxEndpoint {
+                            addr: Some(Ipv4Addr::new(10, 0, 9, cookie as u8)),
+                            aliases: vec![],
+                        },
+                    );
+                }
+                sb
+            });
+        let report = (
+            id("node"),
+            proptest::collection::vec((id("r"), id("n")), 0..3),
+            proptest::collection::vec(id("t"), 0..2),
+        )
+            .prop_map(|(node, cs, sick)| NodeReport {
+                node_id: node,
+                containers: cs
+                    .into_iter()
+                    .map(|(c, n)| RemoteContainer {
+                        container_id: c.clone(),
+                        name: c,
+                        hostname: String::new(),
+                        endpoints: [(n, SandboxEndpoint::default())].into(),
+                    })
+                    .collect(),
+                unhealthy_tasks: sick,
+            });
+        prop_oneof![
+            task.clone().prop_map(Change::PutTask),
+            id("t").prop_map(Change::DropTask),
+            service.clone().prop_map(Change::PutService),
+            id("s").prop_map(Change::DropService),
+            id("n").prop_map(|n| Change::PutNetwork(net(&n))),
+            id("n").prop_map(Change::DropNetwork),
+            (id("node"), node_state).prop_map(|(n, st)| Change::PutNode(node(&n, st))),
+            id("node").prop_map(Change::DropNode),
+            sandbox.prop_map(Change::PutSandbox),
+            id("c").prop_map(Change::DropSandbox),
+            report.prop_map(Change::PutReport),
+            id("node").prop_map(Change::DropReport),
+            (id("s"), proptest::collection::vec(task, 0..3)).prop_map(|(s, ts)| {
+                Change::ServiceTasks {
+                    tasks: ts
+                        .into_iter()
+                        .map(|mut t| {
+                            t.service_id = s.clone();
+                            t
+                        })
+                        .collect(),
+                    service_id: s,
+                }
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn indexes_stay_equal_to_a_rebuild(changes in proptest::collection::vec(arb_change(), 0..60)) {
+            let mut s = ClusterState::default();
+            for c in changes {
+                s.apply(c);
+                prop_assert_eq!(&s.index, &s.reindexed());
+            }
+        }
+
+        #[test]
+        fn a_snapshot_rebuilds_the_state_from_any_other(
+            a in proptest::collection::vec(arb_change(), 0..40),
+            b in proptest::collection::vec(arb_change(), 0..40),
+        ) {
+            let target = ClusterState::from_changes(a);
+            let mut other = ClusterState::from_changes(b);
+            // Sandboxes are local truth and never travel in a snapshot.
+            other.sandboxes = target.sandboxes.clone();
+            other.index = other.reindexed();
+            for c in target.snapshot() {
+                other.apply(c);
+            }
+            prop_assert_eq!(&other.services, &target.services);
+            prop_assert_eq!(&other.tasks, &target.tasks);
+            prop_assert_eq!(&other.nodes, &target.nodes);
+            prop_assert_eq!(&other.networks, &target.networks);
+            prop_assert_eq!(&other.reports, &target.reports);
+            prop_assert_eq!(&other.index, &target.index);
+        }
+    }
+}
