@@ -458,7 +458,7 @@ fn handle(shared: &Shared, req: Request) -> Result<Value> {
                     } else if state.nodes.get(&t.node_id).is_some_and(|n| n.is_down()) {
                         "node down".to_string()
                     } else if !state.serves(t) {
-                        "health check failing on its node".to_string()
+                        "held back by its node (health check failing, or stopping)".to_string()
                     } else if s.mode == EndpointMode::Dnsrr {
                         "dnsrr: served by DNS only".to_string()
                     } else {

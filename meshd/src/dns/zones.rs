@@ -341,7 +341,7 @@ mod tests {
                 )]
                 .into(),
             }],
-            unhealthy_tasks: vec![],
+            held_tasks: vec![],
         }));
         let z = compile(&s).zones;
         let front = &z.networks["n1"];

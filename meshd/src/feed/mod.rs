@@ -13,9 +13,7 @@ use std::sync::Arc;
 
 use tokio::sync::broadcast;
 
-use crate::model::{
-    Change, ClusterState, Health, NodeReport, RemoteContainer, Resync, SandboxEndpoint,
-};
+use crate::model::{Change, ClusterState, NodeReport, RemoteContainer, Resync, SandboxEndpoint};
 
 pub mod certs;
 pub mod client;
@@ -26,14 +24,14 @@ pub mod protocol;
 pub const DEFAULT_PORT: u16 = 2378;
 
 /// What this node reports: containers that are not tasks, on swarm-scoped networks, and
-/// tasks whose health check fails.
+/// tasks it holds back (health check failing, or told to stop).
 pub fn report_of(state: &ClusterState, node_id: &str) -> NodeReport {
     let mut containers = Vec::new();
-    let mut unhealthy_tasks = Vec::new();
+    let mut held_tasks = Vec::new();
     for sb in state.sandboxes.values() {
         if let Some(t) = &sb.task_id {
-            if sb.health == Health::Unhealthy {
-                unhealthy_tasks.push(t.clone());
+            if sb.holds_task() {
+                held_tasks.push(t.clone());
             }
             continue;
         }
@@ -53,11 +51,11 @@ pub fn report_of(state: &ClusterState, node_id: &str) -> NodeReport {
         }
     }
     containers.sort_by(|a, b| a.container_id.cmp(&b.container_id));
-    unhealthy_tasks.sort();
+    held_tasks.sort();
     NodeReport {
         node_id: node_id.to_string(),
         containers,
-        unhealthy_tasks,
+        held_tasks,
     }
 }
 
@@ -184,12 +182,16 @@ mod tests {
         s.apply(Change::PutSandbox(plain));
         let mut sick = sandbox("c2", 2, &["ov"]);
         sick.task_id = Some("t9".into());
-        sick.health = Health::Unhealthy;
+        sick.health = crate::model::Health::Unhealthy;
         s.apply(Change::PutSandbox(sick));
+        let mut stopping = sandbox("c3", 3, &["ov"]);
+        stopping.task_id = Some("t8".into());
+        stopping.stopping = true;
+        s.apply(Change::PutSandbox(stopping));
         let r = report_of(&s, "me");
         assert_eq!(r.containers.len(), 1);
         assert_eq!(r.containers[0].endpoints.keys().collect::<Vec<_>>(), ["ov"]);
-        assert_eq!(r.unhealthy_tasks, ["t9"]);
+        assert_eq!(r.held_tasks, ["t8", "t9"]);
     }
 
     #[test]

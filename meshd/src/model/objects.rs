@@ -184,13 +184,13 @@ pub struct Task {
 impl Task {
     /// The one liveness rule: a task gets new connections (and DNS answers) only while it
     /// runs and is meant to keep running, on a node swarm does not report down, and while
-    /// its node's engine does not report its health check failing. A task whose desired
-    /// state turned to shutdown is drained at once.
-    pub fn serves(&self, node: Option<&Node>, unhealthy: bool) -> bool {
+    /// its node's engine does not hold it back (health check failing, or told to stop). A
+    /// task whose desired state turned to shutdown is drained at once.
+    pub fn serves(&self, node: Option<&Node>, held: bool) -> bool {
         self.state == TaskState::Running
             && self.desired == TaskState::Running
             && !node.is_some_and(Node::is_down)
-            && !unhealthy
+            && !held
     }
 
     /// Still on its way to running (or to stopping): its service's tasks are worth
@@ -274,6 +274,17 @@ pub struct Sandbox {
     pub task_id: Option<String>,
     #[serde(default)]
     pub health: Health,
+    /// Its engine was told to stop it (`kill` with SIGTERM or SIGKILL): it serves its grace
+    /// period but gets no new connections.
+    #[serde(default)]
+    pub stopping: bool,
+}
+
+impl Sandbox {
+    /// This node's engine says the container's task must get no new connections.
+    pub fn holds_task(&self) -> bool {
+        self.task_id.is_some() && (self.health == Health::Unhealthy || self.stopping)
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -301,8 +312,10 @@ pub struct RemoteContainer {
 pub struct NodeReport {
     pub node_id: String,
     pub containers: Vec<RemoteContainer>,
-    /// Tasks on this node whose container reports unhealthy.
-    pub unhealthy_tasks: Vec<String>,
+    /// Tasks on this node that must get no new connections: their container's health check
+    /// fails, or the container was told to stop (a stop or rolling update, before swarm
+    /// reports the task's new desired state).
+    pub held_tasks: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

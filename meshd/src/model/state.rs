@@ -26,7 +26,7 @@ pub enum Change {
     /// A container of this node, by container id.
     PutSandbox(Sandbox),
     DropSandbox(String),
-    /// What another node reports (its standalone containers, unhealthy tasks).
+    /// What another node reports (its standalone containers, tasks it holds back).
     PutReport(NodeReport),
     DropReport(String),
     /// A full read of one kind: whatever of that kind is not in it is gone.
@@ -86,8 +86,9 @@ struct Index {
     sandboxes_by_network: BTreeMap<String, BTreeSet<String>>,
     /// Network → nodes whose report has a container on it.
     reports_by_network: BTreeMap<String, BTreeSet<String>>,
-    /// Task → the nodes (engine reports) that call it unhealthy.
-    unhealthy: BTreeMap<String, BTreeSet<String>>,
+    /// Task → who holds it back (its node's report, or a local container): unhealthy, or
+    /// stopping.
+    held: BTreeMap<String, BTreeSet<String>>,
 }
 
 fn add_ref(map: &mut BTreeMap<String, BTreeMap<String, u32>>, outer: &str, inner: &str) {
@@ -165,7 +166,7 @@ impl ClusterState {
     pub fn serves(&self, task: &Task) -> bool {
         task.serves(
             self.nodes.get(&task.node_id),
-            self.index.unhealthy.contains_key(&task.id),
+            self.index.held.contains_key(&task.id),
         )
     }
 
@@ -495,26 +496,24 @@ impl ClusterState {
                 remove_from(&mut self.index.sandboxes_by_network, net, &s.container_id);
             }
         }
-        if let Some(task) = &s.task_id {
-            if s.health == Health::Unhealthy {
-                let reporter = format!("container {}", s.container_id);
-                self.set_unhealthy(task, &reporter, add);
-            }
+        if let (Some(task), true) = (&s.task_id, s.holds_task()) {
+            let reporter = format!("container {}", s.container_id);
+            self.set_held(task, &reporter, add);
         }
     }
 
-    fn set_unhealthy(&mut self, task: &str, reporter: &str, on: bool) {
+    fn set_held(&mut self, task: &str, reporter: &str, on: bool) {
         if on {
-            add_to(&mut self.index.unhealthy, task, reporter);
+            add_to(&mut self.index.held, task, reporter);
         } else {
-            remove_from(&mut self.index.unhealthy, task, reporter);
+            remove_from(&mut self.index.held, task, reporter);
         }
     }
 
     fn touch_sandbox(&self, s: &Sandbox, d: &mut Dirty) {
         d.sandboxes.insert(s.container_id.clone());
         d.networks.extend(s.networks.iter().cloned());
-        if s.health == Health::Unhealthy {
+        if s.holds_task() {
             if let Some(t) = s.task_id.as_ref().and_then(|t| self.tasks.get(t)) {
                 Self::touch_task(t, d);
             }
@@ -557,8 +556,8 @@ impl ClusterState {
                 }
             }
         }
-        for t in &r.unhealthy_tasks {
-            self.set_unhealthy(t, &r.node_id, add);
+        for t in &r.held_tasks {
+            self.set_held(t, &r.node_id, add);
         }
     }
 
@@ -566,7 +565,7 @@ impl ClusterState {
         for c in &r.containers {
             d.networks.extend(c.endpoints.keys().cloned());
         }
-        for t in r.unhealthy_tasks.iter().filter_map(|t| self.tasks.get(t)) {
+        for t in r.held_tasks.iter().filter_map(|t| self.tasks.get(t)) {
             Self::touch_task(t, d);
         }
     }
@@ -574,8 +573,8 @@ impl ClusterState {
     fn put_report(&mut self, mut r: NodeReport, d: &mut Dirty) {
         r.containers
             .sort_by(|a, b| a.container_id.cmp(&b.container_id));
-        r.unhealthy_tasks.sort();
-        r.unhealthy_tasks.dedup();
+        r.held_tasks.sort();
+        r.held_tasks.dedup();
         self.accept(Kind::Report, &r.node_id, d);
         if let Some(old) = self.reports.get(&r.node_id) {
             if *old == r {
@@ -779,6 +778,7 @@ pub(crate) mod tests {
             hostname: String::new(),
             task_id: None,
             health: Health::None,
+            stopping: false,
         }
     }
 
@@ -838,7 +838,7 @@ pub(crate) mod tests {
         let d = s.apply(Change::PutReport(NodeReport {
             node_id: "b".into(),
             containers: vec![],
-            unhealthy_tasks: vec!["t1".into()],
+            held_tasks: vec!["t1".into()],
         }));
         assert!(d.services.contains("s1"));
         assert!(!s.serves(&s.tasks["t1"]));
@@ -957,7 +957,7 @@ pub(crate) mod tests {
                         endpoints: [(n, SandboxEndpoint::default())].into(),
                     })
                     .collect(),
-                unhealthy_tasks: sick,
+                held_tasks: sick,
             });
         prop_oneof![
             task.clone().prop_map(Change::PutTask),

@@ -123,8 +123,8 @@ pub struct LocalSource {
     pending: HashMap<String, Pending>,
     /// New namespaces being watched, and what they showed last.
     watches: HashMap<PathBuf, (Arc<AtomicBool>, Option<Seen>)>,
-    /// Containers this source has put as sandboxes.
-    live: HashSet<String>,
+    /// Containers this source has put as sandboxes, as last put.
+    live: HashMap<String, Sandbox>,
 }
 
 fn unix_ns(t: SystemTime) -> f64 {
@@ -158,7 +158,7 @@ impl LocalSource {
             generation: HashMap::new(),
             pending: HashMap::new(),
             watches: HashMap::new(),
-            live: HashSet::new(),
+            live: HashMap::new(),
         }
     }
 
@@ -271,7 +271,10 @@ impl LocalSource {
             .lock()
             .unwrap()
             .retain(|k, _| keys.contains(k.as_str()));
-        self.live = sandboxes.iter().map(|s| s.container_id.clone()).collect();
+        self.live = sandboxes
+            .iter()
+            .map(|s| (s.container_id.clone(), s.clone()))
+            .collect();
         {
             let mut st = self.status.lock().unwrap();
             st.reads += 1;
@@ -381,8 +384,24 @@ impl LocalSource {
                 self.live.remove(&container);
                 self.send(vec![Change::DropSandbox(container)], Some(at));
             }
-            // Only a hint: a stop in progress (the container serves its grace period).
-            ("container", "kill") => {}
+            // A stop in progress: the container serves its grace period, but a task gets
+            // no new connection from now on (its node knows first; swarm reports the new
+            // desired state a moment later).
+            ("container", "kill") => {
+                let stop = matches!(
+                    attr("signal").as_deref(),
+                    Some("15" | "9" | "SIGTERM" | "SIGKILL")
+                );
+                if let Some(sb) = self
+                    .live
+                    .get_mut(&container)
+                    .filter(|s| stop && !s.stopping)
+                {
+                    sb.stopping = true;
+                    let sb = sb.clone();
+                    self.send(vec![Change::PutSandbox(sb)], Some(at));
+                }
+            }
             ("container", "create") => {
                 self.pending.insert(
                     container,
@@ -418,7 +437,7 @@ impl LocalSource {
                 }
                 self.spawn_inspect(&container, at);
             }
-            ("network", "connect") if !self.live.contains(&container) => {
+            ("network", "connect") if !self.live.contains_key(&container) => {
                 // Starting (or created and being connected): find its namespace early.
                 let p = self
                     .pending
@@ -473,7 +492,13 @@ impl LocalSource {
                             if i.status != "created" {
                                 self.forget(&container);
                             }
-                            self.live.insert(container.clone());
+                            let mut s = s;
+                            // A stop already seen stays seen (an inspect racing the kill).
+                            s.stopping = self
+                                .live
+                                .get(&container)
+                                .is_some_and(|o| o.stopping && o.netns_cookie == s.netns_cookie);
+                            self.live.insert(container.clone(), s.clone());
                             Change::PutSandbox(s)
                         }
                         Ok(None) => {
@@ -597,6 +622,7 @@ impl LocalSource {
                 hostname: String::new(),
                 task_id: p.task_id.clone(),
                 health: Health::None,
+                stopping: false,
             }));
         }
         if !changes.is_empty() {
@@ -687,6 +713,7 @@ async fn sandbox(
         hostname: i.hostname.clone(),
         task_id: i.task_id().map(str::to_string),
         health: i.health,
+        stopping: false,
     }))
 }
 

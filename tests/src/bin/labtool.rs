@@ -10,7 +10,8 @@ use std::{
 fn usage() -> ! {
     eprintln!(
         "usage: labtool udp-serve PORT | udp-ask ADDR:PORT [--connected] | peer ADDR:PORT |\n\
-         \x20      tcp-echo PORT | rr ADDR:PORT SECONDS | crr ADDR:PORT SECONDS"
+         \x20      tcp-echo PORT | rr ADDR:PORT SECONDS | crr ADDR:PORT SECONDS |\n\
+         \x20      http-serve PORT | http-loop HOST:PORT STOPFILE OUTFILE"
     );
     std::process::exit(2)
 }
@@ -39,6 +40,8 @@ fn main() {
         ["tcp-echo", port] => tcp_echo(port.parse().unwrap_or_else(|_| usage())),
         ["rr", target, secs] => rr(addr(target), secs.parse().unwrap_or_else(|_| usage())),
         ["crr", target, secs] => crr(addr(target), secs.parse().unwrap_or_else(|_| usage())),
+        ["http-serve", port] => http_serve(port.parse().unwrap_or_else(|_| usage())),
+        ["http-loop", target, stop, out] => http_loop(target, stop, out),
         _ => usage(),
     }
 }
@@ -151,4 +154,102 @@ fn crr(target: SocketAddr, secs: f64) {
         lat.push(t.elapsed());
     }
     report("crr", lat, start.elapsed());
+}
+
+static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_sigterm(_: libc::c_int) {
+    STOPPING.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// An HTTP server that answers "<hostname> ok", or "<hostname> stopping" once it got
+/// SIGTERM: it keeps serving through its grace period (as a well-behaved service does), and
+/// tells the client that it reached a task that was told to stop.
+fn http_serve(port: u16) {
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe { libc::signal(libc::SIGTERM, on_sigterm as *const () as libc::sighandler_t) };
+    let l = TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| fail(&e.to_string()));
+    let name = hostname();
+    for s in l.incoming().flatten() {
+        let name = name.clone();
+        std::thread::spawn(move || {
+            let mut s = s;
+            let mut buf = [0u8; 1024];
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = s.read(&mut buf);
+            let state = if STOPPING.load(std::sync::atomic::Ordering::SeqCst) {
+                "stopping"
+            } else {
+                "ok"
+            };
+            let body = format!("{name} {state}\n");
+            let _ = write!(
+                s,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        });
+    }
+}
+
+/// One GET: the answer's body, or why there was none.
+fn get_once(target: &str) -> Result<String, String> {
+    use std::net::ToSocketAddrs;
+    // Resolved every time (through the container's resolver: 127.0.0.11).
+    let to = target
+        .to_socket_addrs()
+        .map_err(|e| format!("resolve: {e}"))?
+        .next()
+        .ok_or("resolve: no address")?;
+    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))
+        .map_err(|e| format!("connect {to}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n")
+        .map_err(|e| format!("send: {e}"))?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)
+        .map_err(|e| format!("read: {e}"))?;
+    out.split("\r\n\r\n")
+        .nth(1)
+        .map(|b| b.trim().to_string())
+        .filter(|b| !b.is_empty())
+        .ok_or_else(|| format!("no body in {out:?}"))
+}
+
+/// GETs `target` in a loop (a new connection each time) until `stop` exists; then writes a
+/// JSON summary to `out`: answers counted by body, and each failure with its time.
+fn http_loop(target: &str, stop: &str, out: &str) {
+    let start = Instant::now();
+    let mut by: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut failures: Vec<String> = Vec::new();
+    let (mut ok, mut failed) = (0u64, 0u64);
+    while !std::path::Path::new(stop).exists() {
+        match get_once(target) {
+            Ok(body) => {
+                ok += 1;
+                *by.entry(body).or_default() += 1;
+            }
+            Err(e) => {
+                failed += 1;
+                if failures.len() < 50 {
+                    failures.push(format!("{:.3}s {e}", start.elapsed().as_secs_f64()));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let json_str = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
+    let by: Vec<String> = by
+        .iter()
+        .map(|(k, v)| format!("{}:{v}", json_str(k)))
+        .collect();
+    let failures: Vec<String> = failures.iter().map(|f| json_str(f)).collect();
+    let text = format!(
+        "{{\"ok\":{ok},\"failed\":{failed},\"seconds\":{:.1},\"by\":{{{}}},\"failures\":[{}]}}\n",
+        start.elapsed().as_secs_f64(),
+        by.join(","),
+        failures.join(",")
+    );
+    std::fs::write(out, text).unwrap_or_else(|e| fail(&e.to_string()));
 }
