@@ -28,10 +28,11 @@ pub mod map_names {
     /// (socket cookie, VIP, port) → backend: an unconnected UDP socket keeps its backend
     /// from one datagram to the next, while that backend is live.
     pub const AFFINITY: &str = "MESHD_AFFINITY";
-    /// (load-balancer id, backend) → connections (per CPU). An entry exists exactly while
-    /// the backend is live, so the programs also read it as "still a backend".
+    /// Backend counter slot → connections (per-CPU array; the slot is in `BackendValue`).
+    /// Arrays, not hashes: preallocated, so writing a counter allocates nothing (a per-CPU
+    /// hash allocates per-CPU memory for each new entry, ~10 µs each).
     pub const BACKEND_CONNS: &str = "MESHD_BE_CONNS";
-    /// load-balancer id → connections (per CPU).
+    /// load-balancer id → connections (per-CPU array).
     pub const LB_CONNS: &str = "MESHD_LB_CONNS";
     /// load-balancer id → (service id, network id): lets a restarted meshd adopt the ids.
     /// Written before anything else that names the id and deleted after everything else.
@@ -69,13 +70,14 @@ pub mod prog_names {
 pub mod capacity {
     pub const SANDBOXES: u32 = 1 << 16;
     pub const NETWORKS: u32 = 1 << 16;
-    pub const VIPS: u32 = 1 << 18;
-    pub const LBS: u32 = 1 << 18;
-    pub const BACKENDS: u32 = 1 << 21;
+    pub const VIPS: u32 = 1 << 16;
+    /// Load balancers (a service's VIP on one network); ids are below this.
+    pub const LBS: u32 = 1 << 16;
+    /// Live backends over all load balancers; counter slots are below this. The per-CPU
+    /// counter array costs 8 bytes × this × CPUs (2 MiB per CPU).
+    pub const BACKENDS: u32 = 1 << 18;
     pub const REVNAT: u32 = 1 << 18;
     pub const AFFINITY: u32 = 1 << 16;
-    pub const BACKEND_CONNS: u32 = 1 << 21;
-    pub const LB_CONNS: u32 = 1 << 18;
     pub const DNS: u32 = 1 << 16;
 }
 
@@ -142,21 +144,14 @@ pub struct BackendSlot {
     pub index: u32,
 }
 
-/// A backend as the datapath needs it: the task's address on the VIP's network.
+/// A backend as the datapath needs it: the task's address on the VIP's network, and its
+/// connection counter's slot (it keeps the slot when it moves to another index).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BackendValue {
     /// IPv4 address, network byte order.
     pub ip: u32,
-    pub _pad: u32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct BackendKey {
-    pub lb_id: u32,
-    /// IPv4 address, network byte order.
-    pub ip: u32,
+    pub counter: u32,
 }
 
 #[repr(C)]
@@ -192,8 +187,11 @@ pub struct AffinityKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AffinityValue {
     pub lb_id: u32,
+    /// Where the backend was, and who it was: still a backend if that slot still holds it.
+    pub index: u32,
     /// Backend address, network byte order.
     pub ip: u32,
+    pub _pad: u32,
 }
 
 /// Docker object ids are 25 characters; 32 bytes leave room, zero padded.
@@ -233,7 +231,6 @@ mod pod {
     unsafe impl aya::Pod for LbValue {}
     unsafe impl aya::Pod for BackendSlot {}
     unsafe impl aya::Pod for BackendValue {}
-    unsafe impl aya::Pod for BackendKey {}
     unsafe impl aya::Pod for RevNatKey {}
     unsafe impl aya::Pod for RevNatValue {}
     unsafe impl aya::Pod for AffinityKey {}

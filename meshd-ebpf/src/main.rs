@@ -24,11 +24,11 @@ use aya_ebpf::{
         bpf_sk_release,
     },
     macros::{cgroup_sock_addr, map},
-    maps::{HashMap, LruHashMap, PerCpuHashMap},
+    maps::{HashMap, LruHashMap, PerCpuArray},
     programs::SockAddrContext,
 };
 use meshd_common::{
-    capacity, mix64, AffinityKey, AffinityValue, BackendKey, BackendSlot, BackendValue, DnsPorts,
+    capacity, mix64, AffinityKey, AffinityValue, BackendSlot, BackendValue, DnsPorts,
     LbMeta, LbValue, NetMeta, RevNatKey, RevNatValue, SandboxValue, VipKey, VipValue, DNS_ADDR,
     DNS_PORT, MAX_SANDBOX_NETS,
 };
@@ -55,12 +55,10 @@ static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::pinned(capacity::AFFINITY, 0);
 
 #[map(name = "MESHD_BE_CONNS")]
-static BACKEND_CONNS: PerCpuHashMap<BackendKey, u64> =
-    PerCpuHashMap::pinned(capacity::BACKEND_CONNS, BPF_F_NO_PREALLOC);
+static BACKEND_CONNS: PerCpuArray<u64> = PerCpuArray::pinned(capacity::BACKENDS, 0);
 
 #[map(name = "MESHD_LB_CONNS")]
-static LB_CONNS: PerCpuHashMap<u32, u64> =
-    PerCpuHashMap::pinned(capacity::LB_CONNS, BPF_F_NO_PREALLOC);
+static LB_CONNS: PerCpuArray<u64> = PerCpuArray::pinned(capacity::LBS, 0);
 
 /// Read only by userspace (they map ids back to Docker objects after a restart); declared
 /// here so they are created and pinned with the others.
@@ -156,15 +154,17 @@ fn balance(sa: *mut bpf_sock_addr, datagram: bool) -> i32 {
         _pad: 0,
     };
     let mut backend_ip = 0u32;
+    let mut counter = 0u32;
     if datagram {
         if let Some(a) = AFFINITY.get_ptr(&aff_key) {
-            let (a_lb, a_ip) = unsafe { ((*a).lb_id, (*a).ip) };
-            let live = BackendKey {
-                lb_id: a_lb,
-                ip: a_ip,
-            };
-            if a_lb == lb_id && BACKEND_CONNS.get_ptr(&live).is_some() {
-                backend_ip = a_ip;
+            let (a_lb, a_index, a_ip) = unsafe { ((*a).lb_id, (*a).index, (*a).ip) };
+            // Still a backend: the slot it had (below the live count) still holds it.
+            if a_lb == lb_id && a_index < count {
+                if let Some(b) = BACKENDS.get_ptr(&BackendSlot { lb_id, index: a_index }) {
+                    if unsafe { (*b).ip } == a_ip {
+                        backend_ip = a_ip;
+                    }
+                }
             }
         }
     }
@@ -175,12 +175,15 @@ fn balance(sa: *mut bpf_sock_addr, datagram: bool) -> i32 {
             return ALLOW;
         };
         backend_ip = unsafe { (*backend).ip };
+        counter = unsafe { (*backend).counter };
         if datagram {
             let _ = AFFINITY.insert(
                 &aff_key,
                 &AffinityValue {
                     lb_id,
+                    index,
                     ip: backend_ip,
+                    _pad: 0,
                 },
                 0,
             );
@@ -202,15 +205,12 @@ fn balance(sa: *mut bpf_sock_addr, datagram: bool) -> i32 {
     remember_reverse(&rev_key, &rev);
 
     if fresh {
-        // Per-CPU counters: a plain increment is race free. Userspace creates the entries.
-        if let Some(count) = LB_CONNS.get_ptr_mut(&lb_id) {
+        // Per-CPU counters: a plain increment is race free. Userspace zeroes a slot before
+        // it hands it out.
+        if let Some(count) = LB_CONNS.get_ptr_mut(lb_id) {
             unsafe { *count += 1 };
         }
-        let be_key = BackendKey {
-            lb_id,
-            ip: backend_ip,
-        };
-        if let Some(count) = BACKEND_CONNS.get_ptr_mut(&be_key) {
+        if let Some(count) = BACKEND_CONNS.get_ptr_mut(counter) {
             unsafe { *count += 1 };
         }
     }

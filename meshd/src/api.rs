@@ -138,6 +138,8 @@ pub struct VipView {
     pub network_id: String,
     pub network: String,
     pub vip: Ipv4Addr,
+    /// In this node's maps: a local container is on that network.
+    pub programmed: bool,
     pub connections: u64,
     /// Local sandboxes (containers) that see this VIP.
     pub sandboxes: Vec<String>,
@@ -327,6 +329,9 @@ fn status(shared: &Shared) -> Result<Value> {
             "changes": rec.changes,
             "steps": rec.steps,
             "sweeps": rec.sweeps,
+            "ready_unix_ms": rec.ready_unix_ms,
+            "first_apply_ms": rec.first_apply_ms,
+            "first_apply_writes": rec.first_apply_writes,
         },
         "counts": counts,
         "event_to_map": latency(&rec.event_to_map),
@@ -408,7 +413,8 @@ fn handle(shared: &Shared, req: Request) -> Result<Value> {
                     .unwrap_or_default()
             };
             let mut vips = Vec::new();
-            for (r, lb) in desired.lbs_of(&s.id) {
+            for (r, lb) in crate::compile::all_service_lbs(state, &s.id) {
+                let programmed = desired.lbs.contains_key(&r);
                 let sandboxes = desired
                     .sandboxes
                     .values()
@@ -425,28 +431,22 @@ fn handle(shared: &Shared, req: Request) -> Result<Value> {
                         node_id: b.node_id.clone(),
                         slot: b.slot,
                         state: "running".into(),
-                        connections: counters
-                            .per_backend
-                            .get(&(r.clone(), b.ip))
-                            .copied()
-                            .unwrap_or(0),
+                        connections: counters.per_backend.get(&(r.clone(), b.ip)).copied().unwrap_or(0),
                     })
                     .collect();
                 vips.push(VipView {
                     network_id: r.network_id.clone(),
-                    network: state
-                        .networks
-                        .get(&r.network_id)
-                        .map(|n| n.name.clone())
-                        .unwrap_or_default(),
+                    network: state.networks.get(&r.network_id).map(|n| n.name.clone()).unwrap_or_default(),
                     vip: lb.vip,
-                    connections: counters.per_lb.get(r).copied().unwrap_or(0),
+                    programmed,
+                    connections: counters.per_lb.get(&r).copied().unwrap_or(0),
                     sandboxes,
                     backends,
                 });
             }
-            let backend_ids: Vec<&str> = desired
-                .lbs_of(&s.id)
+            let all = crate::compile::all_service_lbs(state, &s.id);
+            let backend_ids: Vec<&str> = all
+                .iter()
                 .flat_map(|(_, lb)| lb.backends.iter().map(|b| b.task_id.as_str()))
                 .collect();
             let not_serving = state

@@ -101,6 +101,11 @@ pub struct ReconcileStatus {
     #[serde(skip)]
     pub step_time: VecDeque<Duration>,
     pub last_step_unix_ms: u64,
+    /// When every source had been read once and the first full apply was done.
+    pub ready_unix_ms: u64,
+    /// That first apply: how long, how many writes.
+    pub first_apply_ms: f64,
+    pub first_apply_writes: usize,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]

@@ -21,6 +21,20 @@ pub enum Which {
         #[arg(long, default_value_t = 100)]
         scale_changes: usize,
     },
+    /// The control plane at scale, against a synthetic Docker API: cold start, memory and
+    /// event → map latency at 1k and 10k services, and the load meshd puts on the managers
+    /// for 3, 30 and 100 worker nodes, next to the old design's.
+    Control {
+        /// Service counts for the cold-start and latency runs (10 tasks each).
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+        services: Vec<usize>,
+        /// Task changes for the event → map latency.
+        #[arg(long, default_value_t = 200)]
+        changes: usize,
+        /// Simulated worker nodes for the manager-load runs (empty: skip them).
+        #[arg(long, value_delimiter = ',', default_value = "3,30,100")]
+        nodes: Vec<usize>,
+    },
     /// meshd's DNS server against unbound serving the same names (dnsperf).
     Dns {
         /// Interleaved rounds per server.
@@ -47,6 +61,11 @@ pub fn run(which: Which) -> Result<()> {
             seconds,
             rate,
         } => crate::bench_dns::dns(rounds, seconds, rate),
+        Which::Control {
+            services,
+            changes,
+            nodes,
+        } => crate::bench_control::control(&services, changes, &nodes),
     }
 }
 

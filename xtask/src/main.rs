@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_control;
 mod bench_dns;
 mod lab;
 
@@ -67,9 +68,10 @@ fn main() -> Result<()> {
         Cmd::Lab { cmd } => lab::run(cmd),
         Cmd::Bench { which } => {
             setup()?;
-            // Measure what operators run: optimised builds.
-            // (--examples: the hickory-server comparison in `bench dns`.)
-            cargo(&["build", "--release", "--workspace", "--examples"])?;
+            // Measure what operators run: optimised builds: every binary (meshd, meshctl,
+            // labtool for the lab image) and the examples (the hickory-server comparison in
+            // `bench dns`). `--examples` alone would build no binary at all.
+            cargo(&["build", "--release", "--workspace", "--bins", "--examples"])?;
             std::env::set_var("MESHD_BIN_PROFILE", "release");
             bench::run(which)
         }

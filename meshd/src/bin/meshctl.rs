@@ -93,12 +93,16 @@ fn run(cli: &Cli) -> Result<()> {
             println!("service {} ({}) mode {:?}", s.name, s.id, s.mode);
             for v in &s.vips {
                 println!(
-                    "  network {} VIP {}  backends {}  connections {}  seen by {} local container(s)",
+                    "  network {} VIP {}  backends {}  connections {}  {}",
                     v.network,
                     v.vip,
                     v.backends.len(),
                     v.connections,
-                    v.sandboxes.len()
+                    if v.programmed {
+                        format!("seen by {} local container(s)", v.sandboxes.len())
+                    } else {
+                        "not programmed here: no local container on that network".to_string()
+                    }
                 );
                 println!(
                     "    {:<16} {:<26} {:<12} {:>5} {:<8} {:>12}",

@@ -122,6 +122,17 @@ impl Changed {
 
 /// The load balancers of one service (none for dnsrr, or when it is gone).
 pub fn service_lbs(state: &ClusterState, service_id: &str) -> Vec<(LbRef, Lb)> {
+    all_service_lbs(state, service_id)
+        .into_iter()
+        // Only where a local container can ask: a VIP entry is looked up from a sandbox's
+        // networks, so one no local sandbox is on would never be read.
+        .filter(|(r, _)| state.is_local(&r.network_id))
+        .collect()
+}
+
+/// The load balancers a service has on every network, programmed here or not (meshctl shows
+/// them all).
+pub fn all_service_lbs(state: &ClusterState, service_id: &str) -> Vec<(LbRef, Lb)> {
     let Some(service) = state.services.get(service_id) else {
         return Vec::new();
     };

@@ -162,8 +162,19 @@ impl Reconciler {
             // Compiled, not applied: the first apply sweeps everything anyway.
             Step::default()
         } else if !was_ready {
-            info!("every source read once: applying");
-            self.apply(&changed, true)
+            let t = Instant::now();
+            let step = self.apply(&changed, true);
+            let mut st = self.status.lock().unwrap();
+            st.ready_unix_ms = unix_ms();
+            st.first_apply_ms = t.elapsed().as_secs_f64() * 1000.0;
+            st.first_apply_writes = step.written.writes;
+            // The first full read and compile leave much freed memory behind in the
+            // allocator's arenas: give it back (glibc keeps it otherwise).
+            // SAFETY: malloc_trim only releases free memory.
+            unsafe { libc::malloc_trim(0) };
+            info!(writes = step.written.writes, apply_ms = st.first_apply_ms, "every source read once: applied");
+            drop(st);
+            step
         } else {
             self.apply(&changed, false)
         };
@@ -327,10 +338,11 @@ mod tests {
     fn reconciler(fake: Arc<Mutex<Fake>>) -> Reconciler {
         let slots = vec![Slot::new(fake)];
         let mut r = Reconciler::new(Arc::default(), slots, Arc::default());
-        // Both sources read (nothing yet).
+        // Both sources read: a local container on n1 (compile serves only networks a local
+        // container is on), nothing else yet.
         r.step(vec![
             Update {
-                changes: vec![],
+                changes: vec![Change::PutSandbox(sandbox("c0", 4, &["n1"]))],
                 origin: None,
                 from: Origin::Local,
                 complete: true,
@@ -364,7 +376,7 @@ mod tests {
         );
         r.step(vec![swarm(vec![Change::PutNetwork(net("n1"))])]);
         r.step(vec![Update {
-            changes: vec![],
+            changes: vec![Change::PutSandbox(sandbox("c0", 4, &["n1"]))],
             origin: None,
             from: Origin::Local,
             complete: true,

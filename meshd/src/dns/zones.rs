@@ -114,8 +114,12 @@ fn container_names(
     }
 }
 
-/// The names of network `network_id`, or None when the network is not known.
+/// The names of network `network_id`, or None when the network is not known or no local
+/// container is on it (no one here could ask).
 pub fn network_records(state: &ClusterState, network_id: &str) -> Option<NetworkRecords> {
+    if !state.is_local(network_id) {
+        return None;
+    }
     let network = state.networks.get(network_id)?;
     let mut net = NetworkRecords {
         id: network.id.clone(),
@@ -283,6 +287,8 @@ mod tests {
         )]
         .into();
         s.apply(Change::PutSandbox(c));
+        // Names are compiled only for networks a local container is on.
+        s.apply(Change::PutSandbox(sandbox("c9", 9, &["n2"])));
         s
     }
 

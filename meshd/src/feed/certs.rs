@@ -376,13 +376,13 @@ impl SwarmCerts {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
-    use rcgen::{
-        BasicConstraints, CertificateParams, DistinguishedName as Dn, DnType, IsCa, KeyPair,
-        SanType,
-    };
+/// Swarm-shaped certificates (a cluster CA, node certificates with O/OU/CN and the role as
+/// a DNS name, the key written with swarm's PEM headers): for tests and the benchmark.
+#[cfg(any(test, feature = "fake-swarm"))]
+pub mod fake {
+    use std::path::Path;
+
+    use rcgen::{BasicConstraints, CertificateParams, DistinguishedName as Dn, DnType, IsCa, KeyPair, SanType};
 
     /// A swarm's CA and its node certificates, shaped like swarmkit's.
     pub struct FakeSwarm {
@@ -438,6 +438,12 @@ pub(crate) mod tests {
             std::fs::write(dir.join("swarm-root-ca.crt"), self.ca.pem()).unwrap();
         }
     }
+
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::{fake::FakeSwarm, *};
 
     #[test]
     fn a_node_certificate_names_its_cluster_role_and_node() {

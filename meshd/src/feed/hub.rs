@@ -317,7 +317,7 @@ mod tests {
     use super::*;
     use crate::{
         feed::{
-            certs::{tests::FakeSwarm, MANAGER_OU, WORKER_OU},
+            certs::{fake::FakeSwarm, MANAGER_OU, WORKER_OU},
             client::snapshot_once,
             FeedLog,
         },

@@ -35,7 +35,7 @@ pub fn report_of(state: &ClusterState, node_id: &str) -> NodeReport {
             }
             continue;
         }
-        let endpoints: std::collections::BTreeMap<String, SandboxEndpoint> = sb
+        let endpoints: crate::model::NetMap<SandboxEndpoint> = sb
             .endpoints
             .iter()
             .filter(|(net, _)| state.networks.get(*net).is_some_and(|n| n.scope == "swarm"))
@@ -75,10 +75,13 @@ pub struct FeedLog {
     recent: VecDeque<(u64, Arc<Vec<u8>>)>,
     tx: broadcast::Sender<(u64, Arc<Vec<u8>>)>,
     pub bytes_encoded: u64,
+    kept_bytes: usize,
 }
 
-/// Batches kept for a subscriber that reconnects (beyond that: a snapshot).
+/// Batches kept for a subscriber that reconnects (beyond that: a snapshot), by count and by
+/// bytes (the first full read is one large batch per slice of services).
 const KEEP: usize = 4096;
+const KEEP_BYTES: usize = 4 << 20;
 
 impl FeedLog {
     pub fn new() -> FeedLog {
@@ -88,13 +91,15 @@ impl FeedLog {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1)
             ^ u64::from(std::process::id());
-        let (tx, _) = broadcast::channel(KEEP);
+        // Live subscribers lagging by more than this reconnect and resume from `recent`.
+        let (tx, _) = broadcast::channel(1024);
         FeedLog {
             epoch,
             seq: 0,
             recent: VecDeque::new(),
             tx,
             bytes_encoded: 0,
+            kept_bytes: 0,
         }
     }
 
@@ -109,10 +114,13 @@ impl FeedLog {
             changes,
         }));
         self.bytes_encoded += frame.len() as u64;
-        if self.recent.len() == KEEP {
-            self.recent.pop_front();
-        }
+        self.kept_bytes += frame.len();
         self.recent.push_back((self.seq, frame.clone()));
+        while self.recent.len() > KEEP || (self.kept_bytes > KEEP_BYTES && self.recent.len() > 1) {
+            if let Some((_, f)) = self.recent.pop_front() {
+                self.kept_bytes -= f.len();
+            }
+        }
         let _ = self.tx.send((self.seq, frame));
     }
 

@@ -3,6 +3,8 @@ use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
 
 use serde::{Deserialize, Serialize};
 
+use super::NetMap;
+
 /// Declares a state enum read from Docker's lower-case strings. A value meshd does not know
 /// is kept as `Unknown` (never live), not an error: a newer Docker must not take a task down.
 macro_rules! docker_enum {
@@ -140,7 +142,7 @@ pub struct Service {
     pub name: String,
     pub mode: EndpointMode,
     /// The service's VIP on each network it is attached to, by network id.
-    pub vips: BTreeMap<String, Ipv4Addr>,
+    pub vips: NetMap<Ipv4Addr>,
     /// Service aliases on each network (`--network name=n,alias=a`), by network id or name
     /// as the spec gave it.
     #[serde(default)]
@@ -159,7 +161,7 @@ pub struct Service {
     pub version: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Task {
     pub id: String,
     pub service_id: String,
@@ -169,7 +171,7 @@ pub struct Task {
     pub state: TaskState,
     pub desired: TaskState,
     /// The task's address on each of its networks, by network id.
-    pub addresses: BTreeMap<String, Ipv4Addr>,
+    pub addresses: NetMap<Ipv4Addr>,
     /// Its container, once the node started one.
     #[serde(default)]
     pub container_id: Option<String>,
@@ -265,7 +267,7 @@ pub struct Sandbox {
     pub networks: Vec<String>,
     /// Its address and aliases on each network, by network id.
     #[serde(default)]
-    pub endpoints: BTreeMap<String, SandboxEndpoint>,
+    pub endpoints: NetMap<SandboxEndpoint>,
     /// Its hostname (`Config.Hostname`), a name on every network it is on, as in Docker 25+.
     #[serde(default)]
     pub hostname: String,
@@ -303,7 +305,7 @@ pub struct RemoteContainer {
     #[serde(default)]
     pub hostname: String,
     /// Its address and aliases on each swarm network, by network id.
-    pub endpoints: BTreeMap<String, SandboxEndpoint>,
+    pub endpoints: NetMap<SandboxEndpoint>,
 }
 
 /// What one node's meshd knows that the managers' API does not: its standalone containers
@@ -368,7 +370,7 @@ mod tests {
             slot: Some(1),
             state,
             desired,
-            addresses: BTreeMap::new(),
+            addresses: NetMap::new(),
             container_id: None,
             hostname: None,
             version: 0,

@@ -522,26 +522,57 @@ impl ClusterState {
 
     fn put_sandbox(&mut self, s: Sandbox, d: &mut Dirty) {
         self.accept(Kind::Container, &s.container_id, d);
+        let mut nets: BTreeSet<String> = s.networks.iter().cloned().collect();
         if let Some(old) = self.sandboxes.get(&s.container_id) {
             if *old == s {
                 return;
             }
-            let old = old.clone();
+            nets.extend(old.networks.iter().cloned());
+        }
+        let before = self.local_now(&nets);
+        if let Some(old) = self.sandboxes.get(&s.container_id).cloned() {
             self.touch_sandbox(&old, d);
             self.index_sandbox(&old, false);
         }
         self.index_sandbox(&s, true);
         self.touch_sandbox(&s, d);
         self.sandboxes.insert(s.container_id.clone(), s);
+        self.touch_locality(&nets, before, d);
     }
 
     fn drop_sandbox(&mut self, id: &str, d: &mut Dirty) {
         self.accept(Kind::Container, id, d);
         if let Some(old) = self.sandboxes.get(id).cloned() {
+            let nets: BTreeSet<String> = old.networks.iter().cloned().collect();
+            let before = self.local_now(&nets);
             self.touch_sandbox(&old, d);
             self.index_sandbox(&old, false);
             self.sandboxes.remove(id);
+            self.touch_locality(&nets, before, d);
         }
+    }
+
+    /// Which of `nets` have a local sandbox now.
+    fn local_now(&self, nets: &BTreeSet<String>) -> BTreeSet<String> {
+        nets.iter().filter(|n| self.is_local(n)).cloned().collect()
+    }
+
+    /// A network that gained its first local sandbox or lost its last one: its services'
+    /// load balancers appear or go (compile serves only networks this node has a container
+    /// on).
+    fn touch_locality(&self, nets: &BTreeSet<String>, before: BTreeSet<String>, d: &mut Dirty) {
+        for n in nets {
+            if self.is_local(n) != before.contains(n) {
+                d.networks.insert(n.clone());
+                d.services.extend(self.services_on(n).map(|s| s.id.clone()));
+            }
+        }
+    }
+
+    /// Whether a local container is on this network: only then do its VIPs and names
+    /// matter here (nothing on this node can ask for them otherwise).
+    pub fn is_local(&self, network_id: &str) -> bool {
+        self.index.sandboxes_by_network.contains_key(network_id)
     }
 
     fn index_report(&mut self, r: &NodeReport, add: bool) {
@@ -774,7 +805,7 @@ pub(crate) mod tests {
             netns_cookie: cookie,
             netns_path: format!("/run/netns/{id}"),
             networks: nets.iter().map(|n| n.to_string()).collect(),
-            endpoints: BTreeMap::new(),
+            endpoints: crate::model::NetMap::new(),
             hostname: String::new(),
             task_id: None,
             health: Health::None,

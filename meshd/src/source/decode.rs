@@ -8,7 +8,7 @@ use serde::{de::DeserializeOwned, Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
 use crate::model::{
-    EndpointMode, Health, Kind, Network, Node, NodeState, Protocol, PublishMode, PublishedPort,
+    EndpointMode, Health, Kind, NetMap, Network, Node, NodeState, Protocol, PublishMode, PublishedPort,
     Rejected, Role, SandboxEndpoint, Service, Task, TaskState,
 };
 
@@ -138,7 +138,7 @@ pub fn service(raw: &RawValue) -> Result<Service, String> {
         "dnsrr" => EndpointMode::Dnsrr,
         other => return Err(format!("unknown endpoint mode {other:?}")),
     };
-    let mut vips = BTreeMap::new();
+    let mut vips = NetMap::new();
     for v in r.endpoint.virtual_ips {
         let net = need(v.network_id, "VirtualIPs.NetworkID")?;
         // IPv6-only VIPs are left to a later version; an empty Addr is "none yet".
@@ -250,7 +250,7 @@ struct RawContainerSpec {
 
 pub fn task(raw: &RawValue) -> Result<Task, String> {
     let r: RawTask = parse(raw)?;
-    let mut addresses = BTreeMap::new();
+    let mut addresses = NetMap::new();
     for att in r.networks_attachments {
         let net = need(att.network.id, "NetworksAttachments.Network.ID")?;
         for a in att.addresses.iter().filter(|a| !a.contains(':')) {
@@ -382,7 +382,7 @@ pub struct Inspected {
     pub sandbox_key: Option<String>,
     /// Network ids, sorted.
     pub networks: Vec<String>,
-    pub endpoints: BTreeMap<String, SandboxEndpoint>,
+    pub endpoints: NetMap<SandboxEndpoint>,
 }
 
 impl Inspected {
@@ -482,7 +482,7 @@ struct RawEndpointSettings {
 pub fn inspect(raw: &RawValue) -> Result<Inspected, String> {
     let r: RawInspect = parse(raw)?;
     let mut networks = Vec::new();
-    let mut endpoints = BTreeMap::new();
+    let mut endpoints = NetMap::new();
     for (net_name, ep) in r.network_settings.networks {
         if ep.network_id.is_empty() {
             return Err(format!("network {net_name} has no NetworkID"));

@@ -74,6 +74,8 @@ pub struct SourceStatus {
     #[serde(skip_serializing_if = "VecDeque::is_empty")]
     pub early: VecDeque<EarlyStart>,
     pub late_starts: u64,
+    /// How long the last full read took.
+    pub last_full_read_ms: f64,
 }
 
 /// A container between `create` and `start`.

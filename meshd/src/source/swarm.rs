@@ -9,7 +9,7 @@
 //! service has settled. A slow round-robin re-read of every service's tasks, and full lists
 //! of services, networks and nodes, are the safety net for anything missed.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -65,11 +65,31 @@ struct Follow {
     origin: Option<Instant>,
 }
 
-/// What the last read of a service's tasks showed, to tell change from repetition.
+/// What the last read of a service's tasks showed, to tell change from repetition: a
+/// fingerprint, not a copy (at 10 000 services a copy of every task is tens of megabytes).
 #[derive(Debug, Default)]
 struct Seen {
-    tasks: Vec<Task>,
+    /// Hash of the tasks as read (None: send them on the next read whatever they are).
+    tasks: Option<u64>,
+    /// Some task is on its way to running or to stopping.
+    moving: bool,
     updating: bool,
+    /// The nodes its tasks are on (hashed ids, sorted): a node change follows it.
+    nodes: Vec<u64>,
+}
+
+fn node_hash(id: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    id.hash(&mut h);
+    h.finish()
+}
+
+fn fingerprint(tasks: &[Task]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    tasks.hash(&mut h);
+    h.finish()
 }
 
 pub struct SwarmSource {
@@ -80,8 +100,6 @@ pub struct SwarmSource {
     status: Arc<Mutex<SourceStatus>>,
     follow: BTreeMap<String, Follow>,
     seen: BTreeMap<String, Seen>,
-    /// Node → services with tasks there: a node change follows them.
-    on_node: BTreeMap<String, BTreeSet<String>>,
     /// Where the round-robin re-read is.
     cursor: Option<String>,
     next_full: Instant,
@@ -108,7 +126,7 @@ fn tasks_query(services: &[String]) -> String {
 }
 
 fn settled(seen: &Seen) -> bool {
-    !seen.updating && !seen.tasks.iter().any(Task::in_transition)
+    !seen.updating && !seen.moving
 }
 
 impl SwarmSource {
@@ -129,7 +147,6 @@ impl SwarmSource {
             status,
             follow: BTreeMap::new(),
             seen: BTreeMap::new(),
-            on_node: BTreeMap::new(),
             cursor: None,
             next_full,
         }
@@ -303,7 +320,14 @@ impl SwarmSource {
                 };
                 self.send(vec![change], Some(at));
                 // Its tasks are rescheduled elsewhere when it goes down.
-                for s in self.on_node.get(&id).cloned().unwrap_or_default() {
+                let node = node_hash(&id);
+                let on: Vec<String> = self
+                    .seen
+                    .iter()
+                    .filter(|(_, s)| s.nodes.binary_search(&node).is_ok())
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for s in on {
                     self.start_following(&s, Some(at));
                 }
             }
@@ -354,19 +378,16 @@ impl SwarmSource {
             let mut changes: Vec<Change> = rejected.into_iter().map(Change::Reject).collect();
             for (service_id, mut tasks) in by_service {
                 tasks.sort_by(|a, b| a.id.cmp(&b.id));
-                for t in &tasks {
-                    if !t.node_id.is_empty() {
-                        self.on_node
-                            .entry(t.node_id.clone())
-                            .or_default()
-                            .insert(service_id.clone());
-                    }
-                }
                 let seen = self.seen.entry(service_id.clone()).or_default();
-                let changed = seen.tasks != tasks;
+                seen.nodes = tasks.iter().map(|t| node_hash(&t.node_id)).collect();
+                seen.nodes.sort_unstable();
+                seen.nodes.dedup();
+                let print = fingerprint(&tasks);
+                let changed = seen.tasks != Some(print);
+                seen.moving = tasks.iter().any(Task::in_transition);
                 out.insert(service_id.clone(), changed);
                 if changed {
-                    seen.tasks = tasks.clone();
+                    seen.tasks = Some(print);
                     changes.push(Change::ServiceTasks { service_id, tasks });
                 }
             }
@@ -467,7 +488,7 @@ impl SwarmSource {
         for s in &ids {
             // Forget what was seen: a full sync sends every service's tasks again.
             if let Some(seen) = self.seen.get_mut(s) {
-                seen.tasks.clear();
+                seen.tasks = None;
             }
         }
         let changed = self.read_tasks(&ids, None).await?;
@@ -484,7 +505,11 @@ impl SwarmSource {
             }
         }
         self.next_full = Instant::now() + self.cfg.resync;
-        self.status.lock().unwrap().resyncs += 1;
+        {
+            let mut st = self.status.lock().unwrap();
+            st.resyncs += 1;
+            st.last_full_read_ms = started.elapsed().as_secs_f64() * 1000.0;
+        }
         info!(
             services = ids.len(),
             changed = changed.values().filter(|c| **c).count(),

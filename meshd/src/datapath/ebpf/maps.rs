@@ -2,13 +2,15 @@
 //! whole tables back from the kernel (at start, and whenever a write failed).
 use std::{collections::BTreeMap, io};
 
+use std::os::fd::{AsFd, AsRawFd};
+
 use anyhow::{Context, Result};
 use aya::{
-    maps::{HashMap, MapData, PerCpuHashMap, PerCpuValues},
+    maps::{HashMap, IterableMap, MapData, PerCpuArray, PerCpuValues},
     Ebpf, Pod,
 };
 use meshd_common::{
-    map_names, BackendKey, BackendSlot, BackendValue, LbMeta, LbValue, NetMeta, RevNatKey,
+    map_names, BackendSlot, BackendValue, LbMeta, LbValue, NetMeta, RevNatKey,
     RevNatValue, SandboxValue, VipKey, VipValue,
 };
 
@@ -19,8 +21,8 @@ pub struct VipMaps {
     vips: HashMap<MapData, VipKey, VipValue>,
     lbs: HashMap<MapData, u32, LbValue>,
     backends: HashMap<MapData, BackendSlot, BackendValue>,
-    pub(super) backend_conns: PerCpuHashMap<MapData, BackendKey, u64>,
-    pub(super) lb_conns: PerCpuHashMap<MapData, u32, u64>,
+    pub(super) backend_conns: PerCpuArray<MapData, u64>,
+    pub(super) lb_conns: PerCpuArray<MapData, u64>,
     lb_meta: HashMap<MapData, u32, LbMeta>,
     net_meta: HashMap<MapData, u32, NetMeta>,
     pub(super) revnat: HashMap<MapData, RevNatKey, RevNatValue>,
@@ -41,14 +43,6 @@ pub(super) fn read_all<K: Pod + Ord, V: Pod>(
     map: &HashMap<MapData, K, V>,
 ) -> Result<BTreeMap<K, V>> {
     map.iter()
-        .map(|r| r.map_err(Into::into))
-        .collect::<Result<_>>()
-}
-
-fn keys_of<K: Pod + Ord>(
-    map: &PerCpuHashMap<MapData, K, u64>,
-) -> Result<std::collections::BTreeSet<K>> {
-    map.keys()
         .map(|r| r.map_err(Into::into))
         .collect::<Result<_>>()
 }
@@ -89,8 +83,6 @@ impl VipMaps {
             read_all(&self.vips)?,
             read_all(&self.lbs)?,
             read_all(&self.backends)?,
-            keys_of(&self.backend_conns)?,
-            keys_of(&self.lb_conns)?,
             read_all(&self.lb_meta)?,
             read_all(&self.net_meta)?,
         ))
@@ -98,6 +90,78 @@ impl VipMaps {
 
     fn zeros(&self) -> Result<PerCpuValues<u64>> {
         PerCpuValues::try_from(vec![0u64; self.nr_cpus]).context("per-CPU zeros")
+    }
+
+    /// Carries out `ops` in order, consecutive writes of one kind to one map as one batch
+    /// (`BPF_MAP_UPDATE_BATCH`/`DELETE_BATCH`: a cold start writes hundreds of thousands of
+    /// entries). Returns how many were done; on error, how many were done before it.
+    pub fn execute_all(&mut self, ops: &[Op]) -> std::result::Result<usize, (usize, anyhow::Error)> {
+        let mut done = 0;
+        while done < ops.len() {
+            let kind = std::mem::discriminant(&ops[done]);
+            let run = ops[done..]
+                .iter()
+                .take_while(|o| std::mem::discriminant(*o) == kind)
+                .count();
+            let batch = &ops[done..done + run];
+            if run < 4 {
+                for op in batch {
+                    self.execute(op).map_err(|e| (done, e))?;
+                    done += 1;
+                }
+                continue;
+            }
+            self.execute_batch(batch).map_err(|e| (done, e))?;
+            done += run;
+        }
+        Ok(done)
+    }
+
+    fn execute_batch(&mut self, ops: &[Op]) -> Result<()> {
+        let zeros = vec![0u8; 8 * self.nr_cpus];
+        match &ops[0] {
+            Op::PutLbMeta(..) => put_batch(self.lb_meta.map(), ops, |o| match o {
+                Op::PutLbMeta(k, v) => (bytes(k), bytes(v)),
+                _ => unreachable!(),
+            }),
+            Op::PutNetMeta(..) => put_batch(self.net_meta.map(), ops, |o| match o {
+                Op::PutNetMeta(k, v) => (bytes(k), bytes(v)),
+                _ => unreachable!(),
+            }),
+            Op::ZeroLbCounter(_) => put_batch(self.lb_conns.map(), ops, |o| match o {
+                Op::ZeroLbCounter(k) => (bytes(k), &zeros[..]),
+                _ => unreachable!(),
+            }),
+            Op::ZeroBackendCounter(_) => put_batch(self.backend_conns.map(), ops, |o| match o {
+                Op::ZeroBackendCounter(k) => (bytes(k), &zeros[..]),
+                _ => unreachable!(),
+            }),
+            Op::PutBackend(..) => put_batch(self.backends.map(), ops, |o| match o {
+                Op::PutBackend(k, v) => (bytes(k), bytes(v)),
+                _ => unreachable!(),
+            }),
+            Op::PutLb(..) => put_batch(self.lbs.map(), ops, |o| match o {
+                Op::PutLb(k, v) => (bytes(k), bytes(v)),
+                _ => unreachable!(),
+            }),
+            Op::PutVip(..) => put_batch(self.vips.map(), ops, |o| match o {
+                Op::PutVip(k, v) => (bytes(k), bytes(v)),
+                _ => unreachable!(),
+            }),
+            Op::PutSandbox(..) => put_batch(self.sandboxes.map(), ops, |o| match o {
+                Op::PutSandbox(k, v) => (bytes(k), bytes(v)),
+                _ => unreachable!(),
+            }),
+            // Deletes one by one: a batch delete stops at the first missing key, and a delete
+            // of what is already gone is what we wanted anyway.
+            _ => {
+                for op in ops {
+                    self.execute(op)?;
+                }
+                Ok(())
+            }
+        }
+        .with_context(|| format!("batch of {} writes ({:?}...)", ops.len(), ops[0]))
     }
 
     /// One operation on the kernel maps.
@@ -108,17 +172,15 @@ impl VipMaps {
                 .net_meta
                 .insert(i, m, 0)
                 .context("write network meta")?,
-            Op::PutLbCounter(id) => {
+            Op::ZeroLbCounter(id) => {
                 let z = self.zeros()?;
-                self.lb_conns
-                    .insert(id, z, 0)
-                    .context("create LB counter")?
+                self.lb_conns.set(*id, z, 0).context("zero an LB counter")?
             }
-            Op::PutBackendCounter(k) => {
+            Op::ZeroBackendCounter(slot) => {
                 let z = self.zeros()?;
                 self.backend_conns
-                    .insert(k, z, 0)
-                    .context("create backend counter")?
+                    .set(*slot, z, 0)
+                    .context("zero a backend counter")?
             }
             Op::PutBackend(k, v) => self
                 .backends
@@ -135,12 +197,6 @@ impl VipMaps {
             Op::DelBackend(k) => {
                 ignore_missing(self.backends.remove(k)).context("delete backend slot")?
             }
-            Op::DelBackendCounter(k) => {
-                ignore_missing(self.backend_conns.remove(k)).context("delete backend counter")?
-            }
-            Op::DelLbCounter(id) => {
-                ignore_missing(self.lb_conns.remove(id)).context("delete LB counter")?
-            }
             Op::DelLbMeta(id) => {
                 ignore_missing(self.lb_meta.remove(id)).context("delete LB meta")?
             }
@@ -150,4 +206,66 @@ impl VipMaps {
         }
         Ok(())
     }
+}
+
+/// The bytes of a map key or value, as the kernel takes them.
+fn bytes<T: Pod>(v: &T) -> &[u8] {
+    // SAFETY: Pod types are plain integers with explicit padding: any byte pattern is fine.
+    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
+}
+
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// `union bpf_attr`'s batch member.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Writes many entries of one map in one system call.
+fn put_batch<'a>(map: &MapData, ops: &'a [Op], kv: impl Fn(&'a Op) -> (&'a [u8], &'a [u8])) -> Result<()> {
+    let mut keys = Vec::new();
+    let mut values = Vec::new();
+    for op in ops {
+        let (k, v) = kv(op);
+        keys.extend_from_slice(k);
+        values.extend_from_slice(v);
+    }
+    let fd = map.fd().as_fd().as_raw_fd();
+    let mut at = 0usize;
+    let (klen, vlen) = (keys.len() / ops.len(), values.len() / ops.len());
+    while at < ops.len() {
+        let mut attr = BatchAttr {
+            keys: keys[at * klen..].as_ptr() as u64,
+            values: values[at * vlen..].as_ptr() as u64,
+            count: (ops.len() - at) as u32,
+            map_fd: fd as u32,
+            ..Default::default()
+        };
+        // SAFETY: the attribute points at buffers that live until the call returns, sized
+        // for `count` keys and values of this map.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>() as u32,
+            )
+        };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            return Err(e).context(format!("BPF_MAP_UPDATE_BATCH after {} of {}", at + attr.count as usize, ops.len()));
+        }
+        // The kernel says how many it took (all of them, unless interrupted).
+        at += (attr.count as usize).max(1);
+    }
+    Ok(())
 }

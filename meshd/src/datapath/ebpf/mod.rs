@@ -222,18 +222,15 @@ impl EbpfDatapath {
             .map(|(&id, m)| (id, lb_ref(m)))
             .collect();
         let mut out = Counters::default();
-        for entry in self.maps.lb_conns.iter() {
-            let (id, values) = entry?;
-            if let Some(r) = by_id.get(&id) {
-                out.per_lb.insert(r.clone(), values.iter().sum());
-            }
+        for (id, r) in &by_id {
+            let values = self.maps.lb_conns.get(id, 0)?;
+            out.per_lb.insert(r.clone(), values.iter().sum());
         }
-        for entry in self.maps.backend_conns.iter() {
-            let (k, values) = entry?;
-            if let Some(r) = by_id.get(&k.lb_id) {
-                out.per_backend
-                    .insert((r.clone(), addr_from_be(k.ip)), values.iter().sum());
-            }
+        for (slot, v) in &self.applied.backends {
+            let Some(r) = by_id.get(&slot.lb_id) else { continue };
+            let values = self.maps.backend_conns.get(&v.counter, 0)?;
+            out.per_backend
+                .insert((r.clone(), addr_from_be(v.ip)), values.iter().sum());
         }
         Ok(out)
     }
@@ -302,19 +299,19 @@ impl Applier for EbpfDatapath {
         everything: bool,
     ) -> Result<ApplyStats> {
         let ops = plan(&self.applied, desired, changed, everything);
-        let mut stats = ApplyStats::default();
-        for (i, op) in ops.iter().enumerate() {
-            if let Err(e) = self.maps.execute(op) {
-                // Whatever part of the plan the kernel took, the tables read back are the
-                // truth the retry plans from.
-                match self.maps.read() {
-                    Ok(t) => self.applied = t,
-                    Err(re) => {
-                        warn!(error = %format!("{re:#}"), "cannot read the maps back after a failed write")
-                    }
+        if let Err((done, e)) = self.maps.execute_all(&ops) {
+            // Whatever part of the plan the kernel took, the tables read back are the
+            // truth the retry plans from.
+            match self.maps.read() {
+                Ok(t) => self.applied = t,
+                Err(re) => {
+                    warn!(error = %format!("{re:#}"), "cannot read the maps back after a failed write")
                 }
-                return Err(e.context(format!("write {} of {} ({op:?})", i + 1, ops.len())));
             }
+            return Err(e.context(format!("after {done} of {} writes", ops.len())));
+        }
+        let mut stats = ApplyStats::default();
+        for op in &ops {
             self.applied.apply(op);
             if op.is_delete() {
                 stats.deletes += 1;

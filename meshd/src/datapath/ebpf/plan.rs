@@ -18,7 +18,7 @@ use std::{
 };
 
 use meshd_common::{
-    BackendKey, BackendSlot, BackendValue, LbValue, SandboxValue, VipKey, VipValue,
+    BackendSlot, BackendValue, LbValue, SandboxValue, VipKey, VipValue,
     MAX_SANDBOX_NETS,
 };
 
@@ -43,26 +43,59 @@ pub fn assign_slots(current: &[(u32, Ipv4Addr)], wanted: &[Ipv4Addr]) -> Vec<Ipv
         .collect()
 }
 
-/// Hands out the lowest ids not used by the kernel tables nor already in this plan.
-struct Free {
-    taken: BTreeSet<u32>,
+/// Hands out the lowest ids not used by the kernel tables nor already in this plan. What is
+/// used is gathered only when an id is first needed: most plans need none.
+struct Free<'a> {
+    used: Box<dyn Fn() -> BTreeSet<u32> + 'a>,
+    taken: Option<BTreeSet<u32>>,
     next: u32,
 }
 
-impl Free {
-    fn new(used: impl Iterator<Item = u32>) -> Free {
+impl<'a> Free<'a> {
+    fn new(used: impl Fn() -> BTreeSet<u32> + 'a) -> Free<'a> {
         Free {
-            taken: used.collect(),
+            used: Box::new(used),
+            taken: None,
             next: 1,
         }
     }
 
     fn take(&mut self) -> u32 {
-        while self.taken.contains(&self.next) {
+        let taken = self.taken.get_or_insert_with(|| (self.used)());
+        while taken.contains(&self.next) {
             self.next += 1;
         }
-        self.taken.insert(self.next);
+        taken.insert(self.next);
         self.next
+    }
+}
+
+/// Which VIP entries name a load balancer: its own key (network, VIP) in an ordinary plan;
+/// every entry naming it when sweeping (a VIP that moved may have left one behind).
+enum VipIndex {
+    Own,
+    All(BTreeMap<u32, Vec<VipKey>>),
+}
+
+impl VipIndex {
+    fn keys_of(&self, applied: &KernelTables, id: u32) -> Vec<VipKey> {
+        match self {
+            VipIndex::All(m) => m.get(&id).cloned().unwrap_or_default(),
+            VipIndex::Own => {
+                let (Some(lb), Some(meta)) = (applied.lbs.get(&id), applied.lb_meta.get(&id)) else {
+                    return Vec::new();
+                };
+                let Some(net) = applied.net_index(&super::tables::lb_ref(meta).network_id) else {
+                    return Vec::new();
+                };
+                let key = VipKey { net, ip: lb.vip };
+                if applied.vips.get(&key).is_some_and(|v| v.lb_id == id) {
+                    vec![key]
+                } else {
+                    Vec::new()
+                }
+            }
+        }
     }
 }
 
@@ -80,7 +113,6 @@ struct Phases {
     del_vips: Vec<Op>,
     del_lbs: Vec<Op>,
     del_slots: Vec<Op>,
-    del_counters: Vec<Op>,
     del_meta: Vec<Op>,
 }
 
@@ -97,7 +129,6 @@ impl Phases {
             self.del_vips,
             self.del_lbs,
             self.del_slots,
-            self.del_counters,
             self.del_meta,
         ]
         .into_iter()
@@ -109,7 +140,7 @@ impl Phases {
 /// Network indices: the ones the tables have, and new ones handed out in this plan.
 struct NetIndex<'a> {
     applied: &'a KernelTables,
-    free: Free,
+    free: Free<'a>,
     new: BTreeMap<String, u32>,
 }
 
@@ -160,18 +191,10 @@ pub fn plan(
         // hand-edited map might): swept too.
         let known: BTreeSet<u32> = applied.lb_meta.keys().copied().collect();
         orphan_ids.extend(applied.lbs.keys().filter(|id| !known.contains(id)));
-        orphan_ids.extend(applied.lb_counters.iter().filter(|id| !known.contains(id)));
         orphan_ids.extend(
             applied
                 .backends
                 .keys()
-                .map(|k| k.lb_id)
-                .filter(|id| !known.contains(id)),
-        );
-        orphan_ids.extend(
-            applied
-                .backend_counters
-                .iter()
                 .map(|k| k.lb_id)
                 .filter(|id| !known.contains(id)),
         );
@@ -186,18 +209,30 @@ pub fn plan(
 
     let mut p = Phases::default();
     // An id is free only when no entry at all names it (a meta entry, or leftovers of one).
-    let mut lb_ids = Free::new(
+    let mut lb_ids = Free::new(|| {
         applied
             .lb_meta
             .keys()
             .chain(applied.lbs.keys())
-            .chain(applied.lb_counters.iter())
             .copied()
-            .chain(applied.vips.values().map(|v| v.lb_id)),
-    );
+            .chain(applied.vips.values().map(|v| v.lb_id))
+            .collect()
+    });
+    // Counter slots in use: any backend entry's (a slot freed in this plan is not reused
+    // in it: its old entry may still be read until the plan deletes it).
+    let mut counters = Free::new(|| applied.backends.values().map(|v| v.counter).collect());
+    let index = if everything {
+        let mut m: BTreeMap<u32, Vec<VipKey>> = BTreeMap::new();
+        for (k, v) in &applied.vips {
+            m.entry(v.lb_id).or_default().push(*k);
+        }
+        VipIndex::All(m)
+    } else {
+        VipIndex::Own
+    };
     let mut nets = NetIndex {
         applied,
-        free: Free::new(applied.net_meta.keys().copied()),
+        free: Free::new(|| applied.net_meta.keys().copied().collect()),
         new: BTreeMap::new(),
     };
     let mut vips = VipEntries::default();
@@ -206,7 +241,7 @@ pub fn plan(
     for r in &lbs {
         match (desired.lbs.get(r), applied.lb_id(r)) {
             (None, None) => {}
-            (None, Some(id)) => remove_lb(applied, &mut p, id, &mut vips, &mut touched_nets),
+            (None, Some(id)) => remove_lb(applied, &index, &mut p, id, &mut vips, &mut touched_nets),
             (Some(lb), id) => {
                 let net = nets.get(&mut p, &r.network_id);
                 let id = id.unwrap_or_else(|| {
@@ -215,12 +250,13 @@ pub fn plan(
                     id
                 });
                 let ips: Vec<Ipv4Addr> = lb.backends.iter().map(|b| b.ip).collect();
-                write_lb(applied, &mut p, id, net, lb.vip, &ips, &mut vips);
+                let lb_is_new = !applied.lbs.contains_key(&id);
+                write_lb(applied, &index, &mut p, (id, lb_is_new), net, lb.vip, &ips, &mut vips, &mut counters);
             }
         }
     }
     for id in orphan_ids {
-        remove_lb(applied, &mut p, id, &mut vips, &mut touched_nets);
+        remove_lb(applied, &index, &mut p, id, &mut vips, &mut touched_nets);
     }
 
     for k in &vips.maybe_gone {
@@ -269,58 +305,63 @@ pub fn plan(
         touched_nets.extend(applied.net_meta.keys().copied());
     }
     let mut ops = p.into_ops();
-    let mut fin = applied.clone();
-    for op in &ops {
-        fin.apply(op);
-    }
-    for net in touched_nets {
-        if fin.net_meta.contains_key(&net) && !fin.net_in_use(net) {
-            ops.push(Op::DelNetMeta(net));
-        }
+    touched_nets.retain(|n| applied.net_meta.contains_key(n));
+    let in_use = applied.nets_in_use_after(&ops, &touched_nets);
+    for net in touched_nets.difference(&in_use) {
+        ops.push(Op::DelNetMeta(*net));
     }
     ops
 }
 
 /// Writes load balancer `id` on network index `net` with these backends, from whatever
 /// `applied` holds for it.
+#[allow(clippy::too_many_arguments)]
 fn write_lb(
     applied: &KernelTables,
+    index: &VipIndex,
     p: &mut Phases,
-    id: u32,
+    (id, lb_is_new): (u32, bool),
     net: u32,
     vip: Ipv4Addr,
     ips: &[Ipv4Addr],
     vips: &mut VipEntries,
+    counters: &mut Free<'_>,
 ) {
-    let current: Vec<(u32, Ipv4Addr)> = applied.slots_of(id).collect();
+    let current_values: Vec<(u32, BackendValue)> = applied.values_of(id).collect();
+    let current: Vec<(u32, Ipv4Addr)> = current_values
+        .iter()
+        .map(|(i, v)| (*i, super::tables::addr_from_be(v.ip)))
+        .collect();
     let old_value = applied.lbs.get(&id).copied();
     let old_count = old_value.map_or(0, |v| v.count);
     let slots = assign_slots(&current, ips);
     let new_count = slots.len() as u32;
 
-    // Counters for new backends (zeroed), the load balancer's own if missing.
-    if !applied.lb_counters.contains(&id) {
-        p.counters.push(Op::PutLbCounter(id));
+    // A new load balancer's counter starts from zero; each backend keeps its counter slot
+    // wherever it moves, and a new one gets a zeroed slot.
+    if lb_is_new {
+        p.counters.push(Op::ZeroLbCounter(id));
     }
-    let want_counters: BTreeSet<BackendKey> = ips
-        .iter()
-        .map(|ip| BackendKey {
-            lb_id: id,
-            ip: addr_be(*ip),
-        })
-        .collect();
-    let have_counters: BTreeSet<BackendKey> = applied.backend_counters_of(id).copied().collect();
-    for k in want_counters.difference(&have_counters) {
-        p.counters.push(Op::PutBackendCounter(*k));
+    let mut counter_of: BTreeMap<u32, u32> = current_values.iter().map(|(_, v)| (v.ip, v.counter)).collect();
+    for ip in ips {
+        counter_of.entry(addr_be(*ip)).or_insert_with(|| {
+            let c = counters.take();
+            p.counters.push(Op::ZeroBackendCounter(c));
+            c
+        });
     }
 
     // Slots: those beyond the old count first (readers cannot pick them yet), then the
     // rewrites of kept indices.
-    let current_map: BTreeMap<u32, Ipv4Addr> = current.iter().copied().collect();
+    let current_map: BTreeMap<u32, BackendValue> = current_values.iter().copied().collect();
     let mut rewrites = Vec::new();
     for (i, ip) in slots.iter().enumerate() {
         let i = i as u32;
-        if current_map.get(&i) == Some(ip) {
+        let value = BackendValue {
+            ip: addr_be(*ip),
+            counter: counter_of[&addr_be(*ip)],
+        };
+        if current_map.get(&i) == Some(&value) {
             continue;
         }
         let op = Op::PutBackend(
@@ -328,10 +369,7 @@ fn write_lb(
                 lb_id: id,
                 index: i,
             },
-            BackendValue {
-                ip: addr_be(*ip),
-                _pad: 0,
-            },
+            value,
         );
         if i >= old_count {
             p.slots.push(op);
@@ -349,13 +387,7 @@ fn write_lb(
         p.lbs.push(Op::PutLb(id, value));
     }
     // Any entry naming this id may go (a VIP that moved); the one wanted stays.
-    vips.maybe_gone.extend(
-        applied
-            .vips
-            .iter()
-            .filter(|(_, v)| v.lb_id == id)
-            .map(|(k, _)| *k),
-    );
+    vips.maybe_gone.extend(index.keys_of(applied, id));
     vips.want.insert(
         VipKey {
             net,
@@ -371,26 +403,18 @@ fn write_lb(
             index: *i,
         }));
     }
-    for k in have_counters.difference(&want_counters) {
-        p.del_counters.push(Op::DelBackendCounter(*k));
-    }
 }
 
 /// Takes load balancer `id` apart: its VIP entries first, its meta entry last.
 fn remove_lb(
     applied: &KernelTables,
+    index: &VipIndex,
     p: &mut Phases,
     id: u32,
     vips: &mut VipEntries,
     touched_nets: &mut BTreeSet<u32>,
 ) {
-    vips.maybe_gone.extend(
-        applied
-            .vips
-            .iter()
-            .filter(|(_, v)| v.lb_id == id)
-            .map(|(k, _)| *k),
-    );
+    vips.maybe_gone.extend(index.keys_of(applied, id));
     if applied.lbs.contains_key(&id) {
         p.del_lbs.push(Op::DelLb(id));
     }
@@ -399,12 +423,6 @@ fn remove_lb(
             lb_id: id,
             index: i,
         }));
-    }
-    for k in applied.backend_counters_of(id) {
-        p.del_counters.push(Op::DelBackendCounter(*k));
-    }
-    if applied.lb_counters.contains(&id) {
-        p.del_counters.push(Op::DelLbCounter(id));
     }
     if let Some(m) = applied.lb_meta.get(&id) {
         if let Some(net) = applied.net_index(&super::tables::lb_ref(m).network_id) {
@@ -536,9 +554,9 @@ mod tests {
                 ..Default::default()
             },
         );
-        // The last slot moves into the hole, count drops, the old last slot and the
-        // drained backend's counter go.
-        assert_eq!(ops.len(), 4, "{ops:?}");
+        // The last slot moves into the hole (with its counter slot), count drops, the old
+        // last slot goes.
+        assert_eq!(ops.len(), 3, "{ops:?}");
         assert_eq!(reach(&t, 11, ip(2)).unwrap().1.len(), 4);
     }
 
@@ -575,11 +593,9 @@ mod tests {
             },
         );
         assert_eq!(t.lb_id(&r("c", "n1")), Some(old_id));
-        assert!(ops.contains(&Op::PutLbCounter(old_id)));
-        assert!(ops.contains(&Op::PutBackendCounter(BackendKey {
-            lb_id: old_id,
-            ip: addr_be(ip(7))
-        })));
+        assert!(ops.contains(&Op::ZeroLbCounter(old_id)));
+        let slot = t.backends.values().find(|v| v.ip == addr_be(ip(7))).unwrap().counter;
+        assert!(ops.contains(&Op::ZeroBackendCounter(slot)));
     }
 
     #[test]
@@ -743,15 +759,12 @@ mod tests {
             ids.clone()
         );
         prop_assert_eq!(t.lbs.keys().copied().collect::<BTreeSet<_>>(), ids.clone());
-        prop_assert_eq!(
-            t.lb_counters.iter().copied().collect::<BTreeSet<_>>(),
-            ids.clone()
-        );
         for k in t.backends.keys() {
             prop_assert!(k.index < t.lbs[&k.lb_id].count, "a slot past count");
         }
-        let want_counters: usize = d.lbs.values().map(|l| l.backends.len()).sum();
-        prop_assert_eq!(t.backend_counters.len(), want_counters);
+        // Every live backend has a counter slot of its own.
+        let slots: BTreeSet<u32> = t.backends.values().map(|v| v.counter).collect();
+        prop_assert_eq!(slots.len(), t.backends.len());
         for n in t.net_meta.keys() {
             prop_assert!(t.net_in_use(*n), "an unused network index is left");
         }
@@ -814,7 +827,7 @@ mod tests {
             // A restarted meshd reads the maps back and plans everything.
             let adopted = KernelTables::from_parts(
                 t.sandboxes.clone(), t.vips.clone(), t.lbs.clone(), t.backends.clone(),
-                t.backend_counters.clone(), t.lb_counters.clone(), t.lb_meta.clone(), t.net_meta.clone(),
+                t.lb_meta.clone(), t.net_meta.clone(),
             );
             prop_assert_eq!(&adopted, &t);
             prop_assert!(plan(&adopted, &d, &Changed::everything(&d), true).is_empty());

@@ -8,8 +8,7 @@ use std::{
 };
 
 use meshd_common::{
-    BackendKey, BackendSlot, BackendValue, LbMeta, LbValue, NetMeta, SandboxValue, VipKey,
-    VipValue, ID_LEN,
+    BackendSlot, BackendValue, LbMeta, LbValue, NetMeta, SandboxValue, VipKey, VipValue, ID_LEN,
 };
 
 use crate::compile::LbRef;
@@ -64,14 +63,14 @@ fn net_id_of(m: &LbMeta) -> String {
     id_string(&m.network_id)
 }
 
-/// One write to one map entry. Counters are created with zeros (and zeroed if an entry
-/// was somehow left), so a reused id never starts with another load balancer's figures.
+/// One write to one map entry. A counter slot is zeroed when it is handed out, so a reused
+/// id or slot never starts with another's figures.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
     PutLbMeta(u32, LbMeta),
     PutNetMeta(u32, NetMeta),
-    PutLbCounter(u32),
-    PutBackendCounter(BackendKey),
+    ZeroLbCounter(u32),
+    ZeroBackendCounter(u32),
     PutBackend(BackendSlot, BackendValue),
     PutLb(u32, LbValue),
     PutVip(VipKey, VipValue),
@@ -80,8 +79,6 @@ pub enum Op {
     DelVip(VipKey),
     DelLb(u32),
     DelBackend(BackendSlot),
-    DelBackendCounter(BackendKey),
-    DelLbCounter(u32),
     DelLbMeta(u32),
     DelNetMeta(u32),
 }
@@ -94,23 +91,19 @@ impl Op {
                 | Op::DelVip(_)
                 | Op::DelLb(_)
                 | Op::DelBackend(_)
-                | Op::DelBackendCounter(_)
-                | Op::DelLbCounter(_)
                 | Op::DelLbMeta(_)
                 | Op::DelNetMeta(_)
         )
     }
 }
 
-/// Everything meshd's VIP maps hold (counter values are the kernel's, not kept here).
+/// Everything meshd's VIP maps hold (counters are the kernel's, in arrays, not kept here).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct KernelTables {
     pub sandboxes: BTreeMap<u64, SandboxValue>,
     pub vips: BTreeMap<VipKey, VipValue>,
     pub lbs: BTreeMap<u32, LbValue>,
     pub backends: BTreeMap<BackendSlot, BackendValue>,
-    pub backend_counters: BTreeSet<BackendKey>,
-    pub lb_counters: BTreeSet<u32>,
     pub lb_meta: BTreeMap<u32, LbMeta>,
     pub net_meta: BTreeMap<u32, NetMeta>,
     /// Derived from the tables above.
@@ -142,15 +135,11 @@ impl KernelTables {
         vips: BTreeMap<VipKey, VipValue>,
         lbs: BTreeMap<u32, LbValue>,
         backends: BTreeMap<BackendSlot, BackendValue>,
-        backend_counters: BTreeSet<BackendKey>,
-        lb_counters: BTreeSet<u32>,
         lb_meta: BTreeMap<u32, LbMeta>,
         net_meta: BTreeMap<u32, NetMeta>,
     ) -> KernelTables {
         let mut t = KernelTables {
             backends,
-            backend_counters,
-            lb_counters,
             lbs,
             net_meta,
             ..Default::default()
@@ -204,6 +193,11 @@ impl KernelTables {
 
     /// The backend slots of one load balancer, in index order.
     pub fn slots_of(&self, lb_id: u32) -> impl Iterator<Item = (u32, Ipv4Addr)> + '_ {
+        self.values_of(lb_id).map(|(i, v)| (i, addr_from_be(v.ip)))
+    }
+
+    /// The backend slots of one load balancer with their values, in index order.
+    pub fn values_of(&self, lb_id: u32) -> impl Iterator<Item = (u32, BackendValue)> + '_ {
         self.backends
             .range(
                 BackendSlot { lb_id, index: 0 }..=BackendSlot {
@@ -211,16 +205,7 @@ impl KernelTables {
                     index: u32::MAX,
                 },
             )
-            .map(|(k, v)| (k.index, addr_from_be(v.ip)))
-    }
-
-    pub fn backend_counters_of(&self, lb_id: u32) -> impl Iterator<Item = &BackendKey> + '_ {
-        self.backend_counters.range(
-            BackendKey { lb_id, ip: 0 }..=BackendKey {
-                lb_id,
-                ip: u32::MAX,
-            },
-        )
+            .map(|(k, v)| (k.index, *v))
     }
 
     /// Whether any load balancer, VIP entry or sandbox entry still names network index
@@ -231,6 +216,70 @@ impl KernelTables {
                 .net_meta
                 .get(&net)
                 .is_some_and(|m| self.lbs_on_net.contains_key(&net_id(m)))
+    }
+
+    /// Which of `nets` something still names once `ops` (a plan, which writes each key at
+    /// most once) are applied: counted from the operations, without copying the tables.
+    pub fn nets_in_use_after(&self, ops: &[Op], nets: &BTreeSet<u32>) -> BTreeSet<u32> {
+        let mut index: BTreeMap<String, u32> = BTreeMap::new();
+        for op in ops {
+            if let Op::PutNetMeta(i, m) = op {
+                index.insert(net_id(m), *i);
+            }
+        }
+        let net_of = |m: &LbMeta| -> Option<u32> {
+            let id = net_id_of(m);
+            self.net_ids.get(&id).or_else(|| index.get(&id)).copied()
+        };
+        let mut users: BTreeMap<u32, i64> = nets
+            .iter()
+            .map(|&n| {
+                let lbs = self
+                    .net_meta
+                    .get(&n)
+                    .and_then(|m| self.lbs_on_net.get(&net_id(m)))
+                    .copied()
+                    .unwrap_or(0);
+                (n, (self.net_users.get(&n).copied().unwrap_or(0) + lbs) as i64)
+            })
+            .collect();
+        let mut bump = |n: u32, d: i64| {
+            if let Some(u) = users.get_mut(&n) {
+                *u += d;
+            }
+        };
+        for op in ops {
+            match op {
+                Op::PutVip(k, _) if !self.vips.contains_key(k) => bump(k.net, 1),
+                Op::DelVip(k) if self.vips.contains_key(k) => bump(k.net, -1),
+                Op::PutSandbox(c, v) => {
+                    if let Some(old) = self.sandboxes.get(c) {
+                        Self::sandbox_nets(old).iter().for_each(|&n| bump(n, -1));
+                    }
+                    Self::sandbox_nets(v).iter().for_each(|&n| bump(n, 1));
+                }
+                Op::DelSandbox(c) => {
+                    if let Some(old) = self.sandboxes.get(c) {
+                        Self::sandbox_nets(old).iter().for_each(|&n| bump(n, -1));
+                    }
+                }
+                Op::PutLbMeta(id, m) => {
+                    if let Some(n) = self.lb_meta.get(id).and_then(net_of) {
+                        bump(n, -1);
+                    }
+                    if let Some(n) = net_of(m) {
+                        bump(n, 1);
+                    }
+                }
+                Op::DelLbMeta(id) => {
+                    if let Some(n) = self.lb_meta.get(id).and_then(net_of) {
+                        bump(n, -1);
+                    }
+                }
+                _ => {}
+            }
+        }
+        users.into_iter().filter(|(_, u)| *u > 0).map(|(n, _)| n).collect()
     }
 
     /// Applies one operation, as the kernel would.
@@ -250,12 +299,7 @@ impl KernelTables {
                 }
                 self.net_ids.insert(net_id(&m), i);
             }
-            Op::PutLbCounter(id) => {
-                self.lb_counters.insert(id);
-            }
-            Op::PutBackendCounter(k) => {
-                self.backend_counters.insert(k);
-            }
+            Op::ZeroLbCounter(_) | Op::ZeroBackendCounter(_) => {}
             Op::PutBackend(k, v) => {
                 self.backends.insert(k, v);
             }
@@ -295,12 +339,6 @@ impl KernelTables {
             Op::DelBackend(k) => {
                 self.backends.remove(&k);
             }
-            Op::DelBackendCounter(k) => {
-                self.backend_counters.remove(&k);
-            }
-            Op::DelLbCounter(id) => {
-                self.lb_counters.remove(&id);
-            }
             Op::DelLbMeta(id) => {
                 if let Some(old) = self.lb_meta.remove(&id) {
                     self.lb_ids.remove(&lb_ref(&old));
@@ -320,8 +358,6 @@ impl KernelTables {
             + self.vips.len()
             + self.lbs.len()
             + self.backends.len()
-            + self.backend_counters.len()
-            + self.lb_counters.len()
             + self.lb_meta.len()
             + self.net_meta.len()
     }
@@ -354,8 +390,6 @@ mod tests {
             t.vips.clone(),
             t.lbs.clone(),
             t.backends.clone(),
-            t.backend_counters.clone(),
-            t.lb_counters.clone(),
             t.lb_meta.clone(),
             t.net_meta.clone(),
         );
