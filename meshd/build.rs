@@ -51,7 +51,8 @@ fn main() {
     let status = cmd
         .current_dir(&ebpf_dir)
         .env("RUSTC", DEBIAN_RUSTC)
-        .env("RUSTC_BOOTSTRAP", "aya_ebpf")
+        // meshd_ebpf: for `core::intrinsics::atomic_xadd` (see its `count_one`).
+        .env("RUSTC_BOOTSTRAP", "aya_ebpf,meshd_ebpf")
         .args([
             "build",
             "--release",

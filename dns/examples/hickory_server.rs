@@ -84,14 +84,14 @@ fn zones(specs: &[String]) -> Result<Zones, Box<dyn Error>> {
             .collect::<Result<Vec<Ipv4Addr>, _>>()?;
         let many = addrs.len() > 1;
         net.names.insert(
-            name.to_lowercase(),
+            name.to_lowercase().into(),
             Entry {
                 kind: if many {
                     Kind::ServiceDnsrr
                 } else {
                     Kind::ServiceVip
                 },
-                addrs,
+                addrs: addrs.into(),
                 shuffle: many,
                 about: name.into(),
             },

@@ -107,13 +107,13 @@ pub fn answer(
     };
     let entry = found.entry;
     let ttl = entry.kind.ttl(entry.shuffle);
-    let mut addrs = entry.addrs.clone();
+    let mut addrs = entry.addrs.to_vec();
     if entry.shuffle {
         shuffle(&mut addrs, seed);
     }
     let mut why = Why {
         network: Some(found.network.into()),
-        about: Some(entry.about.clone()),
+        about: Some(entry.about(found.name)),
         ttl: Some(ttl),
         ..Default::default()
     };
@@ -250,7 +250,7 @@ mod tests {
             "web".into(),
             Entry {
                 kind: Kind::ServiceVip,
-                addrs: vec![Ipv4Addr::new(10, 0, 1, 2)],
+                addrs: vec![Ipv4Addr::new(10, 0, 1, 2)].into(),
                 shuffle: false,
                 about: "service web".into(),
             },
@@ -349,7 +349,7 @@ mod tests {
             let mut got = a_records(&m);
             orders.insert(got.clone());
             got.sort();
-            assert_eq!(got, z.networks["n1"].names["app"].addrs);
+            assert_eq!(got, z.networks["n1"].names["app"].addrs.to_vec());
             assert_eq!(m.answers()[0].ttl(), 1);
         }
         assert!(

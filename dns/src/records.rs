@@ -3,11 +3,17 @@
 //! cluster state that drives the datapath, so DNS never names a task the datapath dropped.
 use std::{
     collections::BTreeMap,
+    fmt,
     net::{IpAddr, Ipv4Addr},
+    ops::Deref,
     sync::Arc,
 };
 
-use serde::Serialize;
+use serde::{Serialize, Serializer};
+
+/// A name, shared: a task's name is the key of its entry, what its other entries are about,
+/// and its reverse name, in one allocation (a cluster has a hundred thousand of them).
+pub type Name = Arc<str>;
 
 /// What kind of name an entry is: it decides the TTL and whether answers are shuffled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -43,11 +49,162 @@ impl Kind {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Entry {
     pub kind: Kind,
-    /// In answer order (shuffled at answer time when `shuffle`).
-    pub addrs: Vec<Ipv4Addr>,
     pub shuffle: bool,
+    /// In answer order (shuffled at answer time when `shuffle`).
+    pub addrs: Addrs,
     /// What the entry stands for, for `meshctl dns` ("service web", "task web.1.abc").
-    pub about: String,
+    pub about: About,
+}
+
+impl Entry {
+    /// What the entry named `name` stands for, in words.
+    pub fn about(&self, name: &str) -> String {
+        let (of, n) = (&self.about.of, self.addrs.len());
+        let service = if self.shuffle {
+            format!("service {of} (dnsrr, {n} live tasks)")
+        } else {
+            format!("service {of} (VIP)")
+        };
+        match self.about.what {
+            What::Service => service,
+            What::ServiceAlias => format!("alias {name} of {service}"),
+            What::Tasks => format!("live tasks of service {of}"),
+            What::Task => format!("task {of}"),
+            What::TaskHostname => format!("task {of} (hostname)"),
+            What::TaskContainerId => format!("task {of} (container id)"),
+            What::Container => format!("container {of}"),
+            What::ContainerAlias => format!("alias {name} of container {of}"),
+            What::ContainerId => format!("container {of} (id)"),
+            What::ContainerHostname => format!("container {of} (hostname)"),
+            What::Named => of.to_string(),
+        }
+    }
+}
+
+/// What an entry stands for: the object (`of`) and which of its names this is. Words are
+/// made when asked for, so a hundred thousand names do not each carry a sentence.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct About {
+    pub what: What,
+    pub of: Name,
+}
+
+impl About {
+    pub fn new(what: What, of: &Name) -> About {
+        About {
+            what,
+            of: of.clone(),
+        }
+    }
+}
+
+/// Free text (tests, examples).
+impl From<&str> for About {
+    fn from(s: &str) -> About {
+        About {
+            what: What::Named,
+            of: s.into(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum What {
+    /// A service's name (VIP or dnsrr, as the entry's `shuffle` says).
+    Service,
+    ServiceAlias,
+    /// `tasks.<service>`.
+    Tasks,
+    Task,
+    TaskHostname,
+    TaskContainerId,
+    Container,
+    ContainerAlias,
+    ContainerId,
+    ContainerHostname,
+    /// `of` says it all.
+    Named,
+}
+
+/// An entry's addresses: one, inline (every task and container name), or a list.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Addrs {
+    One(Ipv4Addr),
+    Many(Box<[Ipv4Addr]>),
+}
+
+impl Deref for Addrs {
+    type Target = [Ipv4Addr];
+    fn deref(&self) -> &[Ipv4Addr] {
+        match self {
+            Addrs::One(a) => std::slice::from_ref(a),
+            Addrs::Many(v) => v,
+        }
+    }
+}
+
+impl From<Vec<Ipv4Addr>> for Addrs {
+    fn from(v: Vec<Ipv4Addr>) -> Addrs {
+        match v[..] {
+            [a] => Addrs::One(a),
+            _ => Addrs::Many(v.into_boxed_slice()),
+        }
+    }
+}
+
+impl FromIterator<Ipv4Addr> for Addrs {
+    fn from_iter<I: IntoIterator<Item = Ipv4Addr>>(iter: I) -> Addrs {
+        iter.into_iter().collect::<Vec<_>>().into()
+    }
+}
+
+impl<'a> IntoIterator for &'a Addrs {
+    type Item = &'a Ipv4Addr;
+    type IntoIter = std::slice::Iter<'a, Ipv4Addr>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl<const N: usize> PartialEq<[Ipv4Addr; N]> for Addrs {
+    fn eq(&self, other: &[Ipv4Addr; N]) -> bool {
+        **self == other[..]
+    }
+}
+
+impl PartialEq<Vec<Ipv4Addr>> for Addrs {
+    fn eq(&self, other: &Vec<Ipv4Addr>) -> bool {
+        **self == other[..]
+    }
+}
+
+impl fmt::Debug for Addrs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl Serialize for Addrs {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
+/// A reverse name: a task's is qualified with its network (`web.1.abc.front`), a VIP's is
+/// the bare service name, as Docker answers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Ptr {
+    pub name: Name,
+    pub qualified: bool,
+}
+
+impl From<&str> for Ptr {
+    fn from(s: &str) -> Ptr {
+        Ptr {
+            name: s.into(),
+            qualified: false,
+        }
+    }
 }
 
 /// The names of one network.
@@ -59,9 +216,9 @@ pub struct NetworkRecords {
     /// No names from outside: nothing is forwarded for a container only on internal networks.
     pub internal: bool,
     /// Lower-case names without a trailing dot.
-    pub names: BTreeMap<String, Entry>,
+    pub names: BTreeMap<Name, Entry>,
     /// Reverse names: VIPs name their service, task addresses their task.
-    pub ptr: BTreeMap<Ipv4Addr, String>,
+    pub ptr: BTreeMap<Ipv4Addr, Ptr>,
 }
 
 /// Every network's names (by network id). Each network's records are shared, so a change
@@ -93,7 +250,7 @@ impl Zones {
             let Some(net) = self.networks.get(id) else {
                 continue;
             };
-            if let Some((k, entry)) = net.names.get_key_value(&key) {
+            if let Some((k, entry)) = net.names.get_key_value(key.as_str()) {
                 return Some(Found {
                     network: &net.name,
                     name: k,
@@ -117,11 +274,18 @@ impl Zones {
         None
     }
 
-    /// The reverse name of `ip` as seen from a container attached to `networks`.
-    pub fn reverse(&self, ip: Ipv4Addr, networks: &[String]) -> Option<(&str, &str)> {
+    /// The reverse name of `ip` as seen from a container attached to `networks`: the
+    /// network's name and the name.
+    pub fn reverse(&self, ip: Ipv4Addr, networks: &[String]) -> Option<(&str, String)> {
         networks.iter().find_map(|id| {
             let net = self.networks.get(id)?;
-            net.ptr.get(&ip).map(|n| (net.name.as_str(), n.as_str()))
+            let p = net.ptr.get(&ip)?;
+            let name = if p.qualified {
+                format!("{}.{}", p.name, net.name)
+            } else {
+                p.name.to_string()
+            };
+            Some((net.name.as_str(), name))
         })
     }
 
@@ -169,7 +333,7 @@ mod tests {
             kind,
             addrs: addrs.iter().map(|a| Ipv4Addr::from(*a)).collect(),
             shuffle: matches!(kind, Kind::ServiceDnsrr | Kind::Tasks),
-            about: String::new(),
+            about: "".into(),
         }
     }
 
@@ -237,7 +401,7 @@ mod tests {
             .is_none());
         assert_eq!(
             z.reverse(Ipv4Addr::new(10, 0, 1, 2), &front),
-            Some(("front", "web"))
+            Some(("front", "web".to_string()))
         );
     }
 
@@ -287,9 +451,9 @@ mod tests {
                         .collect();
                     let e = entry(Kind::Endpoint, &addrs);
                     for a in &e.addrs {
-                        n.ptr.insert(*a, name.clone());
+                        n.ptr.insert(*a, name.as_str().into());
                     }
-                    n.names.insert(name, e);
+                    n.names.insert(name.into(), e);
                 }
                 z.networks.insert(n.id.clone(), Arc::new(n));
             }

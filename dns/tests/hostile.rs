@@ -20,7 +20,7 @@ fn zones() -> Zones {
         "web".into(),
         Entry {
             kind: Kind::ServiceVip,
-            addrs: vec![Ipv4Addr::new(10, 0, 1, 2)],
+            addrs: vec![Ipv4Addr::new(10, 0, 1, 2)].into(),
             shuffle: false,
             about: "service web".into(),
         },

@@ -28,11 +28,11 @@ pub mod map_names {
     /// (socket cookie, VIP, port) → backend: an unconnected UDP socket keeps its backend
     /// from one datagram to the next, while that backend is live.
     pub const AFFINITY: &str = "MESHD_AFFINITY";
-    /// Backend counter slot → connections (per-CPU array; the slot is in `BackendValue`).
-    /// Arrays, not hashes: preallocated, so writing a counter allocates nothing (a per-CPU
-    /// hash allocates per-CPU memory for each new entry, ~10 µs each).
+    /// Backend counter slot → connections (an array added to atomically; the slot is in
+    /// `BackendValue`). An array, not a hash: preallocated, so zeroing a slot allocates
+    /// nothing; not per-CPU: that would multiply its kernel memory by the CPUs.
     pub const BACKEND_CONNS: &str = "MESHD_BE_CONNS";
-    /// load-balancer id → connections (per-CPU array).
+    /// load-balancer id → connections (an array, as the backend counters).
     pub const LB_CONNS: &str = "MESHD_LB_CONNS";
     /// load-balancer id → (service id, network id): lets a restarted meshd adopt the ids.
     /// Written before anything else that names the id and deleted after everything else.
@@ -73,8 +73,8 @@ pub mod capacity {
     pub const VIPS: u32 = 1 << 16;
     /// Load balancers (a service's VIP on one network); ids are below this.
     pub const LBS: u32 = 1 << 16;
-    /// Live backends over all load balancers; counter slots are below this. The per-CPU
-    /// counter array costs 8 bytes × this × CPUs (2 MiB per CPU).
+    /// Live backends over all load balancers; counter slots are below this (the counter
+    /// array is 8 bytes × this: 2 MiB).
     pub const BACKENDS: u32 = 1 << 18;
     pub const REVNAT: u32 = 1 << 18;
     pub const AFFINITY: u32 = 1 << 16;

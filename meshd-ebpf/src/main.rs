@@ -13,6 +13,10 @@
 //! a dead meshd leaves containers to dockerd's resolver instead of to nothing.
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the bpf target has no compare-and-swap, so `AtomicU64::fetch_add` is not
+// offered there, while the kernel's atomic add is (aya's maintainers point here too).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 use aya_ebpf::{
     bindings::{
@@ -24,7 +28,7 @@ use aya_ebpf::{
         bpf_sk_release,
     },
     macros::{cgroup_sock_addr, map},
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap},
     programs::SockAddrContext,
 };
 use meshd_common::{
@@ -55,10 +59,10 @@ static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::pinned(capacity::AFFINITY, 0);
 
 #[map(name = "MESHD_BE_CONNS")]
-static BACKEND_CONNS: PerCpuArray<u64> = PerCpuArray::pinned(capacity::BACKENDS, 0);
+static BACKEND_CONNS: Array<u64> = Array::pinned(capacity::BACKENDS, 0);
 
 #[map(name = "MESHD_LB_CONNS")]
-static LB_CONNS: PerCpuArray<u64> = PerCpuArray::pinned(capacity::LBS, 0);
+static LB_CONNS: Array<u64> = Array::pinned(capacity::LBS, 0);
 
 /// Read only by userspace (they map ids back to Docker objects after a restart); declared
 /// here so they are created and pinned with the others.
@@ -205,16 +209,26 @@ fn balance(sa: *mut bpf_sock_addr, datagram: bool) -> i32 {
     remember_reverse(&rev_key, &rev);
 
     if fresh {
-        // Per-CPU counters: a plain increment is race free. Userspace zeroes a slot before
-        // it hands it out.
+        // One shared counter per slot, added to atomically: a connect is not a per-packet
+        // path, and per-CPU arrays would cost (8 B × CPUs) per slot of kernel memory, which
+        // on a 64-CPU node is 128 MB for the backend slots alone. Userspace zeroes a slot
+        // before it hands it out.
         if let Some(count) = LB_CONNS.get_ptr_mut(lb_id) {
-            unsafe { *count += 1 };
+            count_one(count);
         }
         if let Some(count) = BACKEND_CONNS.get_ptr_mut(counter) {
-            unsafe { *count += 1 };
+            count_one(count);
         }
     }
     ALLOW
+}
+
+/// An atomic add whose result is unused: the plain `BPF_XADD`, on every kernel.
+#[inline(always)]
+fn count_one(count: *mut u64) {
+    use core::intrinsics::{atomic_xadd, AtomicOrdering};
+    // SAFETY: the pointer is a live map value of 8 aligned bytes, from `get_ptr_mut`.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(count, 1) };
 }
 
 /// `127.0.0.11:53` → meshd's socket for this namespace, when meshd serves it; otherwise the

@@ -191,7 +191,12 @@ async fn dns_query(shared: &Shared, name: &str, from: &str, qtype: &str) -> Resu
         let names: Vec<String> = sb
             .networks
             .iter()
-            .map(|n| state.networks.get(n).map_or(n.clone(), |n| n.name.clone()))
+            .map(|n| {
+                state
+                    .networks
+                    .get(n.as_str())
+                    .map_or(n.clone(), |n| n.name.clone())
+            })
             .collect();
         (sb, names)
     };
@@ -330,11 +335,13 @@ fn status(shared: &Shared) -> Result<Value> {
             "steps": rec.steps,
             "sweeps": rec.sweeps,
             "ready_unix_ms": rec.ready_unix_ms,
+            "first_compile_ms": rec.first_compile_ms,
             "first_apply_ms": rec.first_apply_ms,
             "first_apply_writes": rec.first_apply_writes,
         },
         "counts": counts,
         "event_to_map": latency(&rec.event_to_map),
+        "read_to_map": latency(&rec.read_to_map),
         "step_time": latency(&rec.step_time),
         "rejected": desired.rejected,
         "dns": dns,
@@ -371,15 +378,15 @@ fn handle(shared: &Shared, req: Request) -> Result<Value> {
                 .map(|s| {
                     let lbs: Vec<_> = desired.lbs_of(&s.id).collect();
                     ServiceSummary {
-                        id: s.id.clone(),
+                        id: s.id.to_string(),
                         name: s.name.clone(),
                         mode: s.mode,
                         vips: s
                             .vips
                             .iter()
                             .map(|(n, ip)| {
-                                let name = state.networks.get(n).map_or(n, |n| &n.name);
-                                (name.clone(), *ip)
+                                let name = state.networks.get(n).map_or(&**n, |n| n.name.as_str());
+                                (name.to_string(), *ip)
                             })
                             .collect(),
                         backends: lbs
@@ -403,7 +410,7 @@ fn handle(shared: &Shared, req: Request) -> Result<Value> {
             let s = state
                 .services
                 .values()
-                .find(|s| s.name == name || s.id == name || s.id.starts_with(&name))
+                .find(|s| s.name == name || *s.id == *name || s.id.starts_with(&name))
                 .with_context(|| format!("no service named {name:?}"))?;
             let node_name = |id: &str| {
                 state
@@ -418,25 +425,37 @@ fn handle(shared: &Shared, req: Request) -> Result<Value> {
                 let sandboxes = desired
                     .sandboxes
                     .values()
-                    .filter(|sc| sc.networks.contains(&r.network_id))
+                    .filter(|sc| sc.networks.iter().any(|n| *n == *r.network_id))
                     .map(|sc| sc.name.clone())
                     .collect();
                 let backends = lb
                     .backends
                     .iter()
-                    .map(|b| BackendView {
-                        ip: b.ip,
-                        task_id: b.task_id.clone(),
-                        node: node_name(&b.node_id),
-                        node_id: b.node_id.clone(),
-                        slot: b.slot,
-                        state: "running".into(),
-                        connections: counters.per_backend.get(&(r.clone(), b.ip)).copied().unwrap_or(0),
+                    .map(|b| {
+                        let task = state.tasks.get(&*b.task_id);
+                        let node_id = task.map(|t| t.node_id.to_string()).unwrap_or_default();
+                        BackendView {
+                            ip: b.ip,
+                            task_id: b.task_id.to_string(),
+                            node: node_name(&node_id),
+                            node_id,
+                            slot: task.and_then(|t| t.slot),
+                            state: "running".into(),
+                            connections: counters
+                                .per_backend
+                                .get(&(r.clone(), b.ip))
+                                .copied()
+                                .unwrap_or(0),
+                        }
                     })
                     .collect();
                 vips.push(VipView {
-                    network_id: r.network_id.clone(),
-                    network: state.networks.get(&r.network_id).map(|n| n.name.clone()).unwrap_or_default(),
+                    network_id: r.network_id.to_string(),
+                    network: state
+                        .networks
+                        .get(&r.network_id)
+                        .map(|n| n.name.clone())
+                        .unwrap_or_default(),
                     vip: lb.vip,
                     programmed,
                     connections: counters.per_lb.get(&r).copied().unwrap_or(0),
@@ -447,11 +466,11 @@ fn handle(shared: &Shared, req: Request) -> Result<Value> {
             let all = crate::compile::all_service_lbs(state, &s.id);
             let backend_ids: Vec<&str> = all
                 .iter()
-                .flat_map(|(_, lb)| lb.backends.iter().map(|b| b.task_id.as_str()))
+                .flat_map(|(_, lb)| lb.backends.iter().map(|b| &*b.task_id))
                 .collect();
             let not_serving = state
                 .tasks_of(&s.id)
-                .filter(|t| !backend_ids.contains(&t.id.as_str()))
+                .filter(|t| !backend_ids.contains(&&*t.id))
                 .map(|t| {
                     let why = if t.state != crate::model::TaskState::Running || t.desired != crate::model::TaskState::Running {
                         format!("state {} / desired {}", t.state, t.desired)
@@ -468,7 +487,7 @@ fn handle(shared: &Shared, req: Request) -> Result<Value> {
                 })
                 .collect();
             Ok(serde_json::to_value(ServiceView {
-                id: s.id.clone(),
+                id: s.id.to_string(),
                 name: s.name.clone(),
                 mode: s.mode,
                 vips,

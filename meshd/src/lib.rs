@@ -8,7 +8,6 @@ pub mod api;
 pub mod compile;
 pub mod daemon;
 pub mod datapath;
-pub mod diff;
 pub mod dns;
 pub mod feed;
 pub mod model;

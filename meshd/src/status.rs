@@ -28,9 +28,35 @@ pub fn unix_ms() -> u64 {
 /// Latencies kept for `meshctl status` and the benchmarks.
 pub const LATENCY_SAMPLES: usize = 1000;
 
+/// The last `LATENCY_SAMPLES` latencies, and how many there were in all.
+#[derive(Clone, Debug, Default)]
+pub struct Samples {
+    recent: VecDeque<Duration>,
+    total: u64,
+}
+
+impl Samples {
+    pub fn push(&mut self, d: Duration) {
+        if self.recent.len() == LATENCY_SAMPLES {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(d);
+        self.total += 1;
+    }
+
+    pub fn len(&self) -> usize {
+        self.recent.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.recent.is_empty()
+    }
+}
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct LatencySummary {
-    pub samples: usize,
+    /// Samples ever taken (`recent_ms` holds the last of them).
+    pub samples: u64,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
@@ -38,8 +64,12 @@ pub struct LatencySummary {
     pub recent_ms: Vec<f64>,
 }
 
-pub fn latency(samples: &VecDeque<Duration>) -> LatencySummary {
-    let mut v: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+pub fn latency(samples: &Samples) -> LatencySummary {
+    let mut v: Vec<f64> = samples
+        .recent
+        .iter()
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .collect();
     let recent = v.clone();
     v.sort_by(|a, b| a.total_cmp(b));
     let pick = |q: f64| {
@@ -50,19 +80,12 @@ pub fn latency(samples: &VecDeque<Duration>) -> LatencySummary {
         }
     };
     LatencySummary {
-        samples: v.len(),
+        samples: samples.total,
         p50_ms: pick(0.5),
         p99_ms: pick(0.99),
         max_ms: v.last().copied().unwrap_or(0.0),
         recent_ms: recent,
     }
-}
-
-pub fn push_sample(ring: &mut VecDeque<Duration>, d: Duration) {
-    if ring.len() == LATENCY_SAMPLES {
-        ring.pop_front();
-    }
-    ring.push_back(d);
 }
 
 /// The control plane's product: the state, what it compiles to, and (on managers) the feed.
@@ -96,13 +119,18 @@ pub struct ReconcileStatus {
     pub appliers: Vec<ApplierStatus>,
     /// Event received → maps written (only steps that wrote something).
     #[serde(skip)]
-    pub event_to_map: VecDeque<Duration>,
+    pub event_to_map: Samples,
+    /// The read that showed a change → maps written: meshd's own part.
+    #[serde(skip)]
+    pub read_to_map: Samples,
     /// One step: apply the changes, compile, write (only steps that wrote something).
     #[serde(skip)]
-    pub step_time: VecDeque<Duration>,
+    pub step_time: Samples,
     pub last_step_unix_ms: u64,
     /// When every source had been read once and the first full apply was done.
     pub ready_unix_ms: u64,
+    /// The compile of everything read, once every source was (before the first apply).
+    pub first_compile_ms: f64,
     /// That first apply: how long, how many writes.
     pub first_apply_ms: f64,
     pub first_apply_writes: usize,

@@ -42,7 +42,10 @@ pub struct Counters {
 
 impl Counters {
     pub fn snapshot(&self) -> (u64, u64) {
-        (self.requests.load(Ordering::Relaxed), self.bytes.load(Ordering::Relaxed))
+        (
+            self.requests.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+        )
     }
 
     fn count(&self, kind: &'static str, bytes: usize) {
@@ -104,14 +107,21 @@ fn id(prefix: &str, n: u64) -> String {
     let mut s = String::from(prefix);
     let mut x = n;
     while s.len() < 25 {
-        s.push(char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[(x % 36) as usize]));
+        s.push(char::from(
+            b"abcdefghijklmnopqrstuvwxyz0123456789"[(x % 36) as usize],
+        ));
         x = x / 36 + 7919;
     }
     s
 }
 
 fn net_addr(net: usize, host: u32) -> Ipv4Addr {
-    Ipv4Addr::new(10, (net % 250) as u8 + 1, (host >> 8) as u8, (host & 0xff) as u8)
+    Ipv4Addr::new(
+        10,
+        (net % 250) as u8 + 1,
+        (host >> 8) as u8,
+        (host & 0xff) as u8,
+    )
 }
 
 impl World {
@@ -140,7 +150,11 @@ impl World {
             n["Id"] = json!(nid);
             n["Name"] = json!(format!("bench_net{i}"));
             n["IPAM"]["Config"] = json!([{"Subnet": format!("{}/16", net_addr(i, 0))}]);
-            w.networks.push((nid, format!("bench_net{i}"), Bytes::from(serde_json::to_vec(&n).unwrap())));
+            w.networks.push((
+                nid,
+                format!("bench_net{i}"),
+                Bytes::from(serde_json::to_vec(&n).unwrap()),
+            ));
         }
         for i in 0..spec.nodes {
             let nid = id("node", i as u64);
@@ -150,7 +164,8 @@ impl World {
             n["Status"]["State"] = json!("ready");
             n["Status"]["Addr"] = json!(format!("192.168.200.{}", i + 1));
             n["Spec"]["Role"] = json!(if i == 0 { "manager" } else { "worker" });
-            w.nodes.push((nid, Bytes::from(serde_json::to_vec(&n).unwrap())));
+            w.nodes
+                .push((nid, Bytes::from(serde_json::to_vec(&n).unwrap())));
         }
         for s in 0..spec.services {
             let sid = w.add_service(&format!("svc{s}"), s % spec.networks, spec.nodes);
@@ -173,10 +188,14 @@ impl World {
             for &n in nets {
                 let ip = w.alloc(n);
                 let (nid, nname, _) = &w.networks[n];
-                eps.insert(nname.clone(), json!({"NetworkID": nid, "IPAddress": ip.to_string(), "Aliases": null}));
+                eps.insert(
+                    nname.clone(),
+                    json!({"NetworkID": nid, "IPAddress": ip.to_string(), "Aliases": null}),
+                );
             }
             c["NetworkSettings"]["Networks"] = Value::Object(eps);
-            w.local.push((cid, Bytes::from(serde_json::to_vec(&c).unwrap())));
+            w.local
+                .push((cid, Bytes::from(serde_json::to_vec(&c).unwrap())));
         }
         let node0 = w.nodes.first().map(|n| n.0.clone()).unwrap_or_default();
         w.info = Bytes::from(
@@ -248,7 +267,8 @@ impl World {
         v["Slot"] = json!(t.slot);
         v["NodeID"] = json!(self.nodes[t.node].0);
         v["Status"]["State"] = json!("running");
-        v["Status"]["ContainerStatus"]["ContainerID"] = json!(format!("{:064x}", t.version ^ 0x5eed));
+        v["Status"]["ContainerStatus"]["ContainerID"] =
+            json!(format!("{:064x}", t.version ^ 0x5eed));
         v["DesiredState"] = json!("running");
         v["Spec"]["Networks"] = json!([{"Target": nid}]);
         v["NetworksAttachments"][0]["Network"]["ID"] = json!(nid);
@@ -307,7 +327,13 @@ impl World {
         self.services.keys().cloned().collect()
     }
 
-    pub fn add_service_with_tasks(&mut self, name: &str, net: usize, tasks: usize, nodes: usize) -> String {
+    pub fn add_service_with_tasks(
+        &mut self,
+        name: &str,
+        net: usize,
+        tasks: usize,
+        nodes: usize,
+    ) -> String {
         let sid = self.add_service(name, net, nodes);
         for _ in 0..tasks {
             self.add_task(&sid, nodes);
@@ -350,8 +376,16 @@ impl World {
         let parts: Vec<&str> = p.trim_matches('/').split('/').collect();
         match parts.as_slice() {
             ["info"] => ("info", Some(self.info.clone())),
-            ["services"] => ("services", Some(Self::list(self.services.values().map(|s| s.rendered.clone())))),
-            ["services", id] => ("service", self.services.get(*id).map(|s| s.rendered.clone())),
+            ["services"] => (
+                "services",
+                Some(Self::list(
+                    self.services.values().map(|s| s.rendered.clone()),
+                )),
+            ),
+            ["services", id] => (
+                "service",
+                self.services.get(*id).map(|s| s.rendered.clone()),
+            ),
             ["tasks"] => {
                 let want: Option<Vec<String>> = filters.get("service").cloned();
                 let items: Vec<Bytes> = match want {
@@ -364,15 +398,31 @@ impl World {
                 };
                 ("tasks", Some(Self::list(items.into_iter())))
             }
-            ["networks"] => ("networks", Some(Self::list(self.networks.iter().map(|n| n.2.clone())))),
+            ["networks"] => (
+                "networks",
+                Some(Self::list(self.networks.iter().map(|n| n.2.clone()))),
+            ),
             ["networks", id] => ("network", self.network_inspect(id)),
-            ["nodes"] => ("nodes", Some(Self::list(self.nodes.iter().map(|n| n.1.clone())))),
-            ["nodes", id] => ("node", self.nodes.iter().find(|n| n.0 == *id).map(|n| n.1.clone())),
+            ["nodes"] => (
+                "nodes",
+                Some(Self::list(self.nodes.iter().map(|n| n.1.clone()))),
+            ),
+            ["nodes", id] => (
+                "node",
+                self.nodes.iter().find(|n| n.0 == *id).map(|n| n.1.clone()),
+            ),
             ["containers", "json"] => (
                 "containers",
-                Some(Self::list(self.local.iter().map(|(id, _)| Bytes::from(format!("{{\"Id\":\"{id}\"}}"))))),
+                Some(Self::list(
+                    self.local
+                        .iter()
+                        .map(|(id, _)| Bytes::from(format!("{{\"Id\":\"{id}\"}}"))),
+                )),
             ),
-            ["containers", id, "json"] => ("container", self.local.iter().find(|c| c.0 == *id).map(|c| c.1.clone())),
+            ["containers", id, "json"] => (
+                "container",
+                self.local.iter().find(|c| c.0 == *id).map(|c| c.1.clone()),
+            ),
             _ => ("other", None),
         }
     }
@@ -384,7 +434,10 @@ fn unescape(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' && i + 2 < b.len() + 1 {
-            if let Ok(v) = u8::from_str_radix(std::str::from_utf8(&b[i + 1..(i + 3).min(b.len())]).unwrap_or(""), 16) {
+            if let Ok(v) = u8::from_str_radix(
+                std::str::from_utf8(&b[i + 1..(i + 3).min(b.len())]).unwrap_or(""),
+                16,
+            ) {
                 out.push(v);
                 i += 3;
                 continue;
@@ -422,36 +475,44 @@ impl FakeDocker {
         let counters = Arc::new(Counters::default());
         let (events, _) = broadcast::channel(4096);
         let _ = std::fs::remove_file(socket);
-        let std_listener = std::os::unix::net::UnixListener::bind(socket).with_context(|| format!("bind {}", socket.display()))?;
+        let std_listener = std::os::unix::net::UnixListener::bind(socket)
+            .with_context(|| format!("bind {}", socket.display()))?;
         std_listener.set_nonblocking(true)?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (w, c, e) = (world.clone(), counters.clone(), events.clone());
-        let thread = std::thread::Builder::new().name("fake-docker".into()).spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let listener = tokio::net::UnixListener::from_std(std_listener).expect("listener");
-                let serve = async {
-                    loop {
-                        let Ok((stream, _)) = listener.accept().await else { continue };
-                        let (w, c, e) = (w.clone(), c.clone(), e.clone());
-                        tokio::spawn(async move {
-                            let svc = hyper::service::service_fn(move |req| handle(req, w.clone(), c.clone(), e.clone()));
-                            let _ = hyper::server::conn::http1::Builder::new()
-                                .serve_connection(TokioIo::new(stream), svc)
-                                .await;
-                        });
+        let thread = std::thread::Builder::new()
+            .name("fake-docker".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(async move {
+                    let listener =
+                        tokio::net::UnixListener::from_std(std_listener).expect("listener");
+                    let serve = async {
+                        loop {
+                            let Ok((stream, _)) = listener.accept().await else {
+                                continue;
+                            };
+                            let (w, c, e) = (w.clone(), c.clone(), e.clone());
+                            tokio::spawn(async move {
+                                let svc = hyper::service::service_fn(move |req| {
+                                    handle(req, w.clone(), c.clone(), e.clone())
+                                });
+                                let _ = hyper::server::conn::http1::Builder::new()
+                                    .serve_connection(TokioIo::new(stream), svc)
+                                    .await;
+                            });
+                        }
+                    };
+                    tokio::select! {
+                        _ = serve => {}
+                        _ = stop_rx => {}
                     }
-                };
-                tokio::select! {
-                    _ = serve => {}
-                    _ = stop_rx => {}
-                }
-            });
-        })?;
+                });
+            })?;
         Ok(FakeDocker {
             socket: socket.to_path_buf(),
             world,
@@ -473,7 +534,9 @@ impl FakeDocker {
 
     /// Sends an event on every open `/events` stream.
     pub fn event(&self, kind: &str, action: &str, actor: &str) {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         let line = json!({"Type": kind, "Action": action, "Actor": {"ID": actor, "Attributes": {}},
             "scope": "swarm", "time": now.as_secs(), "timeNano": now.as_nanos() as u64});
         let mut b = serde_json::to_vec(&line).unwrap();
@@ -500,7 +563,11 @@ async fn handle(
     counters: Arc<Counters>,
     events: broadcast::Sender<Bytes>,
 ) -> Result<Response<BoxBody<Bytes, Infallible>>, Infallible> {
-    let path = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
     let path = path.strip_prefix("/v1.41").unwrap_or(&path).to_string();
     if path.starts_with("/events") {
         counters.count("events", 0);
@@ -528,7 +595,9 @@ async fn handle(
         }
         None => {
             counters.count(kind, 0);
-            let mut r = Response::new(Full::new(Bytes::from_static(b"{\"message\":\"no such object\"}")).boxed());
+            let mut r = Response::new(
+                Full::new(Bytes::from_static(b"{\"message\":\"no such object\"}")).boxed(),
+            );
             *r.status_mut() = StatusCode::NOT_FOUND;
             r
         }
@@ -557,9 +626,14 @@ mod tests {
         let (_, tasks) = w.answer("/tasks");
         let v: Value = serde_json::from_slice(&tasks.unwrap()).unwrap();
         assert_eq!(v.as_array().unwrap().len(), 6);
-        assert!(v[0]["NetworksAttachments"][0]["Addresses"][0].as_str().unwrap().starts_with("10."));
+        assert!(v[0]["NetworksAttachments"][0]["Addresses"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("10."));
         let sid = w.service_ids()[0].clone();
-        let (_, one) = w.answer(&format!("/tasks?filters=%7B%22service%22%3A%5B%22{sid}%22%5D%7D"));
+        let (_, one) = w.answer(&format!(
+            "/tasks?filters=%7B%22service%22%3A%5B%22{sid}%22%5D%7D"
+        ));
         let v: Value = serde_json::from_slice(&one.unwrap()).unwrap();
         assert_eq!(v.as_array().unwrap().len(), 2);
         assert_eq!(w.answer("/services/nope").1, None);

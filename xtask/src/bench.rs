@@ -12,10 +12,10 @@ pub enum Which {
     /// VIP datapath against a direct connection and an nftables DNAT VIP, plus event-to-map.
     Vip {
         /// Interleaved rounds per path.
-        #[arg(long, default_value_t = 7)]
+        #[arg(long, default_value_t = 15)]
         rounds: usize,
-        /// Seconds per measurement.
-        #[arg(long, default_value_t = 2.0)]
+        /// Seconds per measurement (the paths share them).
+        #[arg(long, default_value_t = 6.0)]
         seconds: f64,
         /// Scale changes for the event-to-map latency.
         #[arg(long, default_value_t = 100)]
@@ -87,6 +87,48 @@ pub(crate) fn percentile(mut v: Vec<f64>, q: f64) -> f64 {
     }
 }
 
+/// `median [lo–hi]` of per-round ratios, where [lo, hi] is the 95% confidence interval of
+/// the median (distribution-free: from the order statistics, no assumption of normal noise).
+fn spread(v: &[f64]) -> String {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let (lo, hi) = median_ci(s.len());
+    format!("{:.3} [{:.3}–{:.3}]", median(s.clone()), s[lo], s[hi])
+}
+
+/// Indices (0-based, into n sorted samples) of the 95% confidence interval of the median:
+/// with k the largest such that P(Binomial(n, ½) < k) ≤ 2.5%, the k-th smallest and the
+/// k-th largest (coverage 1 − 2·P(B < k) ≥ 95%).
+fn median_ci(n: usize) -> (usize, usize) {
+    if n < 6 {
+        return (0, n.saturating_sub(1));
+    }
+    let mut below = 0.0; // P(B < k)
+    let mut p = 0.5f64.powi(n as i32); // P(B = k)
+    let mut k = 0;
+    while below + p <= 0.025 {
+        below += p;
+        p *= (n - k) as f64 / (k + 1) as f64;
+        k += 1;
+    }
+    (k - 1, n - k)
+}
+
+/// Pins each container to one CPU (`docker update --cpuset-cpus`); says what it did.
+fn pin(node: &Node, what: &[(&str, usize)]) -> String {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 {
+        return "not pinned: one CPU".into();
+    }
+    for (container, cpu) in what {
+        if let Err(e) = node.docker(&["update", "--cpuset-cpus", &cpu.to_string(), container]) {
+            eprintln!("bench vip: could not pin {container} to CPU {cpu}: {e:#}");
+            return "not pinned: docker update failed".into();
+        }
+    }
+    "client on CPU 0, server on CPU 1".into()
+}
+
 fn addr_of(node: &Node, args: &[&str]) -> Result<String> {
     Ok(node
         .docker(args)?
@@ -151,6 +193,10 @@ fn vip(rounds: usize, seconds: f64, scale_changes: usize) -> Result<()> {
     ))
     .context("install the nftables DNAT baseline")?;
 
+    // Client and server each on a CPU of its own, so the scheduler moving them about is not
+    // part of the figures (the shared machine's other load still is: hence the spread).
+    let pinned = pin(node, &[("client", 0), (task.as_str(), 1)]);
+
     let paths = [
         ("direct to task", task_ip.clone()),
         ("VIP via meshd (eBPF)", vip.clone()),
@@ -160,13 +206,27 @@ fn vip(rounds: usize, seconds: f64, scale_changes: usize) -> Result<()> {
     let mut rr_rate = vec![Vec::new(); 3];
     let mut crr_rate = vec![Vec::new(); 3];
     let mut crr_p50 = vec![Vec::new(); 3];
-    eprintln!("bench vip: {rounds} interleaved rounds × 3 paths × (rr, crr) × {seconds} s");
+    eprintln!("bench vip: {rounds} rounds × (rr, crr) × {seconds} s, the 3 paths taking turns every 20 ms");
     for round in 0..rounds {
-        for (i, (_, addr)) in paths.iter().enumerate() {
-            for kind in ["rr", "crr"] {
-                let out = node.exec("client", &format!("labtool {kind} {addr}:7000 {seconds}"))?;
-                let v: Value = serde_json::from_str(out.trim())
-                    .with_context(|| format!("labtool output {out:?}"))?;
+        // In one run the paths take turns every 20 ms, so each sees the same load from the
+        // rest of the machine; every other round the turn order is reversed.
+        let mut order: Vec<usize> = (0..paths.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        let targets: Vec<String> = order
+            .iter()
+            .map(|&i| format!("{}:7000", paths[i].1))
+            .collect();
+        for kind in ["rr", "crr"] {
+            let out = node.exec(
+                "client",
+                &format!("labtool {kind}-alt {seconds} {}", targets.join(" ")),
+            )?;
+            let v: Vec<Value> = serde_json::from_str(out.trim())
+                .with_context(|| format!("labtool output {out:?}"))?;
+            ensure!(v.len() == paths.len(), "labtool answered {} paths", v.len());
+            for (&i, v) in order.iter().zip(&v) {
                 let (rate, p50) = (v["per_s"].as_f64().unwrap(), v["p50_us"].as_f64().unwrap());
                 if kind == "rr" {
                     rr_rate[i].push(rate);
@@ -179,32 +239,38 @@ fn vip(rounds: usize, seconds: f64, scale_changes: usize) -> Result<()> {
         }
         eprintln!("  round {}/{rounds} done", round + 1);
     }
-    let m = |v: &Vec<Vec<f64>>| v.iter().map(|x| median(x.clone())).collect::<Vec<f64>>();
-    let (rr_rate, rr_p50, crr_rate, crr_p50) = (m(&rr_rate), m(&rr_p50), m(&crr_rate), m(&crr_p50));
     println!(
-        "\nVIP datapath, medians of {rounds} interleaved rounds (one client container, one task)"
+        "\nVIP datapath, {rounds} rounds of {seconds} s, paths taking turns every 20 ms (one client container, one task; {pinned})"
     );
+    println!("  figures: median over rounds; ×direct: the median of each round's ratio to direct in that");
+    println!("  round, with its 95% confidence interval: a ratio whose interval holds 1.000 is not a difference");
     println!(
-        "{:<24} {:>10} {:>9} {:>8} {:>10} {:>9} {:>8} {:>10}",
+        "{:<24} {:>9} {:>20} {:>8} {:>20} {:>9} {:>20} {:>9}",
         "path", "rr/s", "×direct", "p50 µs", "×direct", "crr/s", "×direct", "crr p50"
     );
+    let ratios = |v: &[Vec<f64>], i: usize| -> Vec<f64> {
+        v[i].iter().zip(&v[0]).map(|(x, d)| x / d).collect()
+    };
+    let mut summary = Vec::new();
     for (i, (name, _)) in paths.iter().enumerate() {
+        let cols = [&rr_rate, &rr_p50, &crr_rate].map(|v| ratios(v, i));
         println!(
-            "{:<24} {:>10.0} {:>9.3} {:>8.1} {:>10.3} {:>9.0} {:>8.3} {:>9.1}µ",
+            "{:<24} {:>9.0} {:>20} {:>8.1} {:>20} {:>9.0} {:>20} {:>8.1}µ",
             name,
-            rr_rate[i],
-            rr_rate[i] / rr_rate[0],
-            rr_p50[i],
-            rr_p50[i] / rr_p50[0],
-            crr_rate[i],
-            crr_rate[i] / crr_rate[0],
-            crr_p50[i],
+            median(rr_rate[i].clone()),
+            spread(&cols[0]),
+            median(rr_p50[i].clone()),
+            spread(&cols[1]),
+            median(crr_rate[i].clone()),
+            spread(&cols[2]),
+            median(crr_p50[i].clone()),
         );
+        summary.push(cols);
     }
     println!(
-        "targets: meshd connection rate ≥ 0.97× direct (got {:.3}), rr p50 ≤ 1.03× direct (got {:.3})",
-        crr_rate[1] / crr_rate[0],
-        rr_p50[1] / rr_p50[0]
+        "targets: meshd connection rate ≥ 0.97× direct (got {}), rr p50 ≤ 1.03× direct (got {})",
+        spread(&summary[1][2]),
+        spread(&summary[1][1]),
     );
 
     // Event → map: scale a service between 1 and 2 tasks and read meshd's own measurement
@@ -237,14 +303,16 @@ fn vip(rounds: usize, seconds: f64, scale_changes: usize) -> Result<()> {
         ),
         (
             "read_to_map",
-            "Docker read showing the change → map updated (meshd's own part)",
+            "the read showing the change → map updated (meshd's own part)",
         ),
     ]
     .into_iter()
     .enumerate()
     {
         let recent: Vec<f64> = serde_json::from_value(st[key]["recent_ms"].clone())?;
-        let samples: Vec<f64> = recent[before[i].min(recent.len())..].to_vec();
+        // `samples` counts every sample ever; `recent_ms` holds the last ones.
+        let new = st[key]["samples"].as_u64().unwrap_or(0) as usize - before[i];
+        let samples: Vec<f64> = recent[recent.len().saturating_sub(new)..].to_vec();
         println!(
             "  {what}: {} samples, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
             samples.len(),
@@ -255,4 +323,15 @@ fn vip(rounds: usize, seconds: f64, scale_changes: usize) -> Result<()> {
     }
     println!("  target: p99 ≤ 50 ms once meshd has the event");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_median_interval_matches_the_binomial_tables() {
+        // n = 20: the 6th to the 15th of 20 (95.9%); n = 9: the 2nd to the 8th (96.1%).
+        assert_eq!(super::median_ci(20), (5, 14));
+        assert_eq!(super::median_ci(9), (1, 7));
+        assert_eq!(super::median_ci(3), (0, 2));
+    }
 }

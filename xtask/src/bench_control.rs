@@ -76,14 +76,21 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let _ = Command::new(bin("meshd")).arg("reset").arg("--pin-dir").arg(&self.pins).output();
+        let _ = Command::new(bin("meshd"))
+            .arg("reset")
+            .arg("--pin-dir")
+            .arg(&self.pins)
+            .output();
         for n in &self.netns {
             let _ = Command::new("ip").args(["netns", "del", n]).output();
         }
         let _ = fs::remove_dir(&self.cgroup);
         // The log stays, for a look after the run.
         if let Some(tag) = self.dir.file_name() {
-            let _ = fs::copy(self.dir.join("meshd.log"), Path::new(ROOT).join(tag).with_extension("log"));
+            let _ = fs::copy(
+                self.dir.join("meshd.log"),
+                Path::new(ROOT).join(tag).with_extension("log"),
+            );
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
@@ -128,21 +135,37 @@ impl Meshd {
             .arg(&socket)
             .arg("--dns-upstream")
             .arg("127.0.0.1:1")
-            .env("MESHD_LOG", "warn")
+            .env(
+                "MESHD_LOG",
+                std::env::var("MESHD_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(log.try_clone()?)
             .stderr(log);
         let started = Instant::now();
-        let daemon = Daemon::spawn(&mut cmd, &Placement::default(), &format!("{}/", s.dir.display()), None)?;
-        Ok(Meshd { daemon, socket, started })
+        let daemon = Daemon::spawn(
+            &mut cmd,
+            &Placement::default(),
+            &format!("{}/", s.dir.display()),
+            None,
+        )?;
+        Ok(Meshd {
+            daemon,
+            socket,
+            started,
+        })
     }
 
     fn status(&self) -> Result<Value> {
-        let out = run(Command::new(bin("meshctl")).arg("--socket").arg(&self.socket).args(["--json", "status"]))?;
+        let out = run(Command::new(bin("meshctl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(["--json", "status"]))?;
         Ok(serde_json::from_str(&out)?)
     }
 
     fn rss_mb(&self) -> (f64, f64) {
-        let st = fs::read_to_string(format!("/proc/{}/status", self.daemon.pid())).unwrap_or_default();
+        let st =
+            fs::read_to_string(format!("/proc/{}/status", self.daemon.pid())).unwrap_or_default();
         let kb = |k: &str| {
             st.lines()
                 .find(|l| l.starts_with(k))
@@ -177,7 +200,11 @@ fn spec(services: usize, tasks: usize, s: &Scratch) -> Spec {
             .enumerate()
             .map(|(i, n)| {
                 let nets = (i * NETS_PER_LOCAL..((i + 1) * NETS_PER_LOCAL).min(NETWORKS)).collect();
-                (format!("local{i}"), Path::new("/var/run/netns").join(n), nets)
+                (
+                    format!("local{i}"),
+                    Path::new("/var/run/netns").join(n),
+                    nets,
+                )
             })
             .collect(),
     }
@@ -193,17 +220,28 @@ pub fn control(sizes: &[usize], changes: usize, fanout: &[usize]) -> Result<()> 
     }
     println!("\nCold start: a manager's meshd reads the swarm and programs the kernel maps ({NETWORKS} networks, 10 tasks per service, {LOCAL} local containers on all of them)");
     println!(
-        "{:>9} {:>8} {:>11} {:>11} {:>9} {:>13} {:>9} {:>9} {:>14} {:>14}",
-        "services", "backends", "ready (ms)", "read (ms)", "apply ms", "map entries", "RSS MB", "peak MB", "event→map p50", "event→map p99"
+        "{:>9} {:>8} {:>11} {:>11} {:>11} {:>9} {:>13} {:>9} {:>9} {:>14} {:>14}",
+        "services",
+        "backends",
+        "ready (ms)",
+        "read (ms)",
+        "compile ms",
+        "apply ms",
+        "map entries",
+        "RSS MB",
+        "peak MB",
+        "event→map p50",
+        "event→map p99"
     );
     for r in &cold_rows {
         println!(
-            "{:>9} {:>8} {:>11.0} {:>11.0} {:>9.0} {:>13} {:>9.1} {:>9.1} {:>11.2} ms {:>11.2} ms",
-            r.services, r.backends, r.ready_ms, r.read_ms, r.apply_ms, r.entries, r.rss_mb, r.peak_mb, r.p50, r.p99
+            "{:>9} {:>8} {:>11.0} {:>11.0} {:>11.0} {:>9.0} {:>13} {:>9.1} {:>9.1} {:>11.2} ms {:>11.2} ms",
+            r.services, r.backends, r.ready_ms, r.read_ms, r.compile_ms, r.apply_ms, r.entries, r.rss_mb, r.peak_mb, r.p50, r.p99
         );
     }
     println!("  ready: meshd start → every source read and the first full apply done (includes reading the API);");
-    println!("  apply: compile already done, the kernel map writes of that first apply; event→map: one task change");
+    println!("  read: the swarm source's first full read (the synthetic API makes its JSON on the same cores);");
+    println!("  compile: of everything read, once all is; apply: the kernel map writes of that first apply; event→map: one task change");
     println!("  (a service event, then meshd re-reads that service's tasks) → maps written, with every service present.");
     println!("  targets: 10k × 10 programmed ≤ 1 s, RSS ≤ 64 MB, event→map p99 ≤ 50 ms");
 
@@ -219,6 +257,7 @@ struct ColdRow {
     backends: usize,
     ready_ms: f64,
     read_ms: f64,
+    compile_ms: f64,
     apply_ms: f64,
     entries: u64,
     rss_mb: f64,
@@ -235,18 +274,33 @@ fn cold_and_latency(swarm: &FakeSwarm, services: usize, changes: usize) -> Resul
     swarm.node(&certs, &node0, MANAGER_OU);
     eprintln!("bench control: {services} services × 10 tasks: cold start");
     let m = Meshd::start(&s, &fake, &certs, free_port()?)?;
-    let st = wait_for("meshd to program everything", Duration::from_secs(180), || {
-        let st = m.status().ok()?;
-        (st["reconcile"]["ready_unix_ms"].as_u64().unwrap_or(0) > 0).then_some(st)
-    })
+    let st = wait_for(
+        "meshd to program everything",
+        Duration::from_secs(180),
+        || {
+            let st = m.status().ok()?;
+            (st["reconcile"]["ready_unix_ms"].as_u64().unwrap_or(0) > 0).then_some(st)
+        },
+    )
     .with_context(|| fs::read_to_string(s.dir.join("meshd.log")).unwrap_or_default())?;
     let ready_ms = m.started.elapsed().as_secs_f64() * 1000.0;
     let (rss_mb, peak_mb) = m.rss_mb();
     let backends = st["counts"]["backends"].as_u64().unwrap_or(0) as usize;
-    ensure!(backends == services * 10, "programmed {backends} backends, want {}", services * 10);
+    ensure!(
+        backends == services * 10,
+        "programmed {backends} backends, want {}",
+        services * 10
+    );
     let entries = st["datapath"]["map_entries"].as_u64().unwrap_or(0);
-    let read_ms = st["swarm"]["last_full_read_ms"].as_f64().unwrap_or(f64::NAN);
-    let apply_ms = st["reconcile"]["first_apply_ms"].as_f64().unwrap_or(f64::NAN);
+    let read_ms = st["swarm"]["last_full_read_ms"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
+    let compile_ms = st["reconcile"]["first_compile_ms"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
+    let apply_ms = st["reconcile"]["first_apply_ms"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
 
     // Event → map, one task change at a time, everything else present.
     eprintln!("bench control: {services} services: {changes} task changes");
@@ -254,12 +308,16 @@ fn cold_and_latency(swarm: &FakeSwarm, services: usize, changes: usize) -> Resul
     let before = st["event_to_map"]["samples"].as_u64().unwrap_or(0);
     for i in 0..changes {
         let sid = &ids[(i * 7919) % ids.len()];
-        fake.world.lock().unwrap().replace_task(sid, i, fake.nodes());
+        fake.world
+            .lock()
+            .unwrap()
+            .replace_task(sid, i, fake.nodes());
         fake.event("service", "update", sid);
         wait_for("meshd to apply the change", Duration::from_secs(10), || {
             let st = m.status().ok()?;
             (st["event_to_map"]["samples"].as_u64().unwrap_or(0) > before + i as u64).then_some(())
-        })?;
+        })
+        .with_context(|| format!("change {i} (service {sid})"))?;
     }
     let st = m.status()?;
     let recent: Vec<f64> = serde_json::from_value(st["event_to_map"]["recent_ms"].clone())?;
@@ -269,6 +327,7 @@ fn cold_and_latency(swarm: &FakeSwarm, services: usize, changes: usize) -> Resul
         backends,
         ready_ms,
         read_ms,
+        compile_ms,
         apply_ms,
         entries,
         rss_mb,
@@ -297,7 +356,11 @@ impl Load {
     }
 }
 
-fn measure(fake: &FakeDocker, feed: &dyn Fn() -> u64, f: impl FnOnce() -> Result<()>) -> Result<Load> {
+fn measure(
+    fake: &FakeDocker,
+    feed: &dyn Fn() -> u64,
+    f: impl FnOnce() -> Result<()>,
+) -> Result<Load> {
     let (r0, b0) = fake.counters.snapshot();
     let f0 = feed();
     let t = Instant::now();
@@ -317,7 +380,10 @@ fn roll(fake: &FakeDocker, sid: &str) -> Result<()> {
     fake.world.lock().unwrap().set_updating(sid, true);
     fake.event("service", "update", sid);
     for i in 0..100 {
-        fake.world.lock().unwrap().replace_task(sid, i, fake.nodes());
+        fake.world
+            .lock()
+            .unwrap()
+            .replace_task(sid, i, fake.nodes());
         std::thread::sleep(Duration::from_millis(30));
     }
     fake.world.lock().unwrap().set_updating(sid, false);
@@ -328,7 +394,12 @@ fn roll(fake: &FakeDocker, sid: &str) -> Result<()> {
 
 /// The old design's read: four full lists.
 async fn old_full_read(api: &DockerApi) {
-    for p in ["/services", "/tasks?filters=%7B%22desired-state%22%3A%5B%22running%22%5D%7D", "/networks", "/nodes"] {
+    for p in [
+        "/services",
+        "/tasks?filters=%7B%22desired-state%22%3A%5B%22running%22%5D%7D",
+        "/networks",
+        "/nodes",
+    ] {
         let _ = api.get_bytes(p).await;
     }
 }
@@ -337,7 +408,10 @@ async fn old_full_read(api: &DockerApi) {
 /// event (it opened a fresh connection per read: here they are kept alive, a kindness).
 async fn old_node(api: DockerApi) {
     let mut events = loop {
-        match api.events("filters=%7B%22type%22%3A%5B%22service%22%2C%22network%22%2C%22node%22%5D%7D").await {
+        match api
+            .events("filters=%7B%22type%22%3A%5B%22service%22%2C%22network%22%2C%22node%22%5D%7D")
+            .await
+        {
             Ok(e) => break e,
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
@@ -345,7 +419,11 @@ async fn old_node(api: DockerApi) {
     let mut fast_until = Instant::now();
     let mut next = Instant::now();
     loop {
-        let wait = if Instant::now() < fast_until { Duration::from_millis(25) } else { Duration::from_secs(1) };
+        let wait = if Instant::now() < fast_until {
+            Duration::from_millis(25)
+        } else {
+            Duration::from_secs(1)
+        };
         tokio::select! {
             e = events.next() => {
                 if let Ok(Some(_)) = e {
@@ -361,7 +439,10 @@ async fn old_node(api: DockerApi) {
 }
 
 fn fan_out(swarm: &FakeSwarm, nodes: &[usize]) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let mut rows: Vec<(String, usize, Load, Load)> = Vec::new();
     for &n in nodes {
         for design in ["meshd feed (new)", "every node polls (old)"] {
@@ -382,7 +463,8 @@ fn fan_out(swarm: &FakeSwarm, nodes: &[usize]) -> Result<()> {
                     let st = m.status().ok()?;
                     (st["reconcile"]["ready_unix_ms"].as_u64().unwrap_or(0) > 0).then_some(())
                 })?;
-                let statuses: Vec<Arc<Mutex<ClientStatus>>> = (0..n).map(|_| Arc::default()).collect();
+                let statuses: Vec<Arc<Mutex<ClientStatus>>> =
+                    (0..n).map(|_| Arc::default()).collect();
                 let changes = Arc::new(AtomicU64::new(0));
                 let _guard = rt.enter();
                 let mut tasks = Vec::new();
@@ -391,7 +473,8 @@ fn fan_out(swarm: &FakeSwarm, nodes: &[usize]) -> Result<()> {
                     swarm.node(&dir, &format!("worker{i:03}"), WORKER_OU);
                     let certs = Arc::new(SwarmCerts::load(&dir)?);
                     let (hubs_tx, hubs_rx) = tokio::sync::watch::channel(vec![feed_addr]);
-                    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<meshd::source::Update>();
+                    let (tx, mut rx) =
+                        tokio::sync::mpsc::unbounded_channel::<meshd::source::Update>();
                     let counted = changes.clone();
                     tasks.push(rt.spawn(async move {
                         let _keep = hubs_tx;
@@ -417,13 +500,26 @@ fn fan_out(swarm: &FakeSwarm, nodes: &[usize]) -> Result<()> {
                         upload_to_all(certs, hubs_rx, report_rx, hints, Arc::default()).await
                     }));
                 }
-                wait_for("every simulated node to get its snapshot", Duration::from_secs(60), || {
-                    statuses.iter().all(|s| s.lock().unwrap().snapshots > 0).then_some(())
-                })?;
+                wait_for(
+                    "every simulated node to get its snapshot",
+                    Duration::from_secs(60),
+                    || {
+                        statuses
+                            .iter()
+                            .all(|s| s.lock().unwrap().snapshots > 0)
+                            .then_some(())
+                    },
+                )?;
                 let feed_bytes = || -> u64 {
                     m.status()
                         .ok()
-                        .and_then(|st| st["feed"]["hub"]["peers"].as_object().map(|p| p.values().map(|v| v["bytes_sent"].as_u64().unwrap_or(0)).sum()))
+                        .and_then(|st| {
+                            st["feed"]["hub"]["peers"].as_object().map(|p| {
+                                p.values()
+                                    .map(|v| v["bytes_sent"].as_u64().unwrap_or(0))
+                                    .sum()
+                            })
+                        })
                         .unwrap_or(0)
                 };
                 std::thread::sleep(Duration::from_secs(1));
@@ -465,12 +561,21 @@ fn fan_out(swarm: &FakeSwarm, nodes: &[usize]) -> Result<()> {
     println!("\nManager-side load caused by meshd: 200 services × 5 tasks + one of 100 tasks; steady 5 s, then that service rolled (100 tasks, 30 ms apart)");
     println!(
         "{:<24} {:>6} {:>12} {:>14} {:>13} {:>12} {:>14} {:>13}",
-        "design", "nodes", "steady req/s", "steady API KB/s", "steady feed KB/s", "roll req/s", "roll API KB/s", "roll feed KB/s"
+        "design",
+        "nodes",
+        "steady req/s",
+        "steady API KB/s",
+        "steady feed KB/s",
+        "roll req/s",
+        "roll API KB/s",
+        "roll feed KB/s"
     );
     for (d, n, s, r) in &rows {
         let (sr, sb, sf) = s.per_s();
         let (rr, rb, rf) = r.per_s();
-        println!("{d:<24} {n:>6} {sr:>12.1} {sb:>14.1} {sf:>13.1} {rr:>12.1} {rb:>14.1} {rf:>13.1}");
+        println!(
+            "{d:<24} {n:>6} {sr:>12.1} {sb:>14.1} {sf:>13.1} {rr:>12.1} {rb:>14.1} {rf:>13.1}"
+        );
     }
     println!("  API: the managers' Docker API (what dockerd must answer); feed: what the manager's meshd sends the nodes");
     println!("  (each change once to each node: the least that tells every node). target: API load flat in the number of nodes");

@@ -19,22 +19,21 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     dns::zones::network_records,
-    model::{ClusterState, Dirty, EndpointMode, Kind, Rejected},
+    model::{ClusterState, Dirty, EndpointMode, Id, Kind, Rejected},
 };
 
 /// One load balancer: a service's VIP on one network.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct LbRef {
-    pub service_id: String,
-    pub network_id: String,
+    pub service_id: Id,
+    pub network_id: Id,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Backend {
     pub ip: Ipv4Addr,
-    pub task_id: String,
-    pub node_id: String,
-    pub slot: Option<u64>,
+    /// The rest of what is shown about it (node, slot) is the task's, in the state.
+    pub task_id: Id,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,13 +74,13 @@ impl Desired {
         service_id: &str,
     ) -> impl Iterator<Item = (&'a LbRef, &'a Arc<Lb>)> + 'a {
         let from = LbRef {
-            service_id: service_id.to_string(),
-            network_id: String::new(),
+            service_id: service_id.into(),
+            network_id: "".into(),
         };
         let sid = service_id.to_string();
         self.lbs
             .range(from..)
-            .take_while(move |(r, _)| r.service_id == sid)
+            .take_while(move |(r, _)| *r.service_id == *sid)
     }
 }
 
@@ -151,16 +150,16 @@ pub fn all_service_lbs(state: &ClusterState, service_id: &str) -> Vec<(LbRef, Lb
                 t.addresses.get(network_id).map(|&ip| Backend {
                     ip,
                     task_id: t.id.clone(),
-                    node_id: t.node_id.clone(),
-                    slot: t.slot,
                 })
             })
             .collect();
         backends.sort_by(|a, b| a.ip.cmp(&b.ip).then(a.task_id.cmp(&b.task_id)));
         backends.dedup_by_key(|b| b.ip);
+        // Kept for as long as the service does not change: no growth slack.
+        backends.shrink_to_fit();
         out.push((
             LbRef {
-                service_id: service_id.to_string(),
+                service_id: service.id.clone(),
                 network_id: network_id.clone(),
             },
             Lb {
@@ -234,9 +233,13 @@ impl Compiler {
         dirty
             .services
             .extend(self.desired.lbs.keys().map(|r| r.service_id.clone()));
-        dirty
-            .networks
-            .extend(self.desired.zones.networks.keys().cloned());
+        dirty.networks.extend(
+            self.desired
+                .zones
+                .networks
+                .keys()
+                .map(|k| Id::from(k.as_str())),
+        );
         dirty.sandboxes.extend(self.cookie_of.keys().cloned());
         self.update(state, &dirty)
     }
@@ -323,17 +326,20 @@ impl Compiler {
         }
         for nid in &dirty.networks {
             let fresh = network_records(state, nid);
-            let old = self.desired.zones.networks.get(nid);
+            let old = self.desired.zones.networks.get(&**nid);
             match (old, fresh) {
                 (Some(o), Some(f)) if **o == f => {}
                 (None, None) => {}
                 (_, Some(f)) => {
-                    self.desired.zones.networks.insert(nid.clone(), Arc::new(f));
-                    changed.networks.insert(nid.clone());
+                    self.desired
+                        .zones
+                        .networks
+                        .insert(nid.to_string(), Arc::new(f));
+                    changed.networks.insert(nid.to_string());
                 }
                 (Some(_), None) => {
-                    self.desired.zones.networks.remove(nid);
-                    changed.networks.insert(nid.clone());
+                    self.desired.zones.networks.remove(&**nid);
+                    changed.networks.insert(nid.to_string());
                 }
             }
         }
@@ -412,7 +418,7 @@ mod tests {
         assert_eq!(ips, vec![ip("10.0.1.4"), ip("10.0.1.5")]);
         assert_eq!(lb1(&d).vip, ip("10.0.1.2"));
         assert!(
-            d.lbs.keys().all(|r| r.service_id != "svc2"),
+            d.lbs.keys().all(|r| &*r.service_id != "svc2"),
             "dnsrr has no LB"
         );
     }
@@ -430,7 +436,7 @@ mod tests {
         s.apply(Change::PutNode(node("n2", NodeState::Down)));
         let d = compile(&s);
         assert_eq!(lb1(&d).backends.len(), 1);
-        assert_eq!(lb1(&d).backends[0].node_id, "n1");
+        assert_eq!(&*lb1(&d).backends[0].task_id, "t1");
     }
 
     #[test]
@@ -502,12 +508,12 @@ mod tests {
             let d = compile(&s);
             for (r, lb) in &d.lbs {
                 let Some(svc) = s.services.get(&r.service_id) else { continue };
-                let Some(zone) = d.zones.networks.get(&r.network_id) else { continue };
+                let Some(zone) = d.zones.networks.get(&*r.network_id) else { continue };
                 let name = format!("tasks.{}", svc.name.to_ascii_lowercase());
                 let mut from_dns: Vec<Ipv4Addr> = zone
                     .names
-                    .get(&name)
-                    .map(|e| e.addrs.clone())
+                    .get(name.as_str())
+                    .map(|e| e.addrs.to_vec())
                     .unwrap_or_default();
                 from_dns.sort();
                 from_dns.dedup();

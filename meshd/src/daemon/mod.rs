@@ -263,6 +263,7 @@ impl Wiring {
                     crate::model::Resync::Services(vec![], vec![]),
                 )],
                 origin: None,
+                read_at: None,
                 from: crate::source::Origin::Swarm,
                 complete: true,
             });

@@ -18,7 +18,7 @@ use crate::{
     feed::{feeds, report_of},
     model::{Change, Dirty, NodeReport},
     source::{Origin, Update},
-    status::{push_sample, unix_ms, ApplierStatus, Core, ReconcileStatus},
+    status::{unix_ms, ApplierStatus, Core, ReconcileStatus},
 };
 
 /// One applier and what it still has to do.
@@ -57,6 +57,9 @@ pub struct Reconciler {
     last_report: Option<NodeReport>,
     /// Sources whose first full read has not arrived: nothing is applied before.
     waiting: BTreeSet<Source>,
+    /// What changed before every source was read: compiled once, when they all are (a cold
+    /// read arrives in slices, and compiling after each would redo the networks each time).
+    unread: Dirty,
 }
 
 /// Which full reads must arrive before the first apply.
@@ -92,6 +95,7 @@ impl Reconciler {
             status,
             last_report: None,
             waiting: [Source::Local, Source::Swarm].into(),
+            unread: Dirty::default(),
         }
     }
 
@@ -109,6 +113,7 @@ impl Reconciler {
     pub fn step(&mut self, updates: Vec<Update>) -> Step {
         let started = Instant::now();
         let origin = updates.iter().filter_map(|u| u.origin).min();
+        let read_at = updates.iter().filter_map(|u| u.read_at).min();
         let was_ready = self.ready();
         for u in &updates {
             if u.complete {
@@ -118,6 +123,7 @@ impl Reconciler {
                 });
             }
         }
+        let ready = self.ready();
         let mut count = 0;
         let changed = {
             let mut core = self.core.write().unwrap();
@@ -130,7 +136,9 @@ impl Reconciler {
                         && matches!(u.from, Origin::Swarm | Origin::Peer)
                         && feeds(&c)
                     {
-                        to_feed.push(c.clone());
+                        // Only what differs: a re-read of a service's hundred tasks in which
+                        // two moved sends two.
+                        to_feed.extend(crate::feed::diff::minimal(&core.state, &c));
                     }
                     dirty.merge(core.state.apply(c));
                 }
@@ -153,12 +161,24 @@ impl Reconciler {
             if let Some(feed) = core.feed.as_mut() {
                 feed.publish(to_feed);
             }
-            let Core {
-                state, compiler, ..
-            } = &mut *core;
-            compiler.update(state, &dirty)
+            if ready {
+                dirty.merge(std::mem::take(&mut self.unread));
+                let Core {
+                    state, compiler, ..
+                } = &mut *core;
+                let t = Instant::now();
+                let changed = compiler.update(state, &dirty);
+                if !was_ready {
+                    self.status.lock().unwrap().first_compile_ms =
+                        t.elapsed().as_secs_f64() * 1000.0;
+                }
+                changed
+            } else {
+                self.unread.merge(dirty);
+                Changed::default()
+            }
         };
-        let mut step = if !self.ready() {
+        let mut step = if !ready {
             // Compiled, not applied: the first apply sweeps everything anyway.
             Step::default()
         } else if !was_ready {
@@ -172,7 +192,11 @@ impl Reconciler {
             // allocator's arenas: give it back (glibc keeps it otherwise).
             // SAFETY: malloc_trim only releases free memory.
             unsafe { libc::malloc_trim(0) };
-            info!(writes = step.written.writes, apply_ms = st.first_apply_ms, "every source read once: applied");
+            info!(
+                writes = step.written.writes,
+                apply_ms = st.first_apply_ms,
+                "every source read once: applied"
+            );
             drop(st);
             step
         } else {
@@ -185,10 +209,13 @@ impl Reconciler {
         st.steps += 1;
         st.last_step_unix_ms = unix_ms();
         if !step.written.is_empty() {
-            push_sample(&mut st.step_time, started.elapsed());
+            st.step_time.push(started.elapsed());
+            if let Some(r) = read_at {
+                st.read_to_map.push(r.elapsed());
+            }
             if let Some(o) = origin {
                 let took = o.elapsed();
-                push_sample(&mut st.event_to_map, took);
+                st.event_to_map.push(took);
                 info!(
                     writes = step.written.writes,
                     deletes = step.written.deletes,
@@ -260,6 +287,17 @@ impl Reconciler {
     }
 }
 
+/// A step is blocking work (map syscalls, sockets opened in other namespaces, a first
+/// compile of a large cluster): on a multi-threaded runtime, tell it so, and it moves the
+/// other tasks (the API, the sources) off this worker meanwhile.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// Runs until `updates` closes or `stop` fires: each burst of updates is one step; a tick
 /// retries failures; every `sweep_every`, a full pass.
 pub async fn run(
@@ -280,16 +318,18 @@ pub async fn run(
                 while let Ok(more) = updates.try_recv() {
                     batch.push(more);
                 }
-                r.step(batch);
+                blocking(|| r.step(batch));
             }
             _ = ticker.tick() => {
-                tick(&mut r);
-                if Instant::now() >= next_sweep {
-                    r.sweep();
-                    next_sweep = Instant::now() + sweep_every;
-                } else {
-                    r.retry();
-                }
+                blocking(|| {
+                    tick(&mut r);
+                    if Instant::now() >= next_sweep {
+                        r.sweep();
+                        next_sweep = Instant::now() + sweep_every;
+                    } else {
+                        r.retry();
+                    }
+                });
             }
             _ = stop.changed() => break,
         }
@@ -344,12 +384,14 @@ mod tests {
             Update {
                 changes: vec![Change::PutSandbox(sandbox("c0", 4, &["n1"]))],
                 origin: None,
+                read_at: None,
                 from: Origin::Local,
                 complete: true,
             },
             Update {
                 changes: vec![],
                 origin: None,
+                read_at: None,
                 from: Origin::Swarm,
                 complete: true,
             },
@@ -361,6 +403,7 @@ mod tests {
         Update {
             changes,
             origin: Some(Instant::now()),
+            read_at: None,
             from: Origin::Swarm,
             complete: false,
         }
@@ -378,6 +421,7 @@ mod tests {
         r.step(vec![Update {
             changes: vec![Change::PutSandbox(sandbox("c0", 4, &["n1"]))],
             origin: None,
+            read_at: None,
             from: Origin::Local,
             complete: true,
         }]);
@@ -389,6 +433,7 @@ mod tests {
         r.step(vec![Update {
             changes: vec![Change::PutService(svc("s1", &[("n1", [10, 0, 0, 2])]))],
             origin: None,
+            read_at: None,
             from: Origin::Swarm,
             complete: true,
         }]);
@@ -461,6 +506,7 @@ mod tests {
             Update {
                 changes: vec![Change::PutSandbox(sandbox("c1", 5, &["n1"]))],
                 origin: None,
+                read_at: None,
                 from: Origin::Local,
                 complete: false,
             },

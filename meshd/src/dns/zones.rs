@@ -3,7 +3,10 @@
 //! the datapath already dropped. Compile rebuilds only the networks a change touched.
 use std::net::Ipv4Addr;
 
-use meshd_dns::{records::normalize, Entry, Kind, NetworkRecords};
+use meshd_dns::{
+    records::{normalize, About, Name, Ptr, What},
+    Entry, Kind, NetworkRecords,
+};
 
 use tracing::debug;
 
@@ -21,7 +24,7 @@ pub fn task_name(service: &str, t: &Task) -> String {
 fn slot_or_node(t: &Task) -> String {
     match t.slot {
         Some(slot) if slot > 0 => slot.to_string(),
-        _ => t.node_id.clone(),
+        _ => t.node_id.to_string(),
     }
 }
 
@@ -55,18 +58,35 @@ fn task_hostname(
         .filter(|h| !h.is_empty())
 }
 
-fn put(net: &mut NetworkRecords, name: &str, entry: Entry) {
-    // The first claim on a name wins (services before tasks before containers), so one
-    // object cannot shadow another by picking its name.
-    net.names.entry(normalize(name)).or_insert(entry);
+/// `name` as a lookup key, the same allocation when it already is one (most names are).
+fn key(name: &Name) -> Name {
+    if name.ends_with('.') || name.bytes().any(|b| b.is_ascii_uppercase()) {
+        normalize(name).into()
+    } else {
+        name.clone()
+    }
 }
 
-fn endpoint(addr: Ipv4Addr, about: String) -> Entry {
+fn put(net: &mut NetworkRecords, name: Name, entry: Entry) {
+    // The first claim on a name wins (services before tasks before containers), so one
+    // object cannot shadow another by picking its name.
+    net.names.entry(key(&name)).or_insert(entry);
+}
+
+fn endpoint(addr: Ipv4Addr, what: What, of: &Name) -> Entry {
     Entry {
         kind: Kind::Endpoint,
-        addrs: vec![addr],
+        addrs: vec![addr].into(),
         shuffle: false,
-        about,
+        about: About::new(what, of),
+    }
+}
+
+/// A task's or container's reverse name: `<name>.<network>`.
+fn qualified(name: &Name) -> Ptr {
+    Ptr {
+        name: key(name),
+        qualified: true,
     }
 }
 
@@ -93,23 +113,25 @@ fn container_names(
     let Some(ip) = ep.addr else {
         return;
     };
+    let of: Name = name.into();
     if !name.is_empty() {
-        net.ptr
-            .entry(ip)
-            .or_insert_with(|| normalize(&format!("{name}.{}", net.name)));
-        put(net, name, endpoint(ip, format!("container {name}")));
+        net.ptr.entry(ip).or_insert_with(|| qualified(&of));
+        put(net, of.clone(), endpoint(ip, What::Container, &of));
     }
     for alias in &ep.aliases {
         put(
             net,
-            alias,
-            endpoint(ip, format!("alias {alias} of container {name}")),
+            alias.as_str().into(),
+            endpoint(ip, What::ContainerAlias, &of),
         );
     }
     // As Docker 25+ does for every container: its short id and its hostname.
-    for (n, what) in [(short_id(id), "id"), (hostname, "hostname")] {
+    for (n, what) in [
+        (short_id(id), What::ContainerId),
+        (hostname, What::ContainerHostname),
+    ] {
         if !n.is_empty() {
-            put(net, n, endpoint(ip, format!("container {name} ({what})")));
+            put(net, n.into(), endpoint(ip, what, &of));
         }
     }
 }
@@ -122,7 +144,7 @@ pub fn network_records(state: &ClusterState, network_id: &str) -> Option<Network
     }
     let network = state.networks.get(network_id)?;
     let mut net = NetworkRecords {
-        id: network.id.clone(),
+        id: network.id.to_string(),
         name: normalize(&network.name),
         internal: network.internal,
         ..Default::default()
@@ -130,28 +152,42 @@ pub fn network_records(state: &ClusterState, network_id: &str) -> Option<Network
     let services: Vec<&Service> = state.services_on(network_id).collect();
 
     // Services first: their name, aliases and tasks.<name>.
-    for svc in &services {
-        let mut live: Vec<Ipv4Addr> = state
-            .tasks_of(&svc.id)
-            .filter(|t| state.serves(t))
-            .filter_map(|t| t.addresses.get(network_id).copied())
-            .collect();
+    // Each service's live tasks on this network, found once for both passes below.
+    let live_tasks: Vec<Vec<(&Task, Ipv4Addr)>> = services
+        .iter()
+        .map(|svc| {
+            state
+                .tasks_of(&svc.id)
+                .filter(|t| state.serves(t))
+                .filter_map(|t| Some((t, *t.addresses.get(network_id)?)))
+                .collect()
+        })
+        .collect();
+    for (svc, tasks) in services.iter().zip(&live_tasks) {
+        let mut live: Vec<Ipv4Addr> = tasks.iter().map(|&(_, ip)| ip).collect();
         live.sort();
+        let of: Name = svc.name.as_str().into();
         let main = match (svc.mode, svc.vips.get(network_id)) {
             (EndpointMode::Vip, Some(vip)) => {
-                net.ptr.insert(*vip, normalize(&svc.name));
+                net.ptr.insert(
+                    *vip,
+                    Ptr {
+                        name: key(&of),
+                        qualified: false,
+                    },
+                );
                 Entry {
                     kind: Kind::ServiceVip,
-                    addrs: vec![*vip],
+                    addrs: vec![*vip].into(),
                     shuffle: false,
-                    about: format!("service {} (VIP)", svc.name),
+                    about: About::new(What::Service, &of),
                 }
             }
             _ => Entry {
                 kind: Kind::ServiceDnsrr,
-                addrs: live.clone(),
+                addrs: live.clone().into(),
                 shuffle: true,
-                about: format!("service {} (dnsrr, {} live tasks)", svc.name, live.len()),
+                about: About::new(What::Service, &of),
             },
         };
         for alias in aliases_on(svc, network_id, &network.name) {
@@ -161,49 +197,41 @@ pub fn network_records(state: &ClusterState, network_id: &str) -> Option<Network
             } else {
                 Kind::Alias
             };
-            e.about = format!("alias {alias} of {}", main.about);
-            put(&mut net, alias, e);
+            e.about.what = What::ServiceAlias;
+            put(&mut net, alias.as_str().into(), e);
         }
-        put(&mut net, &svc.name, main);
+        put(&mut net, of.clone(), main);
         put(
             &mut net,
-            &format!("tasks.{}", svc.name),
+            format!("tasks.{}", svc.name).into(),
             Entry {
                 kind: Kind::Tasks,
-                addrs: live,
+                addrs: live.into(),
                 shuffle: true,
-                about: format!("live tasks of service {}", svc.name),
+                about: About::new(What::Tasks, &of),
             },
         );
     }
 
     // Then each live task: its name, hostname and short container id.
-    for svc in &services {
-        for t in state.tasks_of(&svc.id).filter(|t| state.serves(t)) {
-            let Some(&ip) = t.addresses.get(network_id) else {
-                continue;
-            };
-            let name = task_name(&svc.name, t);
-            net.ptr
-                .insert(ip, normalize(&format!("{name}.{}", net.name)));
-            put(&mut net, &name, endpoint(ip, format!("task {name}")));
+    for (svc, tasks) in services.iter().zip(&live_tasks) {
+        for &(t, ip) in tasks {
+            let name: Name = task_name(&svc.name, t).into();
+            net.ptr.insert(ip, qualified(&name));
+            put(&mut net, name.clone(), endpoint(ip, What::Task, &name));
             if let Some(h) = t
                 .hostname
                 .as_deref()
                 .and_then(|tpl| task_hostname(state, svc, t, &name, tpl))
             {
-                put(
-                    &mut net,
-                    &h,
-                    endpoint(ip, format!("task {name} (hostname)")),
-                );
+                put(&mut net, h.into(), endpoint(ip, What::TaskHostname, &name));
             }
             if let Some(cid) = &t.container_id {
                 // The short container id is also the task's hostname.
                 put(
                     &mut net,
-                    short_id(cid),
-                    endpoint(ip, format!("task {name} (container id)")),
+                    short_id(cid).into(),
+                    endpoint(ip, What::TaskContainerId, &name),
                 );
             }
         }
@@ -308,8 +336,14 @@ mod tests {
         assert_eq!(front.names["cli"].addrs, [ip("10.0.1.9")]);
         assert_eq!(front.names["laptop"].addrs, [ip("10.0.1.9")]);
         assert_eq!(front.names["c1"].addrs, [ip("10.0.1.9")], "short id");
-        assert_eq!(front.ptr[&ip("10.0.1.2")], "web");
-        assert_eq!(front.ptr[&ip("10.0.1.3")], "web.1.t1.front");
+        assert_eq!(front.ptr[&ip("10.0.1.2")], Ptr::from("web"));
+        assert_eq!(
+            front.ptr[&ip("10.0.1.3")],
+            Ptr {
+                name: "web.1.t1".into(),
+                qualified: true
+            }
+        );
         let back = &z.networks["n2"];
         assert!(back.internal);
         let app = &back.names["app"];
@@ -366,12 +400,12 @@ mod tests {
         let mut n1 = node("node1", NodeState::Ready);
         n1.hostname = "worker1".into();
         s.apply(Change::PutNode(n1));
-        let tasks: BTreeMap<String, Task> = s.tasks.clone();
+        let tasks: BTreeMap<crate::model::Id, Task> = s.tasks.clone();
         for (id, mut t) in tasks {
-            if t.service_id == "s2" {
+            if &*t.service_id == "s2" {
                 t.hostname = Some("{{.Service.Name}}-{{.Task.Slot}}.{{ .Node.Hostname }}".into());
             }
-            if id == "t1" {
+            if &*id == "t1" {
                 t.hostname = Some("{{.Service.Labels}}".into());
             }
             s.apply(Change::PutTask(t));

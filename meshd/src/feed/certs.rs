@@ -169,6 +169,33 @@ fn check_subject(
     Ok(())
 }
 
+/// Both verifiers check signatures as webpki does; only the certificate checks differ.
+macro_rules! signatures_by_webpki {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            self.inner.verify_tls12_signature(message, cert, dss)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            self.inner.verify_tls13_signature(message, cert, dss)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.inner.supported_verify_schemes()
+        }
+    };
+}
+
 /// A manager's meshd checks a node: the chain (webpki), then the subject.
 #[derive(Debug)]
 struct NodeVerifier {
@@ -194,27 +221,7 @@ impl ClientCertVerifier for NodeVerifier {
         Ok(ok)
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
+    signatures_by_webpki!();
 }
 
 /// A node's meshd checks a manager: the chain and the `swarm-manager` name (webpki), then
@@ -245,27 +252,7 @@ impl ServerCertVerifier for ManagerVerifier {
         Ok(ok)
     }
 
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
+    signatures_by_webpki!();
 }
 
 /// The TLS configurations built from one reading of the files.
@@ -382,7 +369,10 @@ impl SwarmCerts {
 pub mod fake {
     use std::path::Path;
 
-    use rcgen::{BasicConstraints, CertificateParams, DistinguishedName as Dn, DnType, IsCa, KeyPair, SanType};
+    use rcgen::{
+        BasicConstraints, CertificateParams, DistinguishedName as Dn, DnType, IsCa, KeyPair,
+        SanType,
+    };
 
     /// A swarm's CA and its node certificates, shaped like swarmkit's.
     pub struct FakeSwarm {
@@ -438,7 +428,6 @@ pub mod fake {
             std::fs::write(dir.join("swarm-root-ca.crt"), self.ca.pem()).unwrap();
         }
     }
-
 }
 
 #[cfg(test)]

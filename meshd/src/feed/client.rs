@@ -186,6 +186,7 @@ impl Subscriber {
                     let _ = self.updates.send(Update {
                         changes: without_own(changes, &self.me),
                         origin: Some(now),
+                        read_at: None,
                         from: Origin::Feed,
                         complete: true,
                     });
@@ -211,6 +212,7 @@ impl Subscriber {
                     let _ = self.updates.send(Update {
                         changes: without_own(changes, &self.me),
                         origin: Some(now),
+                        read_at: None,
                         from: Origin::Feed,
                         complete: false,
                     });

@@ -256,6 +256,7 @@ impl Hub {
                         let _ = self.updates.send(Update {
                             changes: vec![Change::PutReport(r)],
                             origin: Some(Instant::now()),
+                            read_at: None,
                             from: Origin::Peer,
                             complete: false,
                         });

@@ -17,6 +17,7 @@ use crate::model::{Change, ClusterState, NodeReport, RemoteContainer, Resync, Sa
 
 pub mod certs;
 pub mod client;
+pub mod diff;
 pub mod hub;
 pub mod protocol;
 
@@ -198,7 +199,14 @@ mod tests {
         s.apply(Change::PutSandbox(stopping));
         let r = report_of(&s, "me");
         assert_eq!(r.containers.len(), 1);
-        assert_eq!(r.containers[0].endpoints.keys().collect::<Vec<_>>(), ["ov"]);
+        assert_eq!(
+            r.containers[0]
+                .endpoints
+                .keys()
+                .map(|k| &**k)
+                .collect::<Vec<_>>(),
+            ["ov"]
+        );
         assert_eq!(r.held_tasks, ["t8", "t9"]);
     }
 

@@ -6,7 +6,9 @@ use std::{fmt, ops::Index};
 use serde::{de::MapAccess, ser::SerializeMap, Deserialize, Deserializer, Serialize, Serializer};
 
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct NetMap<V>(Vec<(String, V)>);
+pub struct NetMap<V>(Vec<(Id, V)>);
+
+use super::objects::Id;
 
 impl<V> Default for NetMap<V> {
     fn default() -> Self {
@@ -16,7 +18,9 @@ impl<V> Default for NetMap<V> {
 
 impl<V: fmt::Debug> fmt::Debug for NetMap<V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_map().entries(self.0.iter().map(|(k, v)| (k, v))).finish()
+        f.debug_map()
+            .entries(self.0.iter().map(|(k, v)| (k, v)))
+            .finish()
     }
 }
 
@@ -26,7 +30,7 @@ impl<V> NetMap<V> {
     }
 
     fn find(&self, key: &str) -> Result<usize, usize> {
-        self.0.binary_search_by(|(k, _)| k.as_str().cmp(key))
+        self.0.binary_search_by(|(k, _)| (**k).cmp(key))
     }
 
     pub fn get(&self, key: &str) -> Option<&V> {
@@ -41,10 +45,13 @@ impl<V> NetMap<V> {
         self.find(key).is_ok()
     }
 
-    pub fn insert(&mut self, key: String, value: V) -> Option<V> {
+    pub fn insert(&mut self, key: Id, value: V) -> Option<V> {
         match self.find(&key) {
             Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
             Err(i) => {
+                // One more slot, not the doubling a Vec does (its first push reserves four):
+                // most maps here stay at one or two entries for their whole life.
+                self.0.reserve_exact(1);
                 self.0.insert(i, (key, value));
                 None
             }
@@ -55,7 +62,7 @@ impl<V> NetMap<V> {
         self.find(key).ok().map(|i| self.0.remove(i).1)
     }
 
-    pub fn keys(&self) -> impl Iterator<Item = &String> + '_ {
+    pub fn keys(&self) -> impl Iterator<Item = &Id> + '_ {
         self.0.iter().map(|(k, _)| k)
     }
 
@@ -63,7 +70,7 @@ impl<V> NetMap<V> {
         self.0.iter().map(|(_, v)| v)
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &V)> + '_ {
+    pub fn iter(&self) -> impl Iterator<Item = (&Id, &V)> + '_ {
         self.0.iter().map(|(k, v)| (k, v))
     }
 
@@ -87,8 +94,8 @@ impl<V> Index<&str> for NetMap<V> {
     }
 }
 
-impl<V> FromIterator<(String, V)> for NetMap<V> {
-    fn from_iter<I: IntoIterator<Item = (String, V)>>(iter: I) -> Self {
+impl<V> FromIterator<(Id, V)> for NetMap<V> {
+    fn from_iter<I: IntoIterator<Item = (Id, V)>>(iter: I) -> Self {
         let mut m = NetMap::new();
         for (k, v) in iter {
             m.insert(k, v);
@@ -97,15 +104,31 @@ impl<V> FromIterator<(String, V)> for NetMap<V> {
     }
 }
 
-impl<V, const N: usize> From<[(String, V); N]> for NetMap<V> {
-    fn from(a: [(String, V); N]) -> Self {
+impl<V, const N: usize> From<[(Id, V); N]> for NetMap<V> {
+    fn from(a: [(Id, V); N]) -> Self {
         a.into_iter().collect()
     }
 }
 
+impl<V, const N: usize> From<[(String, V); N]> for NetMap<V> {
+    fn from(a: [(String, V); N]) -> Self {
+        a.into_iter().map(|(k, v)| (Id::from(k), v)).collect()
+    }
+}
+
+impl<V> NetMap<V> {
+    /// Replaces each key by the equal one `intern` gives (a shared allocation).
+    pub fn intern_keys(&mut self, mut intern: impl FnMut(&Id) -> Id) {
+        for (k, _) in &mut self.0 {
+            *k = intern(k);
+        }
+    }
+}
+
 impl<'a, V> IntoIterator for &'a NetMap<V> {
-    type Item = (&'a String, &'a V);
-    type IntoIter = std::iter::Map<std::slice::Iter<'a, (String, V)>, fn(&'a (String, V)) -> (&'a String, &'a V)>;
+    type Item = (&'a Id, &'a V);
+    type IntoIter =
+        std::iter::Map<std::slice::Iter<'a, (Id, V)>, fn(&'a (Id, V)) -> (&'a Id, &'a V)>;
     fn into_iter(self) -> Self::IntoIter {
         self.0.iter().map(|(k, v)| (k, v))
     }
@@ -131,7 +154,7 @@ impl<'de, V: Deserialize<'de>> Deserialize<'de> for NetMap<V> {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<NetMap<V>, A::Error> {
                 let mut m = NetMap::new();
-                while let Some((k, v)) = a.next_entry::<String, V>()? {
+                while let Some((k, v)) = a.next_entry::<Id, V>()? {
                     m.insert(k, v);
                 }
                 Ok(m)
@@ -153,9 +176,9 @@ mod tests {
         #[test]
         fn it_answers_as_a_btreemap_does(ops in proptest::collection::vec((0..6u8, any::<bool>(), 0..100u32), 0..40)) {
             let mut a: NetMap<u32> = NetMap::new();
-            let mut b: BTreeMap<String, u32> = BTreeMap::new();
+            let mut b: BTreeMap<Id, u32> = BTreeMap::new();
             for (k, put, v) in ops {
-                let k = format!("n{k}");
+                let k: Id = format!("n{k}").into();
                 if put {
                     prop_assert_eq!(a.insert(k.clone(), v), b.insert(k, v));
                 } else {

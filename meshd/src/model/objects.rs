@@ -1,9 +1,14 @@
 //! The objects of `ClusterState`: what the Docker API says, as plain typed data. No I/O here.
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
 use super::NetMap;
+
+/// A swarm object id (service, task, node, network). Shared, not copied: a task's service,
+/// node and networks are the same allocation as the service's, node's and network's own id,
+/// so 100 000 tasks do not carry 100 000 copies of each.
+pub type Id = Arc<str>;
 
 /// Declares a state enum read from Docker's lower-case strings. A value meshd does not know
 /// is kept as `Unknown` (never live), not an error: a newer Docker must not take a task down.
@@ -138,7 +143,7 @@ pub struct PublishedPort {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Service {
-    pub id: String,
+    pub id: Id,
     pub name: String,
     pub mode: EndpointMode,
     /// The service's VIP on each network it is attached to, by network id.
@@ -163,16 +168,17 @@ pub struct Service {
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Task {
-    pub id: String,
-    pub service_id: String,
+    pub id: Id,
+    pub service_id: Id,
     /// Empty while the task is not scheduled.
-    pub node_id: String,
+    pub node_id: Id,
     pub slot: Option<u64>,
     pub state: TaskState,
     pub desired: TaskState,
     /// The task's address on each of its networks, by network id.
     pub addresses: NetMap<Ipv4Addr>,
-    /// Its container, once the node started one.
+    /// Its container's short id (the first 12 characters: all meshd uses), once the node
+    /// started one.
     #[serde(default)]
     pub container_id: Option<String>,
     /// The service's `--hostname`, a template swarm expands per task (`hostname_template`).
@@ -214,7 +220,7 @@ impl Task {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Network {
-    pub id: String,
+    pub id: Id,
     pub name: String,
     /// No way out of the network: names that are not ours are not forwarded.
     #[serde(default)]
@@ -231,7 +237,7 @@ pub struct Network {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Node {
-    pub id: String,
+    pub id: Id,
     pub hostname: String,
     pub state: NodeState,
     #[serde(default)]

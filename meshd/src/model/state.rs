@@ -52,8 +52,8 @@ pub enum Resync {
 /// the local sandboxes whose scope must be compiled again.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Dirty {
-    pub services: BTreeSet<String>,
-    pub networks: BTreeSet<String>,
+    pub services: BTreeSet<Id>,
+    pub networks: BTreeSet<Id>,
     /// By container id.
     pub sandboxes: BTreeSet<String>,
     /// The rejected list changed.
@@ -79,26 +79,26 @@ impl Dirty {
 /// Derived lookups, kept in step with the objects by `apply`.
 #[derive(Clone, Debug, Default, PartialEq)]
 struct Index {
-    tasks_by_service: BTreeMap<String, BTreeSet<String>>,
-    tasks_by_node: BTreeMap<String, BTreeSet<String>>,
+    tasks_by_service: BTreeMap<Id, BTreeSet<Id>>,
+    tasks_by_node: BTreeMap<Id, BTreeSet<Id>>,
     /// Network → service → how many references (a VIP, a task address) tie them.
-    services_by_network: BTreeMap<String, BTreeMap<String, u32>>,
-    sandboxes_by_network: BTreeMap<String, BTreeSet<String>>,
+    services_by_network: BTreeMap<Id, BTreeMap<Id, u32>>,
+    sandboxes_by_network: BTreeMap<Id, BTreeSet<Id>>,
     /// Network → nodes whose report has a container on it.
-    reports_by_network: BTreeMap<String, BTreeSet<String>>,
+    reports_by_network: BTreeMap<Id, BTreeSet<Id>>,
     /// Task → who holds it back (its node's report, or a local container): unhealthy, or
     /// stopping.
-    held: BTreeMap<String, BTreeSet<String>>,
+    held: BTreeMap<Id, BTreeSet<Id>>,
 }
 
-fn add_ref(map: &mut BTreeMap<String, BTreeMap<String, u32>>, outer: &str, inner: &str) {
-    *map.entry(outer.to_string())
+fn add_ref(map: &mut BTreeMap<Id, BTreeMap<Id, u32>>, outer: &Id, inner: &Id) {
+    *map.entry(outer.clone())
         .or_default()
-        .entry(inner.to_string())
+        .entry(inner.clone())
         .or_default() += 1;
 }
 
-fn drop_ref(map: &mut BTreeMap<String, BTreeMap<String, u32>>, outer: &str, inner: &str) {
+fn drop_ref(map: &mut BTreeMap<Id, BTreeMap<Id, u32>>, outer: &str, inner: &str) {
     if let Some(m) = map.get_mut(outer) {
         if let Some(n) = m.get_mut(inner) {
             *n -= 1;
@@ -112,13 +112,11 @@ fn drop_ref(map: &mut BTreeMap<String, BTreeMap<String, u32>>, outer: &str, inne
     }
 }
 
-fn add_to(map: &mut BTreeMap<String, BTreeSet<String>>, outer: &str, inner: &str) {
-    map.entry(outer.to_string())
-        .or_default()
-        .insert(inner.to_string());
+fn add_to(map: &mut BTreeMap<Id, BTreeSet<Id>>, outer: &Id, inner: &Id) {
+    map.entry(outer.clone()).or_default().insert(inner.clone());
 }
 
-fn remove_from(map: &mut BTreeMap<String, BTreeSet<String>>, outer: &str, inner: &str) {
+fn remove_from(map: &mut BTreeMap<Id, BTreeSet<Id>>, outer: &str, inner: &str) {
     if let Some(s) = map.get_mut(outer) {
         s.remove(inner);
         if s.is_empty() {
@@ -127,16 +125,24 @@ fn remove_from(map: &mut BTreeMap<String, BTreeSet<String>>, outer: &str, inner:
     }
 }
 
-#[derive(Clone, Debug, Default, PartialEq)]
+fn set(map: &mut BTreeMap<Id, BTreeSet<Id>>, outer: &Id, inner: &Id, on: bool) {
+    if on {
+        add_to(map, outer, inner)
+    } else {
+        remove_from(map, outer, inner)
+    }
+}
+
+#[derive(Clone, Debug, Default)]
 pub struct ClusterState {
     /// By service id.
-    pub services: BTreeMap<String, Service>,
+    pub services: BTreeMap<Id, Service>,
     /// Live tasks (desired state running, and those just turned to shutdown), by task id.
-    pub tasks: BTreeMap<String, Task>,
+    pub tasks: BTreeMap<Id, Task>,
     /// By network id.
-    pub networks: BTreeMap<String, Network>,
+    pub networks: BTreeMap<Id, Network>,
     /// By node id.
-    pub nodes: BTreeMap<String, Node>,
+    pub nodes: BTreeMap<Id, Node>,
     /// Containers running on this node, by container id.
     pub sandboxes: BTreeMap<String, Sandbox>,
     /// Other nodes' reports, by node id.
@@ -144,11 +150,31 @@ pub struct ClusterState {
     /// Objects that could not be used, by kind and id; each is left out, the rest is used.
     pub rejected: BTreeMap<(Kind, String), Rejected>,
     index: Index,
+    /// One allocation per service, node and network id, shared by everything that names it.
+    pool: std::collections::HashSet<Id>,
+}
+
+impl PartialEq for ClusterState {
+    /// The objects (the pool of shared ids is how they are stored, not what they are).
+    fn eq(&self, o: &Self) -> bool {
+        self.services == o.services
+            && self.tasks == o.tasks
+            && self.networks == o.networks
+            && self.nodes == o.nodes
+            && self.sandboxes == o.sandboxes
+            && self.reports == o.reports
+            && self.rejected == o.rejected
+            && self.index == o.index
+    }
 }
 
 /// The networks a service shows up on: its VIPs' and its tasks'.
-fn service_refs(s: &Service) -> impl Iterator<Item = &String> {
+fn service_refs(s: &Service) -> impl Iterator<Item = &Id> {
     s.vips.keys()
+}
+
+fn id(s: &str) -> Id {
+    Id::from(s)
 }
 
 impl ClusterState {
@@ -161,12 +187,34 @@ impl ClusterState {
         s
     }
 
+    /// The shared copy of an id (service, node or network).
+    fn intern(&mut self, s: &Id) -> Id {
+        if let Some(p) = self.pool.get(s) {
+            return p.clone();
+        }
+        self.pool.insert(s.clone());
+        s.clone()
+    }
+
+    /// Forgets ids nothing names any more (a full read does this now and then).
+    fn trim_pool(&mut self) {
+        self.pool.retain(|p| Id::strong_count(p) > 1);
+    }
+
+    fn intern_task(&mut self, t: &mut Task) {
+        t.service_id = self.intern(&t.service_id);
+        t.node_id = self.intern(&t.node_id);
+        let mut addrs = std::mem::take(&mut t.addresses);
+        addrs.intern_keys(|k| self.intern(k));
+        t.addresses = addrs;
+    }
+
     /// Whether `task` gets connections and DNS answers: `Task::serves` with its node and
-    /// its engine's health report.
+    /// what its node's engine says.
     pub fn serves(&self, task: &Task) -> bool {
         task.serves(
-            self.nodes.get(&task.node_id),
-            self.index.held.contains_key(&task.id),
+            self.nodes.get(&*task.node_id),
+            self.index.held.contains_key(&*task.id),
         )
     }
 
@@ -205,7 +253,7 @@ impl ClusterState {
             .get(network_id)
             .into_iter()
             .flatten()
-            .filter_map(|id| self.sandboxes.get(id))
+            .filter_map(|id| self.sandboxes.get(&**id))
     }
 
     /// Other nodes' containers on this network (not those of a node swarm reports down,
@@ -219,8 +267,8 @@ impl ClusterState {
             .get(network_id)
             .into_iter()
             .flatten()
-            .filter(|node| !self.nodes.get(*node).is_some_and(Node::is_down))
-            .filter_map(|node| self.reports.get(node))
+            .filter(|node| !self.nodes.get(&***node).is_some_and(Node::is_down))
+            .filter_map(|node| self.reports.get(&**node))
             .flat_map(|r| r.containers.iter())
             .filter(move |c| {
                 c.endpoints.contains_key(network_id)
@@ -229,8 +277,8 @@ impl ClusterState {
     }
 
     /// The networks a service shows up on (VIPs and task addresses).
-    pub fn networks_of_service(&self, service_id: &str) -> BTreeSet<String> {
-        let mut out: BTreeSet<String> = self
+    pub fn networks_of_service(&self, service_id: &str) -> BTreeSet<Id> {
+        let mut out: BTreeSet<Id> = self
             .services
             .get(service_id)
             .into_iter()
@@ -256,8 +304,8 @@ impl ClusterState {
             Change::PutTask(t) => self.put_task(t, &mut d),
             Change::DropTask(id) => self.drop_task(&id, &mut d),
             Change::ServiceTasks { service_id, tasks } => {
-                let keep: BTreeSet<String> = tasks.iter().map(|t| t.id.clone()).collect();
-                let gone: Vec<String> = self
+                let keep: BTreeSet<Id> = tasks.iter().map(|t| t.id.clone()).collect();
+                let gone: Vec<Id> = self
                     .tasks_of(&service_id)
                     .filter(|t| !keep.contains(&t.id))
                     .map(|t| t.id.clone())
@@ -277,7 +325,10 @@ impl ClusterState {
             Change::DropSandbox(id) => self.drop_sandbox(&id, &mut d),
             Change::PutReport(r) => self.put_report(r, &mut d),
             Change::DropReport(id) => self.drop_report(&id, &mut d),
-            Change::Resync(r) => self.resync(r, &mut d),
+            Change::Resync(r) => {
+                self.resync(r, &mut d);
+                self.trim_pool();
+            }
             Change::Reject(r) => {
                 let key = (r.kind, r.id.clone());
                 if self.rejected.get(&key) != Some(&r) {
@@ -316,16 +367,24 @@ impl ClusterState {
 
     /// Marks a service and the networks it is on (its VIPs' and its tasks').
     fn touch_service(&self, id: &str, d: &mut Dirty) {
-        d.services.insert(id.to_string());
+        d.services.insert(
+            self.services
+                .get_key_value(id)
+                .map_or_else(|| Id::from(id), |(k, _)| k.clone()),
+        );
         d.networks.extend(self.networks_of_service(id));
     }
 
-    fn put_service(&mut self, s: Service, d: &mut Dirty) {
+    fn put_service(&mut self, mut s: Service, d: &mut Dirty) {
         self.accept(Kind::Service, &s.id, d);
-        if self.services.get(&s.id) == Some(&s) {
+        if self.services.get(&*s.id) == Some(&s) {
             return;
         }
-        if let Some(old) = self.services.get(&s.id) {
+        s.id = self.intern(&s.id);
+        let mut vips = std::mem::take(&mut s.vips);
+        vips.intern_keys(|k| self.intern(k));
+        s.vips = vips;
+        if let Some(old) = self.services.get(&*s.id) {
             for net in old.vips.keys().cloned().collect::<Vec<_>>() {
                 drop_ref(&mut self.index.services_by_network, &net, &s.id);
             }
@@ -340,14 +399,14 @@ impl ClusterState {
                 d.networks.insert(n);
             }
         }
-        let id = s.id.clone();
-        self.services.insert(id.clone(), s);
-        self.touch_service(&id, d);
+        let sid = s.id.clone();
+        self.services.insert(sid.clone(), s);
+        self.touch_service(&sid, d);
     }
 
-    fn network_by_id_or_name(&self, target: &str) -> Option<String> {
-        if self.networks.contains_key(target) {
-            return Some(target.to_string());
+    fn network_by_id_or_name(&self, target: &str) -> Option<Id> {
+        if let Some((k, _)) = self.networks.get_key_value(target) {
+            return Some(k.clone());
         }
         self.networks
             .values()
@@ -371,17 +430,16 @@ impl ClusterState {
             drop_ref(&mut self.index.services_by_network, net, id);
         }
         // Its tasks go with it.
-        let tasks: Vec<String> = self.tasks_of(id).map(|t| t.id.clone()).collect();
+        let tasks: Vec<Id> = self.tasks_of(id).map(|t| t.id.clone()).collect();
         for t in tasks {
             self.drop_task(&t, d);
         }
     }
 
     fn index_task(&mut self, t: &Task, add: bool) {
-        let f = if add { add_to } else { remove_from };
-        f(&mut self.index.tasks_by_service, &t.service_id, &t.id);
+        set(&mut self.index.tasks_by_service, &t.service_id, &t.id, add);
         if !t.node_id.is_empty() {
-            f(&mut self.index.tasks_by_node, &t.node_id, &t.id);
+            set(&mut self.index.tasks_by_node, &t.node_id, &t.id, add);
         }
         for net in t.addresses.keys() {
             if add {
@@ -397,9 +455,9 @@ impl ClusterState {
         d.networks.extend(t.addresses.keys().cloned());
     }
 
-    fn put_task(&mut self, t: Task, d: &mut Dirty) {
+    fn put_task(&mut self, mut t: Task, d: &mut Dirty) {
         self.accept(Kind::Task, &t.id, d);
-        if let Some(old) = self.tasks.get(&t.id) {
+        if let Some(old) = self.tasks.get(&*t.id) {
             if *old == t {
                 return;
             }
@@ -407,12 +465,13 @@ impl ClusterState {
             Self::touch_task(&old, d);
             self.index_task(&old, false);
         }
+        self.intern_task(&mut t);
         Self::touch_task(&t, d);
         // A service's name entries live on every network it is on: a task on a new network
         // changes them there.
         d.networks.extend(
             self.services
-                .get(&t.service_id)
+                .get(&*t.service_id)
                 .into_iter()
                 .flat_map(|s| s.vips.keys().cloned()),
         );
@@ -428,11 +487,12 @@ impl ClusterState {
         }
     }
 
-    fn put_network(&mut self, n: Network, d: &mut Dirty) {
+    fn put_network(&mut self, mut n: Network, d: &mut Dirty) {
         self.accept(Kind::Network, &n.id, d);
-        if self.networks.get(&n.id) == Some(&n) {
+        if self.networks.get(&*n.id) == Some(&n) {
             return;
         }
+        n.id = self.intern(&n.id);
         self.touch_network(&n.id, d);
         self.networks.insert(n.id.clone(), n);
     }
@@ -440,7 +500,7 @@ impl ClusterState {
     /// A network's names, the services on it (their load balancers need it known) and the
     /// sandboxes scoped to it.
     fn touch_network(&self, id: &str, d: &mut Dirty) {
-        d.networks.insert(id.to_string());
+        d.networks.insert(Id::from(id));
         d.services
             .extend(self.services_on(id).map(|s| s.id.clone()));
         d.sandboxes
@@ -455,18 +515,19 @@ impl ClusterState {
         }
     }
 
-    fn put_node(&mut self, n: Node, d: &mut Dirty) {
+    fn put_node(&mut self, mut n: Node, d: &mut Dirty) {
         self.accept(Kind::Node, &n.id, d);
-        let old = self.nodes.get(&n.id);
+        let old = self.nodes.get(&*n.id);
         if old == Some(&n) {
             return;
         }
         // Only what compile reads: liveness and the hostname (for --hostname templates).
         let matters = old.is_none_or(|o| o.is_down() != n.is_down() || o.hostname != n.hostname);
-        let id = n.id.clone();
-        self.nodes.insert(id.clone(), n);
+        n.id = self.intern(&n.id);
+        let nid = n.id.clone();
+        self.nodes.insert(nid.clone(), n);
         if matters {
-            self.touch_node(&id, d);
+            self.touch_node(&nid, d);
         }
     }
 
@@ -489,32 +550,21 @@ impl ClusterState {
     }
 
     fn index_sandbox(&mut self, s: &Sandbox, add: bool) {
+        let cid = id(&s.container_id);
         for net in &s.networks {
-            if add {
-                add_to(&mut self.index.sandboxes_by_network, net, &s.container_id);
-            } else {
-                remove_from(&mut self.index.sandboxes_by_network, net, &s.container_id);
-            }
+            set(&mut self.index.sandboxes_by_network, &id(net), &cid, add);
         }
         if let (Some(task), true) = (&s.task_id, s.holds_task()) {
-            let reporter = format!("container {}", s.container_id);
-            self.set_held(task, &reporter, add);
-        }
-    }
-
-    fn set_held(&mut self, task: &str, reporter: &str, on: bool) {
-        if on {
-            add_to(&mut self.index.held, task, reporter);
-        } else {
-            remove_from(&mut self.index.held, task, reporter);
+            let reporter = id(&format!("container {}", s.container_id));
+            set(&mut self.index.held, &id(task), &reporter, add);
         }
     }
 
     fn touch_sandbox(&self, s: &Sandbox, d: &mut Dirty) {
         d.sandboxes.insert(s.container_id.clone());
-        d.networks.extend(s.networks.iter().cloned());
+        d.networks.extend(s.networks.iter().map(|n| id(n)));
         if s.holds_task() {
-            if let Some(t) = s.task_id.as_ref().and_then(|t| self.tasks.get(t)) {
+            if let Some(t) = s.task_id.as_ref().and_then(|t| self.tasks.get(t.as_str())) {
                 Self::touch_task(t, d);
             }
         }
@@ -563,7 +613,7 @@ impl ClusterState {
     fn touch_locality(&self, nets: &BTreeSet<String>, before: BTreeSet<String>, d: &mut Dirty) {
         for n in nets {
             if self.is_local(n) != before.contains(n) {
-                d.networks.insert(n.clone());
+                d.networks.insert(id(n));
                 d.services.extend(self.services_on(n).map(|s| s.id.clone()));
             }
         }
@@ -578,17 +628,14 @@ impl ClusterState {
     fn index_report(&mut self, r: &NodeReport, add: bool) {
         // A report comes and goes whole, so a node is on a network while any of its
         // reported containers is.
+        let node = id(&r.node_id);
         for c in &r.containers {
             for net in c.endpoints.keys() {
-                if add {
-                    add_to(&mut self.index.reports_by_network, net, &r.node_id);
-                } else {
-                    remove_from(&mut self.index.reports_by_network, net, &r.node_id);
-                }
+                set(&mut self.index.reports_by_network, net, &node, add);
             }
         }
         for t in &r.held_tasks {
-            self.set_held(t, &r.node_id, add);
+            set(&mut self.index.held, &id(t), &node, add);
         }
     }
 
@@ -596,7 +643,11 @@ impl ClusterState {
         for c in &r.containers {
             d.networks.extend(c.endpoints.keys().cloned());
         }
-        for t in r.held_tasks.iter().filter_map(|t| self.tasks.get(t)) {
+        for t in r
+            .held_tasks
+            .iter()
+            .filter_map(|t| self.tasks.get(t.as_str()))
+        {
             Self::touch_task(t, d);
         }
     }
@@ -633,12 +684,15 @@ impl ClusterState {
         // replaced after, since a put clears its own.
         macro_rules! replace {
             ($list:expr, $map:ident, $id:ident, $put:ident, $drop:ident) => {{
-                let keep: BTreeSet<String> = $list.iter().map(|o| o.$id.clone()).collect();
+                let keep: BTreeSet<&str> = $list.iter().map(|o| &*o.$id).collect();
                 let gone: Vec<String> = self
                     .$map
                     .keys()
-                    .filter(|k| !keep.contains(*k))
-                    .cloned()
+                    .filter(|k| {
+                        let k: &str = k;
+                        !keep.contains(k)
+                    })
+                    .map(|k| k.to_string())
                     .collect();
                 for id in gone {
                     self.$drop(&id, d);
@@ -750,7 +804,7 @@ pub(crate) mod tests {
             mode: EndpointMode::Vip,
             vips: nets
                 .iter()
-                .map(|(n, ip)| (n.to_string(), Ipv4Addr::from(*ip)))
+                .map(|(n, ip)| (Id::from(*n), Ipv4Addr::from(*ip)))
                 .collect(),
             aliases: BTreeMap::new(),
             ports: Vec::new(),
@@ -837,8 +891,8 @@ pub(crate) mod tests {
         s.apply(Change::PutTask(task("t1", "s1", "a", "n1", [10, 0, 0, 5])));
         s.apply(Change::PutTask(task("t2", "s2", "b", "n2", [10, 0, 1, 5])));
         let d = s.apply(Change::PutNode(node("a", NodeState::Down)));
-        assert_eq!(d.services, ["s1".to_string()].into());
-        assert_eq!(d.networks, ["n1".to_string()].into());
+        assert_eq!(d.services, [Id::from("s1")].into());
+        assert_eq!(d.networks, [Id::from("n1")].into());
         assert!(!s.serves(&s.tasks["t1"]));
         assert!(s.serves(&s.tasks["t2"]));
         // A heartbeat that changes nothing compile reads touches nothing.
@@ -857,7 +911,7 @@ pub(crate) mod tests {
             service_id: "s1".into(),
             tasks: vec![task("t2", "s1", "a", "n1", [10, 0, 0, 6])],
         });
-        let ids: Vec<&str> = s.tasks.keys().map(String::as_str).collect();
+        let ids: Vec<&str> = s.tasks.keys().map(|k| &**k).collect();
         assert_eq!(ids, ["t2", "t3"]);
     }
 
@@ -963,7 +1017,7 @@ pub(crate) mod tests {
                 };
                 for n in &nets {
                     sb.endpoints.insert(
-                        n.clone(),
+                        Id::from(n.as_str()),
                         SandboxEndpoint {
                             addr: Some(Ipv4Addr::new(10, 0, 9, cookie as u8)),
                             aliases: vec![],
@@ -1008,7 +1062,7 @@ pub(crate) mod tests {
                     tasks: ts
                         .into_iter()
                         .map(|mut t| {
-                            t.service_id = s.clone();
+                            t.service_id = Id::from(s.as_str());
                             t
                         })
                         .collect(),

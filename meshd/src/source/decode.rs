@@ -8,8 +8,8 @@ use serde::{de::DeserializeOwned, Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
 use crate::model::{
-    EndpointMode, Health, Kind, NetMap, Network, Node, NodeState, Protocol, PublishMode, PublishedPort,
-    Rejected, Role, SandboxEndpoint, Service, Task, TaskState,
+    EndpointMode, Health, Id, Kind, NetMap, Network, Node, NodeState, Protocol, PublishMode,
+    PublishedPort, Rejected, Role, SandboxEndpoint, Service, Task, TaskState,
 };
 
 /// `null` reads as the type's default (Docker writes `null` for empty lists and maps).
@@ -146,7 +146,7 @@ pub fn service(raw: &RawValue) -> Result<Service, String> {
             None | Some("") => continue,
             Some(a) if a.contains(':') => continue,
             Some(a) => {
-                vips.insert(net, cidr_addr(a)?);
+                vips.insert(net.into(), cidr_addr(a)?);
             }
         }
     }
@@ -170,7 +170,7 @@ pub fn service(raw: &RawValue) -> Result<Service, String> {
         .update_status
         .is_some_and(|u| matches!(u.state.as_str(), "updating" | "rollback_started"));
     Ok(Service {
-        id,
+        id: id.into(),
         name,
         mode,
         vips,
@@ -252,16 +252,16 @@ pub fn task(raw: &RawValue) -> Result<Task, String> {
     let r: RawTask = parse(raw)?;
     let mut addresses = NetMap::new();
     for att in r.networks_attachments {
-        let net = need(att.network.id, "NetworksAttachments.Network.ID")?;
+        let net: Id = need(att.network.id, "NetworksAttachments.Network.ID")?.into();
         for a in att.addresses.iter().filter(|a| !a.contains(':')) {
             addresses.insert(net.clone(), cidr_addr(a)?);
         }
     }
     Ok(Task {
-        id: need(r.id, "ID")?,
-        service_id: need(r.service_id, "ServiceID")?,
+        id: need(r.id, "ID")?.into(),
+        service_id: need(r.service_id, "ServiceID")?.into(),
         // A task not yet scheduled has no node; it is not a backend either way.
-        node_id: r.node_id,
+        node_id: r.node_id.into(),
         slot: r.slot,
         state: TaskState::parse(&need(r.status.state, "Status.State")?),
         desired: TaskState::parse(&need(r.desired_state, "DesiredState")?),
@@ -269,7 +269,8 @@ pub fn task(raw: &RawValue) -> Result<Task, String> {
         container_id: r
             .status
             .container_status
-            .map(|c| c.container_id)
+            // Only its short form is ever shown (a name in DNS): keep 12 characters, not 64.
+            .map(|c| c.container_id.chars().take(12).collect::<String>())
             .filter(|c| !c.is_empty()),
         hostname: r
             .spec
@@ -298,7 +299,7 @@ struct RawNetwork {
 pub fn network(raw: &RawValue) -> Result<Network, String> {
     let r: RawNetwork = parse(raw)?;
     Ok(Network {
-        id: need(r.id, "Id")?,
+        id: need(r.id, "Id")?.into(),
         name: need(r.name, "Name")?,
         internal: r.internal,
         ingress: r.ingress,
@@ -356,7 +357,7 @@ pub fn node(raw: &RawValue) -> Result<Node, String> {
         a => Some(cidr_addr(a)?),
     };
     Ok(Node {
-        id: need(r.id, "ID")?,
+        id: need(r.id, "ID")?.into(),
         hostname: r.description.hostname,
         state: NodeState::parse(&need(r.status.state, "Status.State")?),
         role: Role::parse(&r.spec.role),
@@ -500,7 +501,7 @@ pub fn inspect(raw: &RawValue) -> Result<Inspected, String> {
             }
         }
         networks.push(ep.network_id.clone());
-        endpoints.insert(ep.network_id, SandboxEndpoint { addr, aliases });
+        endpoints.insert(ep.network_id.into(), SandboxEndpoint { addr, aliases });
     }
     networks.sort();
     Ok(Inspected {

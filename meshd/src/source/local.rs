@@ -33,7 +33,7 @@ use super::{
     HintTx, Origin, TaskHint, Update, UpdateTx,
 };
 use crate::{
-    model::{Change, Health, Kind, Rejected, Resync, Sandbox, SandboxEndpoint},
+    model::{Change, Health, Id, Kind, Rejected, Resync, Sandbox, SandboxEndpoint},
     netns::{self, Seen},
 };
 
@@ -166,12 +166,9 @@ impl LocalSource {
 
     fn send(&self, changes: Vec<Change>, origin: Option<Instant>) {
         if !changes.is_empty() {
-            let _ = self.updates.send(Update {
-                changes,
-                origin,
-                from: Origin::Local,
-                complete: false,
-            });
+            let _ = self
+                .updates
+                .send(Update::read(changes, origin, Origin::Local));
         }
     }
 
@@ -290,6 +287,7 @@ impl LocalSource {
         let _ = self.updates.send(Update {
             changes: vec![Change::Resync(Resync::Sandboxes(sandboxes, rejected))],
             origin: None,
+            read_at: Some(Instant::now()),
             from: Origin::Local,
             complete: true,
         });
@@ -605,7 +603,7 @@ impl LocalSource {
                 .iter()
                 .map(|n| {
                     (
-                        n.clone(),
+                        Id::from(n.as_str()),
                         SandboxEndpoint {
                             addr: p.nets[n],
                             aliases: Vec::new(),

@@ -26,11 +26,27 @@ pub struct Update {
     pub changes: Vec<Change>,
     /// When the event that led to it arrived (for event → map latency).
     pub origin: Option<Instant>,
+    /// When the read that showed it completed (read → map is meshd's own part of the
+    /// latency; event → read is how long the engine took to show the change).
+    pub read_at: Option<Instant>,
     pub from: Origin,
     /// This update completes a full read by its source: until the local containers and
     /// the swarm have each been read whole once, nothing is applied (a restarted meshd
     /// keeps the pinned maps as they are rather than apply half a picture).
     pub complete: bool,
+}
+
+impl Update {
+    /// Changes a read just showed (`origin`: the event that led to the read, if any).
+    pub fn read(changes: Vec<Change>, origin: Option<Instant>, from: Origin) -> Update {
+        Update {
+            changes,
+            origin,
+            read_at: Some(Instant::now()),
+            from,
+            complete: false,
+        }
+    }
 }
 
 /// Which source an update came from: what the feed passes on to other nodes depends on it.

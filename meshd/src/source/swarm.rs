@@ -159,12 +159,9 @@ impl SwarmSource {
 
     fn send(&self, changes: Vec<Change>, origin: Option<Instant>) {
         if !changes.is_empty() {
-            let _ = self.updates.send(Update {
-                changes,
-                origin,
-                from: Origin::Swarm,
-                complete: false,
-            });
+            let _ = self
+                .updates
+                .send(Update::read(changes, origin, Origin::Swarm));
         }
     }
 
@@ -371,7 +368,7 @@ impl SwarmSource {
             let mut by_service: BTreeMap<String, Vec<Task>> =
                 chunk.iter().map(|s| (s.clone(), Vec::new())).collect();
             for t in tasks {
-                if let Some(list) = by_service.get_mut(&t.service_id) {
+                if let Some(list) = by_service.get_mut(&*t.service_id) {
                     list.push(t);
                 }
             }
@@ -476,9 +473,10 @@ impl SwarmSource {
         let (services, rs) =
             decode::list(&body, Kind::Service, decode::service).map_err(|e| bad(e, "/services"))?;
         drop(body);
-        let ids: Vec<String> = services.iter().map(|s| s.id.clone()).collect();
+        let ids: std::collections::BTreeSet<String> =
+            services.iter().map(|s| s.id.to_string()).collect();
         for s in &services {
-            self.seen.entry(s.id.clone()).or_default().updating = s.updating;
+            self.seen.entry(s.id.to_string()).or_default().updating = s.updating;
         }
         self.seen.retain(|k, _| ids.contains(k));
         self.follow.retain(|k, _| ids.contains(k));
@@ -491,10 +489,12 @@ impl SwarmSource {
                 seen.tasks = None;
             }
         }
+        let ids: Vec<String> = ids.into_iter().collect();
         let changed = self.read_tasks(&ids, None).await?;
         let _ = self.updates.send(Update {
             changes: Vec::new(),
             origin: None,
+            read_at: Some(Instant::now()),
             from: Origin::Swarm,
             complete: true,
         });

@@ -11,6 +11,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: labtool udp-serve PORT | udp-ask ADDR:PORT [--connected] | peer ADDR:PORT |\n\
          \x20      tcp-echo PORT | rr ADDR:PORT SECONDS | crr ADDR:PORT SECONDS |\n\
+         \x20      rr-alt|crr-alt SECONDS ADDR:PORT... |\n\
          \x20      http-serve PORT | http-loop HOST:PORT STOPFILE OUTFILE"
     );
     std::process::exit(2)
@@ -40,6 +41,11 @@ fn main() {
         ["tcp-echo", port] => tcp_echo(port.parse().unwrap_or_else(|_| usage())),
         ["rr", target, secs] => rr(addr(target), secs.parse().unwrap_or_else(|_| usage())),
         ["crr", target, secs] => crr(addr(target), secs.parse().unwrap_or_else(|_| usage())),
+        [kind @ ("rr-alt" | "crr-alt"), secs, targets @ ..] if !targets.is_empty() => alternate(
+            kind.trim_end_matches("-alt"),
+            secs.parse().unwrap_or_else(|_| usage()),
+            &targets.iter().map(|t| addr(t)).collect::<Vec<_>>(),
+        ),
         ["http-serve", port] => http_serve(port.parse().unwrap_or_else(|_| usage())),
         ["http-loop", target, stop, out] => http_loop(target, stop, out),
         _ => usage(),
@@ -105,7 +111,11 @@ fn tcp_echo(port: u16) {
     }
 }
 
-fn report(kind: &str, mut lat: Vec<Duration>, elapsed: Duration) {
+fn report(kind: &str, lat: Vec<Duration>, elapsed: Duration) {
+    println!("{}", summary(kind, lat, elapsed));
+}
+
+fn summary(kind: &str, mut lat: Vec<Duration>, elapsed: Duration) -> String {
     lat.sort();
     let q = |p: f64| {
         if lat.is_empty() {
@@ -114,13 +124,61 @@ fn report(kind: &str, mut lat: Vec<Duration>, elapsed: Duration) {
             lat[((lat.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e6
         }
     };
-    println!(
+    format!(
         "{{\"kind\":\"{kind}\",\"ops\":{},\"per_s\":{:.1},\"p50_us\":{:.1},\"p99_us\":{:.1}}}",
         lat.len(),
         lat.len() as f64 / elapsed.as_secs_f64(),
         q(0.5),
         q(0.99)
-    );
+    )
+}
+
+/// rr or crr against several targets in turn, 20 ms each, for `secs` in all: every target
+/// sees the machine as loaded as the others (a shared machine's load changes within a
+/// second, which separate runs cannot cancel). Prints a JSON array, one entry per target,
+/// each timed over its own slices only.
+fn alternate(kind: &str, secs: f64, targets: &[SocketAddr]) {
+    const SLICE: Duration = Duration::from_millis(20);
+    // rr: one connection per target, open before the clock starts.
+    let mut conns: Vec<Option<TcpStream>> = targets
+        .iter()
+        .map(|t| (kind == "rr").then(|| connect(*t)))
+        .collect();
+    let mut lat: Vec<Vec<Duration>> = vec![Vec::new(); targets.len()];
+    let mut busy = vec![Duration::ZERO; targets.len()];
+    let mut buf = [7u8; 64];
+    let start = Instant::now();
+    let mut turn = 0;
+    while start.elapsed().as_secs_f64() < secs {
+        let i = turn % targets.len();
+        turn += 1;
+        let slice = Instant::now();
+        while slice.elapsed() < SLICE {
+            let t = Instant::now();
+            if let Some(s) = conns[i].as_mut() {
+                s.write_all(&buf).unwrap();
+                s.read_exact(&mut buf).unwrap();
+            } else {
+                let mut s = connect(targets[i]);
+                s.write_all(&buf).unwrap();
+                s.read_exact(&mut buf).unwrap();
+            }
+            lat[i].push(t.elapsed());
+        }
+        busy[i] += slice.elapsed();
+    }
+    let rows: Vec<String> = lat
+        .into_iter()
+        .zip(busy)
+        .map(|(l, b)| summary(kind, l, b))
+        .collect();
+    println!("[{}]", rows.join(","));
+}
+
+fn connect(target: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(target).unwrap_or_else(|e| fail(&format!("connect {target}: {e}")));
+    s.set_nodelay(true).unwrap();
+    s
 }
 
 /// Request/response on one connection for `secs` seconds.

@@ -6,12 +6,12 @@ use std::os::fd::{AsFd, AsRawFd};
 
 use anyhow::{Context, Result};
 use aya::{
-    maps::{HashMap, IterableMap, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, IterableMap, MapData},
     Ebpf, Pod,
 };
 use meshd_common::{
-    map_names, BackendSlot, BackendValue, LbMeta, LbValue, NetMeta, RevNatKey,
-    RevNatValue, SandboxValue, VipKey, VipValue,
+    map_names, BackendSlot, BackendValue, LbMeta, LbValue, NetMeta, RevNatKey, RevNatValue,
+    SandboxValue, VipKey, VipValue,
 };
 
 use super::tables::{KernelTables, Op};
@@ -21,12 +21,11 @@ pub struct VipMaps {
     vips: HashMap<MapData, VipKey, VipValue>,
     lbs: HashMap<MapData, u32, LbValue>,
     backends: HashMap<MapData, BackendSlot, BackendValue>,
-    pub(super) backend_conns: PerCpuArray<MapData, u64>,
-    pub(super) lb_conns: PerCpuArray<MapData, u64>,
+    pub(super) backend_conns: Array<MapData, u64>,
+    pub(super) lb_conns: Array<MapData, u64>,
     lb_meta: HashMap<MapData, u32, LbMeta>,
     net_meta: HashMap<MapData, u32, NetMeta>,
     pub(super) revnat: HashMap<MapData, RevNatKey, RevNatValue>,
-    nr_cpus: usize,
 }
 
 pub(super) fn typed<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
@@ -72,7 +71,6 @@ impl VipMaps {
             lb_meta: typed(ebpf, map_names::LB_META)?,
             net_meta: typed(ebpf, map_names::NET_META)?,
             revnat: typed(ebpf, map_names::REVNAT)?,
-            nr_cpus: aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?,
         })
     }
 
@@ -88,14 +86,13 @@ impl VipMaps {
         ))
     }
 
-    fn zeros(&self) -> Result<PerCpuValues<u64>> {
-        PerCpuValues::try_from(vec![0u64; self.nr_cpus]).context("per-CPU zeros")
-    }
-
     /// Carries out `ops` in order, consecutive writes of one kind to one map as one batch
     /// (`BPF_MAP_UPDATE_BATCH`/`DELETE_BATCH`: a cold start writes hundreds of thousands of
     /// entries). Returns how many were done; on error, how many were done before it.
-    pub fn execute_all(&mut self, ops: &[Op]) -> std::result::Result<usize, (usize, anyhow::Error)> {
+    pub fn execute_all(
+        &mut self,
+        ops: &[Op],
+    ) -> std::result::Result<usize, (usize, anyhow::Error)> {
         let mut done = 0;
         while done < ops.len() {
             let kind = std::mem::discriminant(&ops[done]);
@@ -118,7 +115,7 @@ impl VipMaps {
     }
 
     fn execute_batch(&mut self, ops: &[Op]) -> Result<()> {
-        let zeros = vec![0u8; 8 * self.nr_cpus];
+        let zeros = [0u8; 8];
         match &ops[0] {
             Op::PutLbMeta(..) => put_batch(self.lb_meta.map(), ops, |o| match o {
                 Op::PutLbMeta(k, v) => (bytes(k), bytes(v)),
@@ -172,16 +169,11 @@ impl VipMaps {
                 .net_meta
                 .insert(i, m, 0)
                 .context("write network meta")?,
-            Op::ZeroLbCounter(id) => {
-                let z = self.zeros()?;
-                self.lb_conns.set(*id, z, 0).context("zero an LB counter")?
-            }
-            Op::ZeroBackendCounter(slot) => {
-                let z = self.zeros()?;
-                self.backend_conns
-                    .set(*slot, z, 0)
-                    .context("zero a backend counter")?
-            }
+            Op::ZeroLbCounter(id) => self.lb_conns.set(*id, 0, 0).context("zero an LB counter")?,
+            Op::ZeroBackendCounter(slot) => self
+                .backend_conns
+                .set(*slot, 0, 0)
+                .context("zero a backend counter")?,
             Op::PutBackend(k, v) => self
                 .backends
                 .insert(k, v, 0)
@@ -231,7 +223,11 @@ struct BatchAttr {
 }
 
 /// Writes many entries of one map in one system call.
-fn put_batch<'a>(map: &MapData, ops: &'a [Op], kv: impl Fn(&'a Op) -> (&'a [u8], &'a [u8])) -> Result<()> {
+fn put_batch<'a>(
+    map: &MapData,
+    ops: &'a [Op],
+    kv: impl Fn(&'a Op) -> (&'a [u8], &'a [u8]),
+) -> Result<()> {
     let mut keys = Vec::new();
     let mut values = Vec::new();
     for op in ops {
@@ -262,7 +258,11 @@ fn put_batch<'a>(map: &MapData, ops: &'a [Op], kv: impl Fn(&'a Op) -> (&'a [u8],
         };
         if rc != 0 {
             let e = io::Error::last_os_error();
-            return Err(e).context(format!("BPF_MAP_UPDATE_BATCH after {} of {}", at + attr.count as usize, ops.len()));
+            return Err(e).context(format!(
+                "BPF_MAP_UPDATE_BATCH after {} of {}",
+                at + attr.count as usize,
+                ops.len()
+            ));
         }
         // The kernel says how many it took (all of them, unless interrupted).
         at += (attr.count as usize).max(1);

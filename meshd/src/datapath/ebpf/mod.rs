@@ -223,14 +223,16 @@ impl EbpfDatapath {
             .collect();
         let mut out = Counters::default();
         for (id, r) in &by_id {
-            let values = self.maps.lb_conns.get(id, 0)?;
-            out.per_lb.insert(r.clone(), values.iter().sum());
+            out.per_lb.insert(r.clone(), self.maps.lb_conns.get(id, 0)?);
         }
         for (slot, v) in &self.applied.backends {
-            let Some(r) = by_id.get(&slot.lb_id) else { continue };
-            let values = self.maps.backend_conns.get(&v.counter, 0)?;
-            out.per_backend
-                .insert((r.clone(), addr_from_be(v.ip)), values.iter().sum());
+            let Some(r) = by_id.get(&slot.lb_id) else {
+                continue;
+            };
+            out.per_backend.insert(
+                (r.clone(), addr_from_be(v.ip)),
+                self.maps.backend_conns.get(&v.counter, 0)?,
+            );
         }
         Ok(out)
     }
@@ -269,8 +271,11 @@ impl EbpfDatapath {
                     let r = t.lb_meta.get(id).map(lb_ref);
                     DumpLb {
                         lb_id: *id,
-                        service_id: r.as_ref().map(|r| r.service_id.clone()).unwrap_or_default(),
-                        network_id: r.map(|r| r.network_id).unwrap_or_default(),
+                        service_id: r
+                            .as_ref()
+                            .map(|r| r.service_id.to_string())
+                            .unwrap_or_default(),
+                        network_id: r.map(|r| r.network_id.to_string()).unwrap_or_default(),
                         vip: addr_from_be(v.vip),
                         backends: t
                             .slots_of(*id)

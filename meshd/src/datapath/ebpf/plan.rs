@@ -18,8 +18,7 @@ use std::{
 };
 
 use meshd_common::{
-    BackendSlot, BackendValue, LbValue, SandboxValue, VipKey, VipValue,
-    MAX_SANDBOX_NETS,
+    BackendSlot, BackendValue, LbValue, SandboxValue, VipKey, VipValue, MAX_SANDBOX_NETS,
 };
 
 use super::tables::{addr_be, lb_meta, net_meta, KernelTables, Op};
@@ -82,7 +81,8 @@ impl VipIndex {
         match self {
             VipIndex::All(m) => m.get(&id).cloned().unwrap_or_default(),
             VipIndex::Own => {
-                let (Some(lb), Some(meta)) = (applied.lbs.get(&id), applied.lb_meta.get(&id)) else {
+                let (Some(lb), Some(meta)) = (applied.lbs.get(&id), applied.lb_meta.get(&id))
+                else {
                     return Vec::new();
                 };
                 let Some(net) = applied.net_index(&super::tables::lb_ref(meta).network_id) else {
@@ -241,7 +241,9 @@ pub fn plan(
     for r in &lbs {
         match (desired.lbs.get(r), applied.lb_id(r)) {
             (None, None) => {}
-            (None, Some(id)) => remove_lb(applied, &index, &mut p, id, &mut vips, &mut touched_nets),
+            (None, Some(id)) => {
+                remove_lb(applied, &index, &mut p, id, &mut vips, &mut touched_nets)
+            }
             (Some(lb), id) => {
                 let net = nets.get(&mut p, &r.network_id);
                 let id = id.unwrap_or_else(|| {
@@ -251,7 +253,17 @@ pub fn plan(
                 });
                 let ips: Vec<Ipv4Addr> = lb.backends.iter().map(|b| b.ip).collect();
                 let lb_is_new = !applied.lbs.contains_key(&id);
-                write_lb(applied, &index, &mut p, (id, lb_is_new), net, lb.vip, &ips, &mut vips, &mut counters);
+                write_lb(
+                    applied,
+                    &index,
+                    &mut p,
+                    (id, lb_is_new),
+                    net,
+                    lb.vip,
+                    &ips,
+                    &mut vips,
+                    &mut counters,
+                );
             }
         }
     }
@@ -342,7 +354,10 @@ fn write_lb(
     if lb_is_new {
         p.counters.push(Op::ZeroLbCounter(id));
     }
-    let mut counter_of: BTreeMap<u32, u32> = current_values.iter().map(|(_, v)| (v.ip, v.counter)).collect();
+    let mut counter_of: BTreeMap<u32, u32> = current_values
+        .iter()
+        .map(|(_, v)| (v.ip, v.counter))
+        .collect();
     for ip in ips {
         counter_of.entry(addr_be(*ip)).or_insert_with(|| {
             let c = counters.take();
@@ -460,9 +475,7 @@ mod tests {
             .iter()
             .map(|&i| Backend {
                 ip: ip(i),
-                task_id: format!("t{i}"),
-                node_id: "n".into(),
-                slot: None,
+                task_id: format!("t{i}").into(),
             })
             .collect();
         b.sort_by_key(|b| b.ip);
@@ -594,7 +607,12 @@ mod tests {
         );
         assert_eq!(t.lb_id(&r("c", "n1")), Some(old_id));
         assert!(ops.contains(&Op::ZeroLbCounter(old_id)));
-        let slot = t.backends.values().find(|v| v.ip == addr_be(ip(7))).unwrap().counter;
+        let slot = t
+            .backends
+            .values()
+            .find(|v| v.ip == addr_be(ip(7)))
+            .unwrap()
+            .counter;
         assert!(ops.contains(&Op::ZeroBackendCounter(slot)));
     }
 
@@ -724,12 +742,12 @@ mod tests {
             for (lr, lb) in d
                 .lbs
                 .iter()
-                .filter(|(lr, _)| sc.networks.contains(&lr.network_id))
+                .filter(|(lr, _)| sc.networks.iter().any(|n| **n == *lr.network_id))
             {
                 let first_net = sc
                     .networks
                     .iter()
-                    .position(|n| *n == lr.network_id)
+                    .position(|n| **n == *lr.network_id)
                     .unwrap();
                 // Another network earlier in the list with the same VIP answers first.
                 let shadowed = d.lbs.iter().any(|(o, ol)| {
@@ -738,7 +756,7 @@ mod tests {
                         && sc
                             .networks
                             .iter()
-                            .position(|n| *n == o.network_id)
+                            .position(|n| **n == *o.network_id)
                             .is_some_and(|p| p < first_net)
                 });
                 if shadowed {

@@ -43,8 +43,8 @@ pub fn lb_meta(r: &LbRef) -> LbMeta {
 
 pub fn lb_ref(m: &LbMeta) -> LbRef {
     LbRef {
-        service_id: id_string(&m.service_id),
-        network_id: id_string(&m.network_id),
+        service_id: id_string(&m.service_id).into(),
+        network_id: id_string(&m.network_id).into(),
     }
 }
 
@@ -240,7 +240,10 @@ impl KernelTables {
                     .and_then(|m| self.lbs_on_net.get(&net_id(m)))
                     .copied()
                     .unwrap_or(0);
-                (n, (self.net_users.get(&n).copied().unwrap_or(0) + lbs) as i64)
+                (
+                    n,
+                    (self.net_users.get(&n).copied().unwrap_or(0) + lbs) as i64,
+                )
             })
             .collect();
         let mut bump = |n: u32, d: i64| {
@@ -279,7 +282,11 @@ impl KernelTables {
                 _ => {}
             }
         }
-        users.into_iter().filter(|(_, u)| *u > 0).map(|(n, _)| n).collect()
+        users
+            .into_iter()
+            .filter(|(_, u)| *u > 0)
+            .map(|(n, _)| n)
+            .collect()
     }
 
     /// Applies one operation, as the kernel would.
