@@ -128,7 +128,7 @@ pub struct BackendView {
     pub task_id: String,
     pub node_id: String,
     pub node: String,
-    pub slot: Option<u64>,
+    pub slot: Option<u32>,
     pub state: String,
     pub connections: u64,
 }
@@ -336,6 +336,7 @@ fn status(shared: &Shared) -> Result<Value> {
             "sweeps": rec.sweeps,
             "ready_unix_ms": rec.ready_unix_ms,
             "first_compile_ms": rec.first_compile_ms,
+            "early_compile_ms": rec.early_compile_ms,
             "first_apply_ms": rec.first_apply_ms,
             "first_apply_writes": rec.first_apply_writes,
         },

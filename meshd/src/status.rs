@@ -131,6 +131,8 @@ pub struct ReconcileStatus {
     pub ready_unix_ms: u64,
     /// The compile of everything read, once every source was (before the first apply).
     pub first_compile_ms: f64,
+    /// Load balancers compiled while the first read was still coming in (before that).
+    pub early_compile_ms: f64,
     /// That first apply: how long, how many writes.
     pub first_apply_ms: f64,
     pub first_apply_writes: usize,

@@ -324,8 +324,7 @@ impl Compiler {
                 }
             }
         }
-        for nid in &dirty.networks {
-            let fresh = network_records(state, nid);
+        for (nid, fresh) in all_network_records(state, &dirty.networks) {
             let old = self.desired.zones.networks.get(&**nid);
             match (old, fresh) {
                 (Some(o), Some(f)) if **o == f => {}
@@ -353,6 +352,42 @@ impl Compiler {
         }
         changed
     }
+}
+
+/// Below this many networks one thread compiles them: starting threads costs more.
+const PARALLEL_NETWORKS: usize = 16;
+
+/// The records of each of these networks. Many at once (a cold start, a full re-read) are
+/// split across the CPUs: each network's records depend on the state alone.
+fn all_network_records<'a>(
+    state: &ClusterState,
+    networks: &'a BTreeSet<Id>,
+) -> Vec<(&'a Id, Option<NetworkRecords>)> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if networks.len() < PARALLEL_NETWORKS || threads < 2 {
+        return networks
+            .iter()
+            .map(|n| (n, network_records(state, n)))
+            .collect();
+    }
+    let ids: Vec<&Id> = networks.iter().collect();
+    let per = ids.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = ids
+            .chunks(per)
+            .map(|part| {
+                s.spawn(move || {
+                    part.iter()
+                        .map(|&n| (n, network_records(state, n)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|p| p.join().expect("compiling a network's records panicked"))
+            .collect()
+    })
 }
 
 /// Everything, from scratch.

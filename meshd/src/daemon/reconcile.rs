@@ -60,6 +60,8 @@ pub struct Reconciler {
     /// What changed before every source was read: compiled once, when they all are (a cold
     /// read arrives in slices, and compiling after each would redo the networks each time).
     unread: Dirty,
+    /// Time spent compiling load balancers while the first read was still coming in.
+    early_compile: Duration,
 }
 
 /// Which full reads must arrive before the first apply.
@@ -96,6 +98,7 @@ impl Reconciler {
             last_report: None,
             waiting: [Source::Local, Source::Swarm].into(),
             unread: Dirty::default(),
+            early_compile: Duration::ZERO,
         }
     }
 
@@ -129,18 +132,32 @@ impl Reconciler {
             let mut core = self.core.write().unwrap();
             let mut dirty = Dirty::default();
             let mut to_feed = Vec::new();
+            // Before the first full read nobody can resume from this log unless they are
+            // listening now: the cold read (the whole swarm) is not diffed and encoded for
+            // no one. Whoever subscribes later starts from a snapshot.
+            let feeding = core.feed.as_ref().map(|f| ready || f.listening());
+            let mut unfed = false;
             for u in updates {
                 for c in u.changes {
                     count += 1;
-                    if core.feed.is_some()
+                    if feeding.is_some()
                         && matches!(u.from, Origin::Swarm | Origin::Peer)
                         && feeds(&c)
                     {
-                        // Only what differs: a re-read of a service's hundred tasks in which
-                        // two moved sends two.
-                        to_feed.extend(crate::feed::diff::minimal(&core.state, &c));
+                        if feeding == Some(true) {
+                            // Only what differs: a re-read of a service's hundred tasks in
+                            // which two moved sends two.
+                            to_feed.extend(crate::feed::diff::minimal(&core.state, &c));
+                        } else {
+                            unfed = true;
+                        }
                     }
                     dirty.merge(core.state.apply(c));
+                }
+            }
+            if unfed {
+                if let Some(feed) = core.feed.as_mut() {
+                    feed.skip();
                 }
             }
             // What this node reports follows its containers.
@@ -169,11 +186,26 @@ impl Reconciler {
                 let t = Instant::now();
                 let changed = compiler.update(state, &dirty);
                 if !was_ready {
-                    self.status.lock().unwrap().first_compile_ms =
-                        t.elapsed().as_secs_f64() * 1000.0;
+                    let mut st = self.status.lock().unwrap();
+                    st.first_compile_ms = t.elapsed().as_secs_f64() * 1000.0;
+                    st.early_compile_ms = self.early_compile.as_secs_f64() * 1000.0;
                 }
                 changed
             } else {
+                // Load balancers are per service and compile in time proportional to the
+                // service: done as the slices come in, overlapping the rest of the read.
+                // Networks (DNS) and sandboxes wait: each slice would redo them whole.
+                let services = Dirty {
+                    services: std::mem::take(&mut dirty.services),
+                    ..Dirty::default()
+                };
+                let Core {
+                    state, compiler, ..
+                } = &mut *core;
+                let t = Instant::now();
+                // What it changed needs no note: the first apply is a full sweep.
+                compiler.update(state, &services);
+                self.early_compile += t.elapsed();
                 self.unread.merge(dirty);
                 Changed::default()
             }
@@ -184,18 +216,21 @@ impl Reconciler {
         } else if !was_ready {
             let t = Instant::now();
             let step = self.apply(&changed, true);
-            let mut st = self.status.lock().unwrap();
-            st.ready_unix_ms = unix_ms();
-            st.first_apply_ms = t.elapsed().as_secs_f64() * 1000.0;
-            st.first_apply_writes = step.written.writes;
+            let apply_ms = t.elapsed().as_secs_f64() * 1000.0;
             // The first full read and compile leave much freed memory behind in the
-            // allocator's arenas: give it back (glibc keeps it otherwise).
+            // allocator's arenas: give it back (glibc keeps it otherwise). Part of getting
+            // ready: it takes a while at scale, and no change should wait behind it.
+            let t = Instant::now();
             // SAFETY: malloc_trim only releases free memory.
             unsafe { libc::malloc_trim(0) };
+            let trim_ms = t.elapsed().as_secs_f64() * 1000.0;
+            let mut st = self.status.lock().unwrap();
+            st.ready_unix_ms = unix_ms();
+            st.first_apply_ms = apply_ms;
+            st.first_apply_writes = step.written.writes;
             info!(
                 writes = step.written.writes,
-                apply_ms = st.first_apply_ms,
-                "every source read once: applied"
+                apply_ms, trim_ms, "every source read once: applied"
             );
             drop(st);
             step

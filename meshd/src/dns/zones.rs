@@ -286,10 +286,10 @@ mod tests {
         app.name = "app".into();
         app.mode = EndpointMode::Dnsrr;
         s.apply(Change::PutService(app));
-        let t = |id: &str, svc: &str, node: &str, slot: u64, net: &str, addr: [u8; 4]| {
+        let t = |id: &str, svc: &str, node: &str, slot: u32, net: &str, addr: [u8; 4]| {
             let mut t = task(id, svc, node, net, addr);
             t.slot = Some(slot);
-            t.container_id = Some(format!("{id}cccccccccccccccc"));
+            t.container_id = crate::model::ShortId::new(&format!("{id}cccccccccccccccc"));
             t
         };
         for x in [

@@ -110,10 +110,13 @@ impl FeedLog {
             return;
         }
         self.seq += 1;
-        let frame = Arc::new(protocol::encode(&protocol::Down::Batch {
+        let mut frame = protocol::encode(&protocol::Down::Batch {
             seq: self.seq,
             changes,
-        }));
+        });
+        // Kept for a while: without the spare capacity the encoder grew it by.
+        frame.shrink_to_fit();
+        let frame = Arc::new(frame);
         self.bytes_encoded += frame.len() as u64;
         self.kept_bytes += frame.len();
         self.recent.push_back((self.seq, frame.clone()));
@@ -123,6 +126,19 @@ impl FeedLog {
             }
         }
         let _ = self.tx.send((self.seq, frame));
+    }
+
+    /// Whether any subscriber follows the log live.
+    pub fn listening(&self) -> bool {
+        self.tx.receiver_count() > 0
+    }
+
+    /// Changes went by unencoded (nobody was listening): the kept history ends here, so a
+    /// subscriber that comes back with an older position gets a snapshot, never a gap.
+    pub fn skip(&mut self) {
+        self.seq += 1;
+        self.recent.clear();
+        self.kept_bytes = 0;
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<(u64, Arc<Vec<u8>>)> {
@@ -235,5 +251,27 @@ mod tests {
         assert!(log.since(1).is_none(), "too far behind: snapshot");
         assert!(feeds(&Change::DropTask("t".into())));
         assert!(!feeds(&Change::DropSandbox("c".into())));
+    }
+
+    #[test]
+    fn changes_skipped_unencoded_send_every_earlier_subscriber_to_a_snapshot() {
+        let mut log = FeedLog::new();
+        log.publish(vec![Change::DropTask("t1".into())]);
+        log.publish(vec![Change::DropTask("t2".into())]);
+        assert!(!log.listening());
+        log.skip();
+        assert_eq!(log.seq, 3);
+        for seen in [0, 1, 2] {
+            assert!(
+                log.since(seen).is_none(),
+                "from {seen}: a gap, so a snapshot"
+            );
+        }
+        assert_eq!(log.since(3).unwrap().len(), 0, "up to date");
+        let rx = log.subscribe();
+        assert!(log.listening());
+        log.publish(vec![Change::DropTask("t3".into())]);
+        assert_eq!(log.since(3).unwrap().len(), 1, "resumes after the skip");
+        drop(rx);
     }
 }

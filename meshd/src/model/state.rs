@@ -823,7 +823,7 @@ pub(crate) mod tests {
             state: TaskState::Running,
             desired: TaskState::Running,
             addresses: [(net.to_string(), Ipv4Addr::from(ip))].into(),
-            container_id: Some(format!("{id}-container-0000")),
+            container_id: ShortId::new(&format!("{id}-container-0000")),
             hostname: None,
             version: 1,
         }

@@ -9,7 +9,7 @@ use serde_json::value::RawValue;
 
 use crate::model::{
     EndpointMode, Health, Id, Kind, NetMap, Network, Node, NodeState, Protocol, PublishMode,
-    PublishedPort, Rejected, Role, SandboxEndpoint, Service, Task, TaskState,
+    PublishedPort, Rejected, Role, SandboxEndpoint, Service, ShortId, Task, TaskState,
 };
 
 /// `null` reads as the type's default (Docker writes `null` for empty lists and maps).
@@ -194,7 +194,7 @@ struct RawTask {
     #[serde(rename = "NodeID", default, deserialize_with = "nullable")]
     node_id: String,
     #[serde(default, deserialize_with = "nullable")]
-    slot: Option<u64>,
+    slot: Option<u32>,
     #[serde(default)]
     status: RawTaskStatus,
     #[serde(default)]
@@ -270,13 +270,13 @@ pub fn task(raw: &RawValue) -> Result<Task, String> {
             .status
             .container_status
             // Only its short form is ever shown (a name in DNS): keep 12 characters, not 64.
-            .map(|c| c.container_id.chars().take(12).collect::<String>())
-            .filter(|c| !c.is_empty()),
+            .and_then(|c| ShortId::new(&c.container_id)),
         hostname: r
             .spec
             .container_spec
             .map(|c| c.hostname)
-            .filter(|h| !h.is_empty()),
+            .filter(|h| !h.is_empty())
+            .map(String::into_boxed_str),
         version: r.version.index,
     })
 }

@@ -14,6 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -29,6 +30,8 @@ use crate::model::{Change, Kind, Rejected, Resync, Task};
 const EVENTS: &str = "filters=%7B%22type%22%3A%5B%22service%22%2C%22network%22%2C%22node%22%5D%7D";
 /// Services per filtered `/tasks` request.
 const SLICE: usize = 100;
+/// Filtered `/tasks` requests in flight at once during a full read.
+const READ_AHEAD: usize = 2;
 
 #[derive(Clone, Debug)]
 pub struct SwarmConfig {
@@ -125,6 +128,30 @@ fn tasks_query(services: &[String]) -> String {
     format!("/tasks?filters={}", encode(&filter))
 }
 
+fn failed(managers: &Managers, status: &Mutex<SourceStatus>, which: usize, e: &ApiError) {
+    managers.failed(which);
+    let mut st = status.lock().unwrap();
+    st.connected = false;
+    st.last_error = Some(e.to_string());
+    st.endpoint = managers.pick().1.endpoint().to_string();
+}
+
+/// GET from the manager in use; a failure (other than "no such object") moves to the next.
+async fn get(
+    managers: &Managers,
+    status: &Mutex<SourceStatus>,
+    path: &str,
+) -> Result<bytes::Bytes, ApiError> {
+    let (which, api) = managers.pick();
+    let r = api.get_bytes(path).await;
+    match &r {
+        Ok(_) => status.lock().unwrap().reads += 1,
+        Err(e) if DockerApi::is_not_found(e) => {}
+        Err(e) => failed(managers, status, which, e),
+    }
+    r
+}
+
 fn settled(seen: &Seen) -> bool {
     !seen.updating && !seen.moving
 }
@@ -166,22 +193,11 @@ impl SwarmSource {
     }
 
     fn failed(&self, which: usize, e: &ApiError) {
-        self.managers.failed(which);
-        let mut st = self.status.lock().unwrap();
-        st.connected = false;
-        st.last_error = Some(e.to_string());
-        st.endpoint = self.managers.pick().1.endpoint().to_string();
+        failed(&self.managers, &self.status, which, e)
     }
 
     async fn get(&self, path: &str) -> Result<bytes::Bytes, ApiError> {
-        let (which, api) = self.api();
-        let r = api.get_bytes(path).await;
-        match &r {
-            Ok(_) => self.status.lock().unwrap().reads += 1,
-            Err(e) if DockerApi::is_not_found(e) => {}
-            Err(e) => self.failed(which, e),
-        }
-        r
+        get(&self.managers, &self.status, path).await
     }
 
     /// Follows the swarm until the process ends.
@@ -357,8 +373,21 @@ impl SwarmSource {
         origin: Option<Instant>,
     ) -> Result<BTreeMap<String, bool>, ApiError> {
         let mut out = BTreeMap::new();
+        // The next slices are asked for while this one is decoded: the engine makes its
+        // answer while meshd reads the last one.
+        let (managers, status) = (self.managers.clone(), self.status.clone());
+        let queries: Vec<String> = services.chunks(SLICE).map(tasks_query).collect();
+        let mut bodies = futures_util::stream::iter(queries)
+            .map(move |q| {
+                let (managers, status) = (managers.clone(), status.clone());
+                async move { get(&managers, &status, &q).await }
+            })
+            .buffered(READ_AHEAD);
         for chunk in services.chunks(SLICE) {
-            let body = self.get(&tasks_query(chunk)).await?;
+            let Some(body) = bodies.next().await else {
+                break;
+            };
+            let body = body?;
             let (tasks, rejected) =
                 decode::list(&body, Kind::Task, decode::task).map_err(|e| ApiError::Status {
                     path: "/tasks".into(),

@@ -30,6 +30,7 @@ use super::{Applier, ApplyStats};
 use crate::compile::{Changed, Desired, LbRef};
 
 pub mod dns_redirect;
+mod ids;
 pub mod maglev;
 mod maps;
 pub mod plan;

@@ -42,30 +42,20 @@ pub fn assign_slots(current: &[(u32, Ipv4Addr)], wanted: &[Ipv4Addr]) -> Vec<Ipv
         .collect()
 }
 
-/// Hands out the lowest ids not used by the kernel tables nor already in this plan. What is
-/// used is gathered only when an id is first needed: most plans need none.
-struct Free<'a> {
-    used: Box<dyn Fn() -> BTreeSet<u32> + 'a>,
-    taken: Option<BTreeSet<u32>>,
-    next: u32,
-}
+/// Hands out the lowest ids the kernel tables do not use, each once per plan (an id freed
+/// by this plan is not among them: its old entry may still be read until the plan deletes
+/// it).
+struct Free<'a>(Box<dyn Iterator<Item = u32> + 'a>);
 
 impl<'a> Free<'a> {
-    fn new(used: impl Fn() -> BTreeSet<u32> + 'a) -> Free<'a> {
-        Free {
-            used: Box::new(used),
-            taken: None,
-            next: 1,
-        }
+    fn new(free: impl Iterator<Item = u32> + 'a) -> Free<'a> {
+        Free(Box::new(free))
     }
 
     fn take(&mut self) -> u32 {
-        let taken = self.taken.get_or_insert_with(|| (self.used)());
-        while taken.contains(&self.next) {
-            self.next += 1;
-        }
-        taken.insert(self.next);
-        self.next
+        self.0
+            .next()
+            .expect("ids above the highest in use never run out")
     }
 }
 
@@ -209,18 +199,8 @@ pub fn plan(
 
     let mut p = Phases::default();
     // An id is free only when no entry at all names it (a meta entry, or leftovers of one).
-    let mut lb_ids = Free::new(|| {
-        applied
-            .lb_meta
-            .keys()
-            .chain(applied.lbs.keys())
-            .copied()
-            .chain(applied.vips.values().map(|v| v.lb_id))
-            .collect()
-    });
-    // Counter slots in use: any backend entry's (a slot freed in this plan is not reused
-    // in it: its old entry may still be read until the plan deletes it).
-    let mut counters = Free::new(|| applied.backends.values().map(|v| v.counter).collect());
+    let mut lb_ids = Free::new(applied.free_lb_ids());
+    let mut counters = Free::new(applied.free_counters());
     let index = if everything {
         let mut m: BTreeMap<u32, Vec<VipKey>> = BTreeMap::new();
         for (k, v) in &applied.vips {
@@ -232,7 +212,7 @@ pub fn plan(
     };
     let mut nets = NetIndex {
         applied,
-        free: Free::new(|| applied.net_meta.keys().copied().collect()),
+        free: Free::new(applied.free_nets()),
         new: BTreeMap::new(),
     };
     let mut vips = VipEntries::default();

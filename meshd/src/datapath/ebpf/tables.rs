@@ -11,6 +11,7 @@ use meshd_common::{
     BackendSlot, BackendValue, LbMeta, LbValue, NetMeta, SandboxValue, VipKey, VipValue, ID_LEN,
 };
 
+use super::ids::IdSpace;
 use crate::compile::LbRef;
 
 /// The address as the kernel holds it in `sock_addr` (network byte order in memory).
@@ -113,6 +114,11 @@ pub struct KernelTables {
     net_users: BTreeMap<u32, usize>,
     /// Network id → how many load balancers (meta entries) are on it.
     lbs_on_net: BTreeMap<String, usize>,
+    /// Ids in use: load-balancer ids (named by a meta, LB or VIP entry), backend counter
+    /// slots, network indices.
+    used_lb_ids: IdSpace,
+    used_counters: IdSpace,
+    used_nets: IdSpace,
 }
 
 fn count(users: &mut BTreeMap<u32, usize>, net: u32, up: bool) {
@@ -145,6 +151,9 @@ impl KernelTables {
             ..Default::default()
         };
         t.net_ids = t.net_meta.iter().map(|(&i, m)| (net_id(m), i)).collect();
+        t.used_nets = IdSpace::from_ids(t.net_meta.keys().copied());
+        t.used_counters = IdSpace::from_ids(t.backends.values().map(|v| v.counter));
+        t.used_lb_ids = IdSpace::from_ids(t.lbs.keys().copied());
         for (id, m) in lb_meta {
             t.apply(&Op::PutLbMeta(id, m));
         }
@@ -173,6 +182,21 @@ impl KernelTables {
                 self.lbs_on_net.remove(&net);
             }
         }
+    }
+
+    /// Load-balancer ids no entry names, lowest first.
+    pub fn free_lb_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.used_lb_ids.free()
+    }
+
+    /// Counter slots no backend entry uses, lowest first.
+    pub fn free_counters(&self) -> impl Iterator<Item = u32> + '_ {
+        self.used_counters.free()
+    }
+
+    /// Network indices no meta entry holds, lowest first.
+    pub fn free_nets(&self) -> impl Iterator<Item = u32> + '_ {
+        self.used_nets.free()
     }
 
     pub fn lb_id(&self, r: &LbRef) -> Option<u32> {
@@ -296,6 +320,8 @@ impl KernelTables {
                 if let Some(old) = self.lb_meta.insert(id, m) {
                     self.lb_ids.remove(&lb_ref(&old));
                     self.count_lb(&old, false);
+                } else {
+                    self.used_lb_ids.add(id);
                 }
                 self.lb_ids.insert(lb_ref(&m), id);
                 self.count_lb(&m, true);
@@ -303,20 +329,29 @@ impl KernelTables {
             Op::PutNetMeta(i, m) => {
                 if let Some(old) = self.net_meta.insert(i, m) {
                     self.net_ids.remove(&net_id(&old));
+                } else {
+                    self.used_nets.add(i);
                 }
                 self.net_ids.insert(net_id(&m), i);
             }
             Op::ZeroLbCounter(_) | Op::ZeroBackendCounter(_) => {}
             Op::PutBackend(k, v) => {
-                self.backends.insert(k, v);
+                if let Some(old) = self.backends.insert(k, v) {
+                    self.used_counters.remove(old.counter);
+                }
+                self.used_counters.add(v.counter);
             }
             Op::PutLb(id, v) => {
-                self.lbs.insert(id, v);
+                if self.lbs.insert(id, v).is_none() {
+                    self.used_lb_ids.add(id);
+                }
             }
             Op::PutVip(k, v) => {
-                if self.vips.insert(k, v).is_none() {
-                    count(&mut self.net_users, k.net, true);
+                match self.vips.insert(k, v) {
+                    Some(old) => self.used_lb_ids.remove(old.lb_id),
+                    None => count(&mut self.net_users, k.net, true),
                 }
+                self.used_lb_ids.add(v.lb_id);
             }
             Op::PutSandbox(c, v) => {
                 if let Some(old) = self.sandboxes.insert(c, v) {
@@ -336,25 +371,32 @@ impl KernelTables {
                 }
             }
             Op::DelVip(k) => {
-                if self.vips.remove(&k).is_some() {
+                if let Some(old) = self.vips.remove(&k) {
                     count(&mut self.net_users, k.net, false);
+                    self.used_lb_ids.remove(old.lb_id);
                 }
             }
             Op::DelLb(id) => {
-                self.lbs.remove(&id);
+                if self.lbs.remove(&id).is_some() {
+                    self.used_lb_ids.remove(id);
+                }
             }
             Op::DelBackend(k) => {
-                self.backends.remove(&k);
+                if let Some(old) = self.backends.remove(&k) {
+                    self.used_counters.remove(old.counter);
+                }
             }
             Op::DelLbMeta(id) => {
                 if let Some(old) = self.lb_meta.remove(&id) {
                     self.lb_ids.remove(&lb_ref(&old));
                     self.count_lb(&old, false);
+                    self.used_lb_ids.remove(id);
                 }
             }
             Op::DelNetMeta(i) => {
                 if let Some(old) = self.net_meta.remove(&i) {
                     self.net_ids.remove(&net_id(&old));
+                    self.used_nets.remove(i);
                 }
             }
         }
