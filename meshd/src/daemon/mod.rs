@@ -537,13 +537,13 @@ pub async fn run(cfg: Config) -> Result<()> {
 
     let mut reconciler = Reconciler::new(shared.core.clone(), slots, shared.reconcile.clone());
     reconciler.report = Some(report_tx);
+    let id_shared = shared.clone();
+    reconciler.whoami = Some(Box::new(move || {
+        id_shared.identity.lock().unwrap().node_id.clone()
+    }));
     let (stop_tx, stop_rx) = watch::channel(false);
     let tick_shared = shared.clone();
-    let tick = move |r: &mut Reconciler| {
-        let id = tick_shared.identity.lock().unwrap().node_id.clone();
-        if r.node_id != id {
-            r.node_id = id;
-        }
+    let tick = move |_: &mut Reconciler| {
         if let (Some(watch), Some(resolver)) =
             (resolv_watch.as_mut(), tick_shared.resolver.as_ref())
         {

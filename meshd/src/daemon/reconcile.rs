@@ -52,6 +52,10 @@ pub struct Reconciler {
     pub slots: Vec<Slot>,
     /// This node's id: its report goes to the managers (and, on a manager, into the feed).
     pub node_id: String,
+    /// Where the node id comes from once the swarm side knows it: asked before every step,
+    /// so the first report is part of the first compile, not a late one that redoes every
+    /// network the node's containers are on.
+    pub whoami: Option<Box<dyn Fn() -> String + Send>>,
     pub report: Option<watch::Sender<Option<NodeReport>>>,
     pub status: Arc<Mutex<ReconcileStatus>>,
     last_report: Option<NodeReport>,
@@ -93,6 +97,7 @@ impl Reconciler {
             core,
             slots,
             node_id: String::new(),
+            whoami: None,
             report: None,
             status,
             last_report: None,
@@ -115,6 +120,11 @@ impl Reconciler {
     /// Takes a batch of updates into the state, compiles what they touched and applies.
     pub fn step(&mut self, updates: Vec<Update>) -> Step {
         let started = Instant::now();
+        if let Some(id) = self.whoami.as_ref().map(|f| f()) {
+            if id != self.node_id {
+                self.node_id = id;
+            }
+        }
         let origin = updates.iter().filter_map(|u| u.origin).min();
         let read_at = updates.iter().filter_map(|u| u.read_at).min();
         let was_ready = self.ready();

@@ -249,7 +249,10 @@ struct RawContainerSpec {
 }
 
 pub fn task(raw: &RawValue) -> Result<Task, String> {
-    let r: RawTask = parse(raw)?;
+    task_from(parse(raw)?)
+}
+
+fn task_from(r: RawTask) -> Result<Task, String> {
     let mut addresses = NetMap::new();
     for att in r.networks_attachments {
         let net: Id = need(att.network.id, "NetworksAttachments.Network.ID")?.into();
@@ -605,6 +608,30 @@ pub fn list<T>(
     Ok((ok, rejected))
 }
 
+/// A `/tasks` answer: in one pass over the bytes when every task decodes (the cold read of a
+/// large swarm is mostly this), else task by task, so each bad one is rejected alone.
+pub fn tasks(body: &[u8]) -> Result<(Vec<Task>, Vec<Rejected>), String> {
+    list_of(body, Kind::Task, task_from, task)
+}
+
+fn list_of<R: DeserializeOwned, T>(
+    body: &[u8],
+    kind: Kind,
+    from: fn(R) -> Result<T, String>,
+    one: fn(&RawValue) -> Result<T, String>,
+) -> Result<(Vec<T>, Vec<Rejected>), String> {
+    if let Ok(raws) = serde_json::from_slice::<Vec<R>>(body) {
+        if let Ok(ok) = raws
+            .into_iter()
+            .map(from)
+            .collect::<Result<Vec<T>, String>>()
+        {
+            return Ok((ok, Vec::new()));
+        }
+    }
+    list(body, kind, one)
+}
+
 /// Decodes one object answer (`GET /services/{id}`, `/containers/{id}/json`).
 pub fn one<T>(
     body: &[u8],
@@ -649,6 +676,47 @@ mod tests {
         assert_eq!((t.slot, t.version), (Some(2), 7));
         assert_eq!(t.container_id.as_deref(), Some("c1"));
         assert!(t.serves(None, false));
+    }
+
+    #[test]
+    fn a_tasks_answer_decodes_in_one_pass_or_rejects_each_bad_task_alone() {
+        let good = |id: &str| {
+            json!({"ID": id, "ServiceID": "s1", "Status": {"State": "running"},
+                   "DesiredState": "running"})
+        };
+        let all_good = json!([good("t1"), good("t2")]).to_string();
+        let (ok, rejected) = tasks(all_good.as_bytes()).unwrap();
+        assert_eq!(
+            (
+                ok.iter().map(|t| &*t.id).collect::<Vec<_>>(),
+                rejected.len()
+            ),
+            (vec!["t1", "t2"], 0)
+        );
+        assert_eq!(
+            ok,
+            list(all_good.as_bytes(), Kind::Task, task).unwrap().0,
+            "the one-pass path decodes as the element-wise one"
+        );
+        // A wrong type (a JSON error inside one task) and a missing field (a decode error
+        // after it): each task rejected alone, the rest kept.
+        let mixed = json!([
+            good("t1"),
+            {"ID": "t2", "ServiceID": "s1", "Slot": "two"},
+            {"ID": "t3", "Status": {"State": "running"}, "DesiredState": "running"},
+            good("t4")
+        ])
+        .to_string();
+        let (ok, rejected) = tasks(mixed.as_bytes()).unwrap();
+        assert_eq!(ok.iter().map(|t| &*t.id).collect::<Vec<_>>(), ["t1", "t4"]);
+        let ids: Vec<_> = rejected.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["t2", "t3"]);
+        assert!(
+            rejected[1].reason.contains("ServiceID"),
+            "{}",
+            rejected[1].reason
+        );
+        assert!(tasks(b"{}").is_err(), "not an array: the whole read fails");
     }
 
     #[test]

@@ -388,12 +388,11 @@ impl SwarmSource {
                 break;
             };
             let body = body?;
-            let (tasks, rejected) =
-                decode::list(&body, Kind::Task, decode::task).map_err(|e| ApiError::Status {
-                    path: "/tasks".into(),
-                    status: hyper::StatusCode::OK,
-                    body: e,
-                })?;
+            let (tasks, rejected) = decode::tasks(&body).map_err(|e| ApiError::Status {
+                path: "/tasks".into(),
+                status: hyper::StatusCode::OK,
+                body: e,
+            })?;
             let mut by_service: BTreeMap<String, Vec<Task>> =
                 chunk.iter().map(|s| (s.clone(), Vec::new())).collect();
             for t in tasks {
@@ -558,23 +557,25 @@ impl SwarmSource {
             }
             return;
         }
-        let all: Vec<String> = self.seen.keys().cloned().collect();
-        if all.is_empty() {
+        if self.seen.is_empty() {
             return;
         }
-        let per_tick = all
+        let per_tick = self
+            .seen
             .len()
             .div_ceil(self.cfg.resync.as_secs().max(1) as usize)
             .max(1);
-        let start = match &self.cursor {
-            Some(c) => all.iter().position(|s| s > c).unwrap_or(0),
-            None => 0,
+        // The services after the cursor, wrapping around: a tick costs its slice, not a
+        // pass over every service.
+        use std::ops::Bound::{Excluded, Unbounded};
+        let after = match &self.cursor {
+            Some(c) => self.seen.range::<String, _>((Excluded(c), Unbounded)),
+            None => self.seen.range::<String, _>(..),
         };
-        let batch: Vec<String> = all
-            .iter()
-            .cycle()
-            .skip(start)
-            .take(per_tick.min(all.len()))
+        let batch: Vec<String> = after
+            .chain(self.seen.iter())
+            .map(|(s, _)| s)
+            .take(per_tick.min(self.seen.len()))
             .cloned()
             .collect();
         self.cursor = batch.last().cloned();
@@ -617,8 +618,7 @@ pub async fn read_once(api: &DockerApi) -> Result<Vec<Change>, ApiError> {
         "/tasks?filters={}",
         encode("{\"desired-state\":[\"running\"]}")
     );
-    let (t, rt) = decode::list(&api.get_bytes(&q).await?, Kind::Task, decode::task)
-        .map_err(|e| bad(e, "/tasks"))?;
+    let (t, rt) = decode::tasks(&api.get_bytes(&q).await?).map_err(|e| bad(e, "/tasks"))?;
     Ok(vec![
         Change::Resync(Resync::Networks(n, rn)),
         Change::Resync(Resync::Nodes(no, rno)),
