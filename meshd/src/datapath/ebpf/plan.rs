@@ -179,22 +179,10 @@ pub fn plan(
         cookies.extend(applied.sandboxes.keys().copied());
         // Entries whose id has no meta entry (nothing meshd wrote leaves these, but a
         // hand-edited map might): swept too.
-        let known: BTreeSet<u32> = applied.lb_meta.keys().copied().collect();
-        orphan_ids.extend(applied.lbs.keys().filter(|id| !known.contains(id)));
-        orphan_ids.extend(
-            applied
-                .backends
-                .keys()
-                .map(|k| k.lb_id)
-                .filter(|id| !known.contains(id)),
-        );
-        orphan_ids.extend(
-            applied
-                .vips
-                .values()
-                .map(|v| v.lb_id)
-                .filter(|id| !known.contains(id)),
-        );
+        let named = (applied.lbs.keys().copied())
+            .chain(applied.backends.keys().map(|k| k.lb_id))
+            .chain(applied.vips.values().map(|v| v.lb_id));
+        orphan_ids.extend(named.filter(|id| !applied.lb_meta.contains_key(id)));
     }
 
     let mut p = Phases::default();
