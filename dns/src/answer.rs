@@ -113,7 +113,7 @@ pub fn answer(
     }
     let mut why = Why {
         network: Some(found.network.into()),
-        about: Some(entry.about(found.name)),
+        about: Some(entry.about(&found.name)),
         ttl: Some(ttl),
         ..Default::default()
     };

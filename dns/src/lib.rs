@@ -7,6 +7,8 @@ pub mod answer;
 pub mod batch;
 pub mod records;
 pub mod server;
+pub mod task_names;
 pub mod upstream;
 
 pub use records::{Entry, Found, Kind, NetworkRecords, Zones};
+pub use task_names::{Slot, TaskNames};

@@ -2,6 +2,7 @@
 //! the asking container. Plain data, no I/O: meshd's `compile` builds `Zones` from the same
 //! cluster state that drives the datapath, so DNS never names a task the datapath dropped.
 use std::{
+    borrow::Cow,
     collections::BTreeMap,
     fmt,
     net::{IpAddr, Ipv4Addr},
@@ -10,6 +11,8 @@ use std::{
 };
 
 use serde::{Serialize, Serializer};
+
+use crate::task_names::TaskNames;
 
 /// A name, shared: a task's name is the key of its entry, what its other entries are about,
 /// and its reverse name, in one allocation (a cluster has a hundred thousand of them).
@@ -215,10 +218,34 @@ pub struct NetworkRecords {
     pub name: String,
     /// No names from outside: nothing is forwarded for a container only on internal networks.
     pub internal: bool,
-    /// Lower-case names without a trailing dot.
+    /// Lower-case names without a trailing dot. A task's own names are in `tasks`; these
+    /// never shadow them.
     pub names: BTreeMap<Name, Entry>,
-    /// Reverse names: VIPs name their service, task addresses their task.
+    /// Reverse names: VIPs name their service, containers themselves (task addresses are
+    /// in `tasks`, which answers first).
     pub ptr: BTreeMap<Ipv4Addr, Ptr>,
+    /// Every task's name, short container id and reverse name, compact.
+    pub tasks: TaskNames,
+}
+
+impl NetworkRecords {
+    /// The entry for a normalized name on this network.
+    pub fn get<'a>(&'a self, key: &str) -> Option<(Cow<'a, str>, Cow<'a, Entry>)> {
+        if let Some((k, e)) = self.names.get_key_value(key) {
+            return Some((Cow::Borrowed(&**k), Cow::Borrowed(e)));
+        }
+        let e = self.tasks.lookup(key)?;
+        Some((Cow::Owned(key.to_string()), Cow::Owned(e)))
+    }
+
+    /// How many names the network answers.
+    pub fn len(&self) -> usize {
+        self.names.len() + self.tasks.names()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Every network's names (by network id). Each network's records are shared, so a change
@@ -232,8 +259,8 @@ pub struct Zones {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Found<'a> {
     pub network: &'a str,
-    pub name: &'a str,
-    pub entry: &'a Entry,
+    pub name: Cow<'a, str>,
+    pub entry: Cow<'a, Entry>,
 }
 
 /// A query name as a lookup key: lower-case, without the trailing dot.
@@ -250,10 +277,10 @@ impl Zones {
             let Some(net) = self.networks.get(id) else {
                 continue;
             };
-            if let Some((k, entry)) = net.names.get_key_value(key.as_str()) {
+            if let Some((name, entry)) = net.get(&key) {
                 return Some(Found {
                     network: &net.name,
-                    name: k,
+                    name,
                     entry,
                 });
             }
@@ -262,10 +289,10 @@ impl Zones {
                 .strip_suffix(net.name.as_str())
                 .and_then(|s| s.strip_suffix('.'))
             {
-                if let Some((k, entry)) = net.names.get_key_value(short) {
+                if let Some((name, entry)) = net.get(short) {
                     return Some(Found {
                         network: &net.name,
-                        name: k,
+                        name,
                         entry,
                     });
                 }
@@ -279,11 +306,11 @@ impl Zones {
     pub fn reverse(&self, ip: Ipv4Addr, networks: &[String]) -> Option<(&str, String)> {
         networks.iter().find_map(|id| {
             let net = self.networks.get(id)?;
-            let p = net.ptr.get(&ip)?;
-            let name = if p.qualified {
-                format!("{}.{}", p.name, net.name)
-            } else {
-                p.name.to_string()
+            let name = match (net.tasks.reverse(ip), net.ptr.get(&ip)) {
+                (Some(task), _) => format!("{task}.{}", net.name),
+                (None, Some(p)) if p.qualified => format!("{}.{}", p.name, net.name),
+                (None, Some(p)) => p.name.to_string(),
+                (None, None) => return None,
             };
             Some((net.name.as_str(), name))
         })
@@ -318,7 +345,9 @@ pub fn visible(zones: &Zones, ip: IpAddr, networks: &[String]) -> bool {
     let IpAddr::V4(ip) = ip else { return false };
     networks.iter().any(|id| {
         zones.networks.get(id).is_some_and(|n| {
-            n.names.values().any(|e| e.addrs.contains(&ip)) || n.ptr.contains_key(&ip)
+            n.names.values().any(|e| e.addrs.contains(&ip))
+                || n.ptr.contains_key(&ip)
+                || n.tasks.addrs().any(|a| a == ip)
         })
     })
 }

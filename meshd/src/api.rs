@@ -289,7 +289,7 @@ fn status(shared: &Shared) -> Result<Value> {
         .zones
         .networks
         .values()
-        .map(|n| n.names.len())
+        .map(|n| n.len())
         .sum::<usize>());
     let feed_seq = core
         .feed
@@ -337,6 +337,7 @@ fn status(shared: &Shared) -> Result<Value> {
             "ready_unix_ms": rec.ready_unix_ms,
             "first_compile_ms": rec.first_compile_ms,
             "early_compile_ms": rec.early_compile_ms,
+            "early_apply_ms": rec.early_apply_ms,
             "first_apply_ms": rec.first_apply_ms,
             "first_apply_writes": rec.first_apply_writes,
         },
@@ -433,7 +434,7 @@ fn handle(shared: &Shared, req: Request) -> Result<Value> {
                     .backends
                     .iter()
                     .map(|b| {
-                        let task = state.tasks.get(&*b.task_id);
+                        let task = state.tasks.get(&b.task_id);
                         let node_id = task.map(|t| t.node_id.to_string()).unwrap_or_default();
                         BackendView {
                             ip: b.ip,

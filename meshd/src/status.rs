@@ -133,6 +133,8 @@ pub struct ReconcileStatus {
     pub first_compile_ms: f64,
     /// Load balancers compiled while the first read was still coming in (before that).
     pub early_compile_ms: f64,
+    /// And written to the appliers that take them early (the kernel maps), meanwhile.
+    pub early_apply_ms: f64,
     /// That first apply: how long, how many writes.
     pub first_apply_ms: f64,
     pub first_apply_writes: usize,

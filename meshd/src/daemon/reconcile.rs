@@ -66,6 +66,11 @@ pub struct Reconciler {
     unread: Dirty,
     /// Time spent compiling load balancers while the first read was still coming in.
     early_compile: Duration,
+    /// Time spent writing them, meanwhile.
+    early_apply: Duration,
+    /// Services whose tasks the cold read has brought so far: only their load balancers
+    /// may be written before it is over (one whose tasks are not read yet has none).
+    read_whole: BTreeSet<String>,
 }
 
 /// Which full reads must arrive before the first apply.
@@ -104,6 +109,8 @@ impl Reconciler {
             waiting: [Source::Local, Source::Swarm].into(),
             unread: Dirty::default(),
             early_compile: Duration::ZERO,
+            early_apply: Duration::ZERO,
+            read_whole: BTreeSet::new(),
         }
     }
 
@@ -151,6 +158,11 @@ impl Reconciler {
             for u in updates {
                 for c in u.changes {
                     count += 1;
+                    if !ready {
+                        if let Change::ServiceTasks { service_id, .. } = &c {
+                            self.read_whole.insert(service_id.clone());
+                        }
+                    }
                     if serving && matches!(u.from, Origin::Swarm | Origin::Peer) && feeds(&c) {
                         if listened {
                             // Only what differs: a re-read of a service's hundred tasks in
@@ -211,16 +223,16 @@ impl Reconciler {
                     state, compiler, ..
                 } = &mut *core;
                 let t = Instant::now();
-                // What it changed needs no note: the first apply is a full sweep.
-                compiler.update(state, &services);
+                let changed = compiler.update(state, &services);
                 self.early_compile += t.elapsed();
                 self.unread.merge(dirty);
-                Changed::default()
+                changed
             }
         };
         let mut step = if !ready {
-            // Compiled, not applied: the first apply sweeps everything anyway.
-            Step::default()
+            // The first apply sweeps everything anyway; until then only appliers that may
+            // take services read whole get them.
+            self.apply_early(&changed)
         } else if !was_ready {
             let t = Instant::now();
             let step = self.apply(&changed, true);
@@ -235,6 +247,8 @@ impl Reconciler {
             let mut st = self.status.lock().unwrap();
             st.ready_unix_ms = unix_ms();
             st.first_apply_ms = apply_ms;
+            st.early_apply_ms = self.early_apply.as_secs_f64() * 1000.0;
+            self.read_whole = BTreeSet::new();
             st.first_apply_writes = step.written.writes;
             info!(
                 writes = step.written.writes,
@@ -319,6 +333,45 @@ impl Reconciler {
         step
     }
 
+    /// Before every source is read: the load balancers `changed` names, to the appliers
+    /// that take them early, once this node's containers are read (they hold tasks back).
+    /// Nothing is swept and nothing is marked done: the first full apply still sweeps.
+    fn apply_early(&mut self, changed: &Changed) -> Step {
+        let mut step = Step::default();
+        if self.waiting.contains(&Source::Local) || changed.lbs.is_empty() {
+            return step;
+        }
+        let t = Instant::now();
+        let core = self.core.read().unwrap();
+        let desired = core.compiler.desired();
+        let only_lbs = Changed {
+            lbs: (changed.lbs.iter())
+                .filter(|r| self.read_whole.contains(&*r.service_id))
+                .cloned()
+                .collect(),
+            ..Changed::default()
+        };
+        if only_lbs.lbs.is_empty() {
+            return step;
+        }
+        for slot in &self.slots {
+            let mut applier = slot.applier.lock().unwrap();
+            if !applier.applies_early() {
+                continue;
+            }
+            match applier.apply(desired, &only_lbs, false) {
+                Ok(stats) => step.written.add(stats),
+                // The first full apply sweeps and retries; the read goes on.
+                Err(e) => {
+                    step.failed += 1;
+                    warn!(applier = applier.name(), error = %format!("{e:#}"), "early apply failed; the first full apply redoes it");
+                }
+            }
+        }
+        self.early_apply += t.elapsed();
+        step
+    }
+
     /// A full pass: every applier re-checks everything it owns against Desired.
     pub fn sweep(&mut self) -> Step {
         self.apply(&Changed::default(), true)
@@ -394,6 +447,8 @@ mod tests {
         calls: Vec<(Changed, bool)>,
         fail: bool,
         lbs_seen: usize,
+        /// Takes services read whole before the cold read is over.
+        early: bool,
     }
 
     impl Applier for Fake {
@@ -415,6 +470,9 @@ mod tests {
                 writes: changed.lbs.len() + changed.sandboxes.len(),
                 deletes: 0,
             })
+        }
+        fn applies_early(&self) -> bool {
+            self.early
         }
     }
 
@@ -484,6 +542,72 @@ mod tests {
         assert_eq!(f.calls.len(), 1);
         assert!(f.calls[0].1, "the first apply is a sweep");
         assert_eq!(f.lbs_seen, 1);
+    }
+
+    /// During a cold read, the kernel maps get a service's load balancer once its tasks are
+    /// read, and never one whose tasks are not (it would have no backends: connections to
+    /// its VIP would be refused until the read is over).
+    #[test]
+    fn services_read_whole_are_applied_early_and_no_others() {
+        let fake = Arc::new(Mutex::new(Fake {
+            early: true,
+            ..Fake::default()
+        }));
+        let mut r = Reconciler::new(
+            Arc::default(),
+            vec![Slot::new(fake.clone())],
+            Arc::default(),
+        );
+        let tasks = |s: &str, t: &str, ip: u8| Change::ServiceTasks {
+            service_id: s.into(),
+            tasks: vec![task(t, s, "a", "n1", [10, 0, 0, ip])],
+        };
+        r.step(vec![swarm(vec![
+            Change::PutNetwork(net("n1")),
+            Change::PutService(svc("s1", &[("n1", [10, 0, 0, 2])])),
+            Change::PutService(svc("s2", &[("n1", [10, 0, 0, 3])])),
+            tasks("s2", "t2", 6),
+        ])]);
+        assert!(
+            fake.lock().unwrap().calls.is_empty(),
+            "this node's containers are not read yet: they may hold tasks back"
+        );
+        r.step(vec![Update {
+            changes: vec![Change::PutSandbox(sandbox("c0", 4, &["n1"]))],
+            origin: None,
+            read_at: None,
+            from: Origin::Local,
+            complete: true,
+        }]);
+        let services = |c: &Changed| -> Vec<String> {
+            c.lbs.iter().map(|l| l.service_id.to_string()).collect()
+        };
+        let before = {
+            let f = fake.lock().unwrap();
+            // s2 was read whole: it may go now; s1 may not.
+            assert!(f.calls.iter().all(|(c, _)| services(c) == ["s2"]));
+            f.calls.len()
+        };
+        r.step(vec![swarm(vec![tasks("s1", "t1", 5)])]);
+        {
+            let f = fake.lock().unwrap();
+            assert_eq!(f.calls.len(), before + 1);
+            let (changed, everything) = f.calls.last().unwrap();
+            assert!(!everything, "never a sweep before all is read");
+            assert_eq!(services(changed), ["s1"]);
+            assert!(changed.sandboxes.is_empty() && changed.networks.is_empty());
+        }
+        r.step(vec![Update {
+            changes: vec![],
+            origin: None,
+            read_at: None,
+            from: Origin::Swarm,
+            complete: true,
+        }]);
+        let f = fake.lock().unwrap();
+        assert_eq!(f.calls.len(), before + 2);
+        assert!(f.calls.last().unwrap().1, "the first full apply sweeps");
+        assert_eq!(f.lbs_seen, 2);
     }
 
     #[test]

@@ -46,4 +46,11 @@ pub trait Applier: Send {
     fn wants_retry(&self) -> bool {
         false
     }
+
+    /// Whether the load balancers of services already read whole may be applied while the
+    /// rest of a cold read still comes in (never a sweep: what is not read yet is not gone).
+    /// The kernel maps may; the DNS waits for the zones compiled once all is read.
+    fn applies_early(&self) -> bool {
+        false
+    }
 }

@@ -5,7 +5,8 @@ use std::net::Ipv4Addr;
 
 use meshd_dns::{
     records::{normalize, About, Name, Ptr, What},
-    Entry, Kind, NetworkRecords,
+    task_names::TaskNamesBuilder,
+    Entry, Kind, NetworkRecords, Slot, TaskNames,
 };
 
 use tracing::debug;
@@ -68,9 +69,12 @@ fn key(name: &Name) -> Name {
 }
 
 fn put(net: &mut NetworkRecords, name: Name, entry: Entry) {
-    // The first claim on a name wins (services before tasks before containers), so one
-    // object cannot shadow another by picking its name.
-    net.names.entry(key(&name)).or_insert(entry);
+    // The first claim on a name wins (services, then tasks' own names, then hostnames and
+    // containers), so one object cannot shadow another by picking its name.
+    let k = key(&name);
+    if !net.tasks.claims(&k) {
+        net.names.entry(k).or_insert(entry);
+    }
 }
 
 fn endpoint(addr: Ipv4Addr, what: What, of: &Name) -> Entry {
@@ -114,7 +118,7 @@ fn container_names(
         return;
     };
     let of: Name = name.into();
-    if !name.is_empty() {
+    if !name.is_empty() && net.tasks.reverse(ip).is_none() {
         net.ptr.entry(ip).or_insert_with(|| qualified(&of));
         put(net, of.clone(), endpoint(ip, What::Container, &of));
     }
@@ -134,6 +138,18 @@ fn container_names(
             put(net, n.into(), endpoint(ip, what, &of));
         }
     }
+}
+
+/// Adds a task to the compact table; false when its ids do not fit there.
+fn push_task(table: &mut TaskNamesBuilder, service: u32, t: &Task, ip: Ipv4Addr) -> bool {
+    let slot = match t.slot {
+        Some(n) if n > 0 => Slot::Number(n),
+        _ => match table.node(&t.node_id) {
+            Some(i) => Slot::Node(i),
+            None => return false,
+        },
+    };
+    table.push(service, slot, &t.id, t.container_id.as_deref(), ip)
 }
 
 /// The names of network `network_id`, or None when the network is not known or no local
@@ -213,26 +229,37 @@ pub fn network_records(state: &ClusterState, network_id: &str) -> Option<Network
         );
     }
 
-    // Then each live task: its name, hostname and short container id.
+    // Then each live task: its name and short container id (compact, in `tasks`), then
+    // the hostnames its service's template gives it.
+    let mut table = TaskNames::builder();
+    for (svc, tasks) in services.iter().zip(&live_tasks) {
+        let service = table.service(&svc.name.as_str().into());
+        for &(t, ip) in tasks {
+            if !push_task(&mut table, service, t, ip) {
+                let name: Name = task_name(&svc.name, t).into();
+                net.ptr.insert(ip, qualified(&name));
+                put(&mut net, name.clone(), endpoint(ip, What::Task, &name));
+                if let Some(cid) = &t.container_id {
+                    // The short container id is also the task's default hostname.
+                    put(
+                        &mut net,
+                        short_id(cid).into(),
+                        endpoint(ip, What::TaskContainerId, &name),
+                    );
+                }
+            }
+        }
+    }
+    net.tasks = table.build();
     for (svc, tasks) in services.iter().zip(&live_tasks) {
         for &(t, ip) in tasks {
-            let name: Name = task_name(&svc.name, t).into();
-            net.ptr.insert(ip, qualified(&name));
-            put(&mut net, name.clone(), endpoint(ip, What::Task, &name));
-            if let Some(h) = t
-                .hostname
-                .as_deref()
-                .and_then(|tpl| task_hostname(state, svc, t, &name, tpl))
-            {
+            let Some(template) = t.hostname.as_deref() else {
+                continue;
+            };
+            let name = task_name(&svc.name, t);
+            if let Some(h) = task_hostname(state, svc, t, &name, template) {
+                let name: Name = name.into();
                 put(&mut net, h.into(), endpoint(ip, What::TaskHostname, &name));
-            }
-            if let Some(cid) = &t.container_id {
-                // The short container id is also the task's hostname.
-                put(
-                    &mut net,
-                    short_id(cid).into(),
-                    endpoint(ip, What::TaskContainerId, &name),
-                );
             }
         }
     }
@@ -254,8 +281,6 @@ pub fn network_records(state: &ClusterState, network_id: &str) -> Option<Network
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
     use crate::{
         compile::compile,
@@ -353,6 +378,104 @@ mod tests {
         assert!(!back.names.contains_key("web"));
     }
 
+    /// Swarm-shaped ids go to the compact task table: the same answers as materialized
+    /// names, and the same precedence over containers.
+    #[test]
+    fn swarm_shaped_tasks_answer_from_the_compact_table() {
+        let mut s = state();
+        let id = |n: u8| format!("{}{n}", "x".repeat(24));
+        let mut g = svc("s3", &[("n1", [10, 0, 1, 20])]);
+        g.name = "Agent".into();
+        s.apply(Change::PutService(g));
+        s.apply(Change::PutNode(node(
+            "nodeaaaaaaaaaaaaaaaaaaaaa1",
+            NodeState::Ready,
+        )));
+        let mut a = task(
+            &id(1),
+            "s3",
+            "nodeaaaaaaaaaaaaaaaaaaaaa1",
+            "n1",
+            [10, 0, 1, 21],
+        );
+        a.slot = None;
+        a.container_id = crate::model::ShortId::new("0123456789abcdef");
+        let mut b = task(&id(2), "s1", "node1", "n1", [10, 0, 1, 22]);
+        b.slot = Some(7);
+        b.container_id = crate::model::ShortId::new("fedcba9876543210");
+        b.hostname = Some("{{.Task.Name}}-host".into());
+        s.apply(Change::PutTask(a));
+        s.apply(Change::PutTask(b));
+        // b's own container runs here, under the task's name and short id.
+        let mut c = sandbox("fedcba9876543210aaaa", 3, &["n1"]);
+        c.name = format!("web.7.{}", id(2));
+        c.endpoints = [(
+            "n1".to_string(),
+            SandboxEndpoint {
+                addr: Some(ip("10.0.1.22")),
+                aliases: vec!["0123456789ab".into()],
+            },
+        )]
+        .into();
+        s.apply(Change::PutSandbox(c));
+        let z = compile(&s).zones;
+        let front = &z.networks["n1"];
+        assert_eq!(front.tasks.len(), 2, "both in the table");
+        assert!(
+            front
+                .names
+                .keys()
+                .all(|k| !k.ends_with(&id(1)) && !k.ends_with(&id(2))),
+            "no task name materialized, nor the local container's copy of one"
+        );
+        let nets = ["n1".to_string()];
+        let global = format!("agent.nodeaaaaaaaaaaaaaaaaaaaaa1.{}", id(1));
+        for (name, addr, about) in [
+            (
+                global.clone(),
+                "10.0.1.21",
+                format!("task Agent.nodeaaaaaaaaaaaaaaaaaaaaa1.{}", id(1)),
+            ),
+            (
+                "0123456789AB.".to_string(),
+                "10.0.1.21",
+                format!(
+                    "task Agent.nodeaaaaaaaaaaaaaaaaaaaaa1.{} (container id)",
+                    id(1)
+                ),
+            ),
+            (
+                format!("Web.7.{}.front", id(2)),
+                "10.0.1.22",
+                format!("task Web.7.{}", id(2)),
+            ),
+            (
+                "fedcba987654".to_string(),
+                "10.0.1.22",
+                format!("task Web.7.{} (container id)", id(2)),
+            ),
+            (
+                format!("web.7.{}-host", id(2)),
+                "10.0.1.22",
+                format!("task Web.7.{} (hostname)", id(2)),
+            ),
+        ] {
+            let f = z.lookup(&name, &nets).unwrap_or_else(|| panic!("{name}"));
+            assert_eq!(f.entry.addrs, [ip(addr)], "{name}");
+            assert_eq!(f.entry.about(&f.name), about, "{name}");
+        }
+        assert_eq!(
+            z.reverse(ip("10.0.1.22"), &nets),
+            Some(("front", format!("web.7.{}.front", id(2))))
+        );
+        assert_eq!(
+            z.reverse(ip("10.0.1.9"), &nets),
+            Some(("front", "client.front".to_string())),
+            "containers keep their reverse names"
+        );
+        assert!(z.lookup(&format!("web.8.{}", id(2)), &nets).is_none());
+    }
+
     #[test]
     fn a_container_cannot_take_a_service_name() {
         let mut s = state();
@@ -400,8 +523,9 @@ mod tests {
         let mut n1 = node("node1", NodeState::Ready);
         n1.hostname = "worker1".into();
         s.apply(Change::PutNode(n1));
-        let tasks: BTreeMap<crate::model::Id, Task> = s.tasks.clone();
-        for (id, mut t) in tasks {
+        let tasks: Vec<Task> = s.tasks.values().cloned().collect();
+        for mut t in tasks {
+            let id = t.id.clone();
             if &*t.service_id == "s2" {
                 t.hostname = Some("{{.Service.Name}}-{{.Task.Slot}}.{{ .Node.Hostname }}".into());
             }

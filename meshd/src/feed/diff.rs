@@ -19,12 +19,12 @@ pub fn minimal(state: &ClusterState, change: &Change) -> Vec<Change> {
                 .map(|t| Change::DropTask(t.id.to_string()));
             let moved = tasks
                 .iter()
-                .filter(|t| state.tasks.get(&*t.id) != Some(t))
+                .filter(|t| state.tasks.get(&t.id) != Some(t))
                 .map(|t| Change::PutTask(t.clone()));
             gone.chain(moved).collect()
         }
         Change::PutService(s) if state.services.get(&*s.id) == Some(s) => Vec::new(),
-        Change::PutTask(t) if state.tasks.get(&*t.id) == Some(t) => Vec::new(),
+        Change::PutTask(t) if state.tasks.get(&t.id) == Some(t) => Vec::new(),
         Change::PutNetwork(n) if state.networks.get(&*n.id) == Some(n) => Vec::new(),
         Change::PutNode(n) if state.nodes.get(&*n.id) == Some(n) => Vec::new(),
         Change::PutReport(r) if state.reports.get(&r.node_id) == Some(r) => Vec::new(),

@@ -4,10 +4,12 @@
 mod netmap;
 mod objects;
 mod state;
+mod tasks;
 
 pub use netmap::NetMap;
 pub use objects::*;
 pub use state::{Change, ClusterState, Dirty, Resync};
+pub use tasks::Tasks;
 
 #[cfg(test)]
 pub(crate) use state::tests as state_tests;

@@ -79,7 +79,6 @@ impl Dirty {
 /// Derived lookups, kept in step with the objects by `apply`.
 #[derive(Clone, Debug, Default, PartialEq)]
 struct Index {
-    tasks_by_service: BTreeMap<Id, BTreeSet<Id>>,
     tasks_by_node: BTreeMap<Id, BTreeSet<Id>>,
     /// Network → service → how many references (a VIP, a task address) tie them.
     services_by_network: BTreeMap<Id, BTreeMap<Id, u32>>,
@@ -137,8 +136,8 @@ fn set(map: &mut BTreeMap<Id, BTreeSet<Id>>, outer: &Id, inner: &Id, on: bool) {
 pub struct ClusterState {
     /// By service id.
     pub services: BTreeMap<Id, Service>,
-    /// Live tasks (desired state running, and those just turned to shutdown), by task id.
-    pub tasks: BTreeMap<Id, Task>,
+    /// Live tasks (desired state running, and those just turned to shutdown), by service.
+    pub tasks: super::Tasks,
     /// By network id.
     pub networks: BTreeMap<Id, Network>,
     /// By node id.
@@ -220,12 +219,7 @@ impl ClusterState {
 
     /// The tasks of a service, live or draining.
     pub fn tasks_of<'a>(&'a self, service_id: &str) -> impl Iterator<Item = &'a Task> + 'a {
-        self.index
-            .tasks_by_service
-            .get(service_id)
-            .into_iter()
-            .flatten()
-            .filter_map(|id| self.tasks.get(id))
+        self.tasks.of_service(service_id).iter()
     }
 
     pub fn tasks_on_node<'a>(&'a self, node_id: &str) -> impl Iterator<Item = &'a Task> + 'a {
@@ -341,7 +335,8 @@ impl ClusterState {
     }
 
     fn accept(&mut self, kind: Kind, id: &str, d: &mut Dirty) {
-        if self.rejected.remove(&(kind, id.to_string())).is_some() {
+        // Most puts find nothing rejected: no key is built for them.
+        if !self.rejected.is_empty() && self.rejected.remove(&(kind, id.to_string())).is_some() {
             d.rejected = true;
         }
     }
@@ -437,7 +432,6 @@ impl ClusterState {
     }
 
     fn index_task(&mut self, t: &Task, add: bool) {
-        set(&mut self.index.tasks_by_service, &t.service_id, &t.id, add);
         if !t.node_id.is_empty() {
             set(&mut self.index.tasks_by_node, &t.node_id, &t.id, add);
         }
@@ -457,7 +451,7 @@ impl ClusterState {
 
     fn put_task(&mut self, mut t: Task, d: &mut Dirty) {
         self.accept(Kind::Task, &t.id, d);
-        if let Some(old) = self.tasks.get(&*t.id) {
+        if let Some(old) = self.tasks.get(&t.id) {
             if *old == t {
                 return;
             }
@@ -476,7 +470,7 @@ impl ClusterState {
                 .flat_map(|s| s.vips.keys().cloned()),
         );
         self.index_task(&t, true);
-        self.tasks.insert(t.id.clone(), t);
+        self.tasks.insert(t);
     }
 
     fn drop_task(&mut self, id: &str, d: &mut Dirty) {

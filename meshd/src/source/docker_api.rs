@@ -64,6 +64,8 @@ pub enum ApiError {
     TlsConfig(String),
     #[error("bad docker host {0:?}: expected unix:///path or tcp://host:port")]
     BadHost(String),
+    #[error("GET {path}: called off (meshd is stopping)")]
+    Cancelled { path: String },
 }
 
 /// TLS material for a TCP endpoint.

@@ -152,6 +152,16 @@ async fn get(
     r
 }
 
+/// A read started ahead, called off when its answer is no longer wanted (an earlier slice
+/// failed, or the source stops).
+struct Ahead<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for Ahead<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 fn settled(seen: &Seen) -> bool {
     !seen.updating && !seen.moving
 }
@@ -373,26 +383,38 @@ impl SwarmSource {
         origin: Option<Instant>,
     ) -> Result<BTreeMap<String, bool>, ApiError> {
         let mut out = BTreeMap::new();
-        // The next slices are asked for while this one is decoded: the engine makes its
-        // answer while meshd reads the last one.
+        // The next slices are read and decoded by tasks of their own while this one is
+        // sorted and sent: awaited in place, a body is only read when it is polled, and the
+        // source would use one core of the two the reconciler shares with it.
         let (managers, status) = (self.managers.clone(), self.status.clone());
         let queries: Vec<String> = services.chunks(SLICE).map(tasks_query).collect();
-        let mut bodies = futures_util::stream::iter(queries)
+        let mut slices = futures_util::stream::iter(queries)
             .map(move |q| {
                 let (managers, status) = (managers.clone(), status.clone());
-                async move { get(&managers, &status, &q).await }
+                let mut read = Ahead(tokio::spawn(async move {
+                    let body = get(&managers, &status, &q).await?;
+                    decode::tasks(&body).map_err(|e| ApiError::Status {
+                        path: "/tasks".into(),
+                        status: hyper::StatusCode::OK,
+                        body: e,
+                    })
+                }));
+                async move {
+                    match (&mut read.0).await {
+                        Ok(r) => r,
+                        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                        Err(_) => Err(ApiError::Cancelled {
+                            path: "/tasks".into(),
+                        }),
+                    }
+                }
             })
             .buffered(READ_AHEAD);
         for chunk in services.chunks(SLICE) {
-            let Some(body) = bodies.next().await else {
+            let Some(slice) = slices.next().await else {
                 break;
             };
-            let body = body?;
-            let (tasks, rejected) = decode::tasks(&body).map_err(|e| ApiError::Status {
-                path: "/tasks".into(),
-                status: hyper::StatusCode::OK,
-                body: e,
-            })?;
+            let (tasks, rejected) = slice?;
             let mut by_service: BTreeMap<String, Vec<Task>> =
                 chunk.iter().map(|s| (s.clone(), Vec::new())).collect();
             for t in tasks {

@@ -298,6 +298,12 @@ impl Applier for EbpfDatapath {
         "ebpf"
     }
 
+    /// A service's load balancer depends on that service's tasks only: once they are read,
+    /// writing it is right, and it overlaps the map writes with the rest of the read.
+    fn applies_early(&self) -> bool {
+        true
+    }
+
     fn apply(
         &mut self,
         desired: &Desired,
