@@ -1,9 +1,10 @@
 //! The names every task has on a network — `<service>.<slot>.<task id>`, its short container
 //! id, and the reverse name of its address — as one compact row per task, looked up by
 //! taking the asked name apart. Materialized, those are three entries and a shared name per
-//! task (about 210 bytes; 21 MB at 100 000 tasks); a row is 52 bytes and two indexes 8 more.
-//! A task whose ids do not have swarm's shape (25 lower-case base-36 characters, a short
-//! hex container id) does not fit a row: its names are materialized as before.
+//! task (about 210 bytes; 21 MB at 100 000 tasks); a row is 36 bytes and two indexes 8 more:
+//! the task id as the 128-bit number swarm writes in 25 base-36 digits, the short container
+//! id as the 6 bytes its 12 hex digits are. A task whose ids do not have that shape does not
+//! fit a row: its names are materialized as before.
 use std::{collections::HashMap, net::Ipv4Addr};
 
 use serde::{Serialize, Serializer};
@@ -12,6 +13,48 @@ use crate::records::{About, Addrs, Entry, Kind, Name, What};
 
 const ID_LEN: usize = 25;
 const SHORT_LEN: usize = 12;
+
+/// A swarm id's 25 base-36 digits as a number; None for any other text (or one too big).
+fn id_value(s: &[u8]) -> Option<u128> {
+    if s.len() != ID_LEN {
+        return None;
+    }
+    s.iter().try_fold(0u128, |v, &b| {
+        let d = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'z' => b - b'a' + 10,
+            _ => return None,
+        };
+        v.checked_mul(36)?.checked_add(d as u128)
+    })
+}
+
+fn id_text(mut v: u128) -> [u8; ID_LEN] {
+    let mut out = [b'0'; ID_LEN];
+    for b in out.iter_mut().rev() {
+        let d = (v % 36) as u8;
+        *b = if d < 10 { b'0' + d } else { b'a' + d - 10 };
+        v /= 36;
+    }
+    out
+}
+
+/// A short container id's 12 lower-case hex digits as 6 bytes.
+fn short_value(s: &[u8]) -> Option<[u8; 6]> {
+    if s.len() != SHORT_LEN {
+        return None;
+    }
+    let digit = |b: u8| match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; 6];
+    for (i, pair) in s.chunks(2).enumerate() {
+        out[i] = (digit(pair[0])? << 4) | digit(pair[1])?;
+    }
+    Some(out)
+}
 /// The high bit of a row's slot says it holds a node index (a global service's task).
 const NODE: u32 = 1 << 31;
 
@@ -26,9 +69,10 @@ pub enum Slot {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Row {
-    id: [u8; ID_LEN],
-    container: [u8; SHORT_LEN],
-    container_len: u8,
+    /// The task id's value, big-endian (rows sort by it).
+    id: [u8; 16],
+    container: [u8; 6],
+    has_container: bool,
     service: u32,
     slot: u32,
     ip: [u8; 4],
@@ -36,7 +80,7 @@ struct Row {
 
 impl Row {
     fn container(&self) -> &[u8] {
-        &self.container[..self.container_len as usize]
+        &self.container
     }
 
     fn ip(&self) -> Ipv4Addr {
@@ -108,31 +152,32 @@ impl TaskNamesBuilder {
         container: Option<&str>,
         ip: Ipv4Addr,
     ) -> bool {
-        let container = container.unwrap_or("");
         let slot = match slot {
             Slot::Number(n) if n > 0 && n < NODE => n,
             Slot::Node(i) if (i as usize) < self.nodes.len() => i | NODE,
             _ => return false,
         };
-        if id.len() != ID_LEN
-            || !plain(id.as_bytes())
-            || container.len() > SHORT_LEN
-            || !plain(container.as_bytes())
-            || service as usize >= self.services.len()
-        {
+        let Some(id) = id_value(id.as_bytes()) else {
+            return false;
+        };
+        let container = match container {
+            None => None,
+            Some(c) => match short_value(c.as_bytes()) {
+                Some(c) => Some(c),
+                None => return false,
+            },
+        };
+        if service as usize >= self.services.len() {
             return false;
         }
-        let mut row = Row {
-            id: [0; ID_LEN],
-            container: [0; SHORT_LEN],
-            container_len: container.len() as u8,
+        self.rows.push(Row {
+            id: id.to_be_bytes(),
+            container: container.unwrap_or_default(),
+            has_container: container.is_some(),
             service,
             slot,
             ip: ip.octets(),
-        };
-        row.id.copy_from_slice(id.as_bytes());
-        row.container[..container.len()].copy_from_slice(container.as_bytes());
-        self.rows.push(row);
+        });
         true
     }
 
@@ -155,7 +200,7 @@ impl TaskNamesBuilder {
             at.dedup_by(|b, a| key(&rows[*b as usize].0) == key(&rows[*a as usize].0));
             at.into_boxed_slice()
         };
-        let by_container = index(&|r| r.container_len > 0, &Row::container);
+        let by_container = index(&|r| r.has_container, &Row::container);
         let by_ip = index(&|_| true, &|r| &r.ip[..]);
         TaskNames {
             services: self.services.into_boxed_slice(),
@@ -220,13 +265,8 @@ impl TaskNames {
 
     fn by_name(&self, key: &str) -> Option<&Row> {
         let (rest, id) = key.rsplit_once('.')?;
-        if id.len() != ID_LEN {
-            return None;
-        }
-        let at = self
-            .rows
-            .binary_search_by(|r| r.id[..].cmp(id.as_bytes()))
-            .ok()?;
+        let id = id_value(id.as_bytes())?.to_be_bytes();
+        let at = self.rows.binary_search_by(|r| r.id.cmp(&id)).ok()?;
         let row = &self.rows[at];
         let (service, slot) = rest.rsplit_once('.')?;
         (service.eq_ignore_ascii_case(&self.services[row.service as usize])
@@ -235,12 +275,10 @@ impl TaskNames {
     }
 
     fn by_container(&self, key: &str) -> Option<&Row> {
-        if key.is_empty() || key.len() > SHORT_LEN {
-            return None;
-        }
+        let short = short_value(key.as_bytes())?;
         let at = self
             .by_container
-            .binary_search_by(|&i| self.rows[i as usize].container().cmp(key.as_bytes()))
+            .binary_search_by(|&i| self.rows[i as usize].container.cmp(&short))
             .ok()?;
         Some(&self.rows[self.by_container[at] as usize])
     }
@@ -255,7 +293,8 @@ impl TaskNames {
 
     /// The task's name as Docker names its container.
     fn name(&self, row: &Row) -> String {
-        let id = std::str::from_utf8(&row.id).expect("pushed from a str");
+        let id = id_text(u128::from_be_bytes(row.id));
+        let id = std::str::from_utf8(&id).expect("base-36 digits");
         format!(
             "{}.{}.{id}",
             self.services[row.service as usize],
@@ -349,7 +388,17 @@ mod tests {
         let s = b.service(&"web".into());
         assert!(!b.push(s, Slot::Number(1), "short", None, ip(3)));
         assert!(!b.push(s, Slot::Number(1), &T1.to_uppercase(), None, ip(3)));
-        assert!(!b.push(s, Slot::Number(1), T1, Some("C0FFEE"), ip(3)));
+        assert!(!b.push(s, Slot::Number(1), T1, Some("C0FFEE000001"), ip(3)));
+        assert!(
+            !b.push(s, Slot::Number(1), T1, Some("c0ffee"), ip(3)),
+            "not 12 digits"
+        );
+        assert!(
+            !b.push(s, Slot::Number(1), T1, Some("c0ffee00000g"), ip(3)),
+            "not hex"
+        );
+        // 25 base-36 digits can say more than 128 bits; swarm's never do.
+        assert!(!b.push(s, Slot::Number(1), &"z".repeat(25), None, ip(3)));
         assert!(!b.push(s, Slot::Number(0), T1, None, ip(3)));
         assert!(!b.push(s, Slot::Node(7), T1, None, ip(3)));
         assert!(!b.push(s + 1, Slot::Number(1), T1, None, ip(3)));
@@ -363,7 +412,7 @@ mod tests {
         #[test]
         fn the_table_answers_as_materialized_names_would(
             tasks in prop::collection::vec(
-                (0u32..2, 1u32..3, "[ab]", prop::option::of("c[0-2]"), 0u8..4),
+                (0u32..2, 1u32..3, "[ab]", prop::option::of("c0ffee00000[0-2]"), 0u8..4),
                 0..16,
             ),
         ) {
@@ -375,7 +424,7 @@ mod tests {
             let (mut names, mut ptr) = (BTreeMap::new(), BTreeMap::new());
             let mut seen = BTreeSet::new();
             for (service, slot, tail, container, last) in &tasks {
-                let id = format!("{}{tail}", "t".repeat(24));
+                let id = format!("{}{tail}", "1".repeat(24));
                 prop_assert!(b.push(*service, Slot::Number(*slot), &id, container.as_deref(), ip(*last)));
                 if !seen.insert(id.clone()) {
                     continue;
@@ -389,7 +438,7 @@ mod tests {
             }
             let t = b.build();
             let mut asked: BTreeSet<String> = names.keys().cloned().collect();
-            asked.extend(["web.1.".to_string() + &"t".repeat(24) + "c", "c3".into(), "db.3.x".into()]);
+            asked.extend(["web.1.".to_string() + &"1".repeat(24) + "c", "c0ffee000003".into(), "db.3.x".into()]);
             for name in &asked {
                 let got = t.lookup(name).map(|e| e.addrs[0]);
                 prop_assert_eq!(got, names.get(name).copied(), "{}", name);
@@ -403,16 +452,34 @@ mod tests {
     }
 
     #[test]
+    fn ids_and_container_ids_round_trip_through_their_numbers() {
+        for id in [
+            T1,
+            T2,
+            "0000000000000000000000000",
+            "f1ldgxyv2o6cy6qu1tu1jf7lf",
+        ] {
+            let v = id_value(id.as_bytes()).unwrap();
+            assert_eq!(&id_text(v)[..], id.as_bytes());
+        }
+        assert_eq!(
+            short_value(b"0123456789ab"),
+            Some([0x01, 0x23, 0x45, 0x67, 0x89, 0xab])
+        );
+        assert_eq!(id_value(b"tooshort"), None);
+    }
+
+    #[test]
     fn the_first_claim_on_a_name_keeps_it() {
         let mut b = TaskNames::builder();
         let s = b.service(&"web".into());
-        assert!(b.push(s, Slot::Number(1), T2, Some("c0ffee"), ip(3)));
+        assert!(b.push(s, Slot::Number(1), T2, Some("c0ffee000000"), ip(3)));
         assert!(b.push(s, Slot::Number(2), T2, None, ip(4)));
-        assert!(b.push(s, Slot::Number(3), T1, Some("c0ffee"), ip(5)));
+        assert!(b.push(s, Slot::Number(3), T1, Some("c0ffee000000"), ip(5)));
         let t = b.build();
         assert_eq!(t.len(), 2);
         assert_eq!(t.lookup(&format!("web.1.{T2}")).unwrap().addrs, [ip(3)]);
         assert!(t.lookup(&format!("web.2.{T2}")).is_none());
-        assert_eq!(t.lookup("c0ffee").unwrap().addrs, [ip(3)]);
+        assert_eq!(t.lookup("c0ffee000000").unwrap().addrs, [ip(3)]);
     }
 }

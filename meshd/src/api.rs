@@ -433,19 +433,20 @@ fn handle(shared: &Shared, req: Request) -> Result<Value> {
                 let backends = lb
                     .backends
                     .iter()
-                    .map(|b| {
-                        let task = state.tasks.get(&b.task_id);
+                    .map(|&ip| {
+                        let task =
+                            crate::compile::backend_task(state, &r.service_id, &r.network_id, ip);
                         let node_id = task.map(|t| t.node_id.to_string()).unwrap_or_default();
                         BackendView {
-                            ip: b.ip,
-                            task_id: b.task_id.to_string(),
+                            ip,
+                            task_id: task.map(|t| t.id.to_string()).unwrap_or_default(),
                             node: node_name(&node_id),
                             node_id,
                             slot: task.and_then(|t| t.slot),
                             state: "running".into(),
                             connections: counters
                                 .per_backend
-                                .get(&(r.clone(), b.ip))
+                                .get(&(r.clone(), ip))
                                 .copied()
                                 .unwrap_or(0),
                         }
@@ -468,7 +469,12 @@ fn handle(shared: &Shared, req: Request) -> Result<Value> {
             let all = crate::compile::all_service_lbs(state, &s.id);
             let backend_ids: Vec<&str> = all
                 .iter()
-                .flat_map(|(_, lb)| lb.backends.iter().map(|b| &*b.task_id))
+                .flat_map(|(r, lb)| {
+                    lb.backends.iter().filter_map(|&ip| {
+                        crate::compile::backend_task(state, &r.service_id, &r.network_id, ip)
+                            .map(|t| &*t.id)
+                    })
+                })
                 .collect();
             let not_serving = state
                 .tasks_of(&s.id)

@@ -102,17 +102,21 @@ pub struct World {
     info: Bytes,
 }
 
-/// A 25-character base-32 id, like swarm's.
-fn id(prefix: &str, n: u64) -> String {
-    let mut s = String::from(prefix);
-    let mut x = n;
-    while s.len() < 25 {
-        s.push(char::from(
-            b"abcdefghijklmnopqrstuvwxyz0123456789"[(x % 36) as usize],
-        ));
-        x = x / 36 + 7919;
+/// An id as swarm makes them: a 128-bit number in 25 base-36 digits. Derived from the
+/// object's kind and number (different for each, the same in every run), scrambled by an
+/// odd multiplier, which keeps them distinct.
+fn id(kind: &str, n: u64) -> String {
+    let kind = kind.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    let mut x =
+        ((kind as u128) << 64 | n as u128).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835);
+    let mut digits = [b'0'; 25];
+    for d in digits.iter_mut().rev() {
+        *d = b"0123456789abcdefghijklmnopqrstuvwxyz"[(x % 36) as usize];
+        x /= 36;
     }
-    s
+    String::from_utf8(digits.to_vec()).expect("ascii")
 }
 
 fn net_addr(net: usize, host: u32) -> Ipv4Addr {
@@ -267,8 +271,12 @@ impl World {
         v["Slot"] = json!(t.slot);
         v["NodeID"] = json!(self.nodes[t.node].0);
         v["Status"]["State"] = json!("running");
+        // A new container per version, its id distinct from every other task's.
+        let container = tid.bytes().fold(t.version ^ 0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
         v["Status"]["ContainerStatus"]["ContainerID"] =
-            json!(format!("{:064x}", t.version ^ 0x5eed));
+            json!(format!("{container:016x}{:048x}", 0));
         v["DesiredState"] = json!("running");
         v["Spec"]["Networks"] = json!([{"Target": nid}]);
         v["NetworksAttachments"][0]["Network"]["ID"] = json!(nid);

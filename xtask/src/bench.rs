@@ -28,9 +28,12 @@ pub enum Which {
         /// Service counts for the cold-start and latency runs (10 tasks each).
         #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
         services: Vec<usize>,
-        /// Task changes for the event → map latency.
+        /// Task changes for the event → map latency (in the first round).
         #[arg(long, default_value_t = 200)]
         changes: usize,
+        /// Cold starts per size (each a fresh meshd against the same synthetic swarm).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
         /// Simulated worker nodes for the manager-load runs (empty: skip them).
         #[arg(long, value_delimiter = ',', default_value = "3,30,100")]
         nodes: Vec<usize>,
@@ -64,8 +67,9 @@ pub fn run(which: Which) -> Result<()> {
         Which::Control {
             services,
             changes,
+            rounds,
             nodes,
-        } => crate::bench_control::control(&services, changes, &nodes),
+        } => crate::bench_control::control(&services, changes, rounds, &nodes),
     }
 }
 

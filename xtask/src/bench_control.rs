@@ -100,7 +100,8 @@ impl Drop for Scratch {
 struct Meshd {
     daemon: Daemon,
     socket: PathBuf,
-    started: Instant,
+    /// When it was spawned, on the clock meshd stamps `ready_unix_ms` with.
+    started_unix_ms: f64,
 }
 
 impl Meshd {
@@ -141,7 +142,10 @@ impl Meshd {
             )
             .stdout(log.try_clone()?)
             .stderr(log);
-        let started = Instant::now();
+        let started_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs_f64()
+            * 1000.0;
         let daemon = Daemon::spawn(
             &mut cmd,
             &Placement::default(),
@@ -151,7 +155,7 @@ impl Meshd {
         Ok(Meshd {
             daemon,
             socket,
-            started,
+            started_unix_ms,
         })
     }
 
@@ -174,6 +178,23 @@ impl Meshd {
                 .unwrap_or(0.0)
         };
         (kb("VmRSS:") / 1024.0, kb("VmHWM:") / 1024.0)
+    }
+
+    /// CPU time meshd has used (user + system): unlike wall time, not stretched when the
+    /// machine's cores are busy with something else.
+    fn cpu_ms(&self) -> f64 {
+        let st =
+            fs::read_to_string(format!("/proc/{}/stat", self.daemon.pid())).unwrap_or_default();
+        // The fields after the command name (which may hold spaces), from field 3 on.
+        let rest = st.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<f64> = rest
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        // utime and stime are fields 14 and 15: 11 and 12 of `rest` after the state letter.
+        let ticks = f.get(10).copied().unwrap_or(f64::NAN) + f.get(11).copied().unwrap_or(f64::NAN);
+        // SAFETY: sysconf has no preconditions.
+        ticks * 1000.0 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
     }
 }
 
@@ -210,21 +231,27 @@ fn spec(services: usize, tasks: usize, s: &Scratch) -> Spec {
     }
 }
 
-pub fn control(sizes: &[usize], changes: usize, fanout: &[usize]) -> Result<()> {
+pub fn control(sizes: &[usize], changes: usize, rounds: usize, fanout: &[usize]) -> Result<()> {
     ensure!(require_root("bench control"), "bench control needs root");
+    ensure!(rounds > 0, "--rounds must be at least 1");
     fs::create_dir_all(ROOT)?;
     let swarm = FakeSwarm::new("benchcluster");
     let mut cold_rows = Vec::new();
     for &n in sizes {
-        cold_rows.push(cold_and_latency(&swarm, n, changes)?);
+        let runs = (0..rounds)
+            .map(|round| cold_and_latency(&swarm, n, if round == 0 { changes } else { 0 }, round))
+            .collect::<Result<Vec<_>>>()?;
+        cold_rows.push(runs);
     }
     println!("\nCold start: a manager's meshd reads the swarm and programs the kernel maps ({NETWORKS} networks, 10 tasks per service, {LOCAL} local containers on all of them)");
+    println!("{rounds} cold starts per size: median [lowest–highest]");
     println!(
-        "{:>9} {:>8} {:>11} {:>11} {:>11} {:>11} {:>9} {:>13} {:>9} {:>9} {:>14} {:>14}",
+        "{:>9} {:>8} {:>17} {:>8} {:>9} {:>9} {:>11} {:>9} {:>12} {:>17} {:>8} {:>14} {:>14}",
         "services",
         "backends",
         "ready (ms)",
-        "read (ms)",
+        "CPU ms",
+        "read ms",
         "early ms",
         "compile ms",
         "apply ms",
@@ -234,13 +261,34 @@ pub fn control(sizes: &[usize], changes: usize, fanout: &[usize]) -> Result<()> 
         "event→map p50",
         "event→map p99"
     );
-    for r in &cold_rows {
+    for runs in &cold_rows {
+        let med = |f: fn(&ColdRow) -> f64| percentile(runs.iter().map(f).collect(), 0.5);
+        let range = |f: fn(&ColdRow) -> f64, digits: usize| {
+            let v: Vec<f64> = runs.iter().map(f).collect();
+            let (lo, hi) = (percentile(v.clone(), 0.0), percentile(v, 1.0));
+            format!("{:.digits$} [{lo:.digits$}–{hi:.digits$}]", med(f))
+        };
+        // The latency changes run in the first round.
+        let first = &runs[0];
         println!(
-            "{:>9} {:>8} {:>11.0} {:>11.0} {:>11.0} {:>11.0} {:>9.0} {:>13} {:>9.1} {:>9.1} {:>11.2} ms {:>11.2} ms",
-            r.services, r.backends, r.ready_ms, r.read_ms, r.early_ms, r.compile_ms, r.apply_ms, r.entries, r.rss_mb, r.peak_mb, r.p50, r.p99
+            "{:>9} {:>8} {:>17} {:>8.0} {:>9.0} {:>9.0} {:>11.0} {:>9.0} {:>12} {:>17} {:>8.1} {:>11.2} ms {:>11.2} ms",
+            first.services,
+            first.backends,
+            range(|r| r.ready_ms, 0),
+            med(|r| r.cpu_ms),
+            med(|r| r.read_ms),
+            med(|r| r.early_ms),
+            med(|r| r.compile_ms),
+            med(|r| r.apply_ms),
+            first.entries,
+            range(|r| r.rss_mb, 1),
+            med(|r| r.peak_mb),
+            first.p50,
+            first.p99
         );
     }
-    println!("  ready: meshd start → every source read and the first full apply done (includes reading the API);");
+    println!("  ready: meshd start → every source read and the first full apply done, by meshd's own stamp (includes reading the API);");
+    println!("  CPU: meshd's user + system time when ready (steady when the machine is busy; 2 cores here);");
     println!("  read: the swarm source's first full read (the synthetic API makes its JSON on the same cores);");
     println!("  early: load balancers compiled and written to the maps as each service's tasks come in (overlapping the read);");
     println!("  compile: the rest (DNS, sandboxes) once all is read;");
@@ -266,17 +314,26 @@ struct ColdRow {
     entries: u64,
     rss_mb: f64,
     peak_mb: f64,
+    cpu_ms: f64,
     p50: f64,
     p99: f64,
 }
 
-fn cold_and_latency(swarm: &FakeSwarm, services: usize, changes: usize) -> Result<ColdRow> {
+fn cold_and_latency(
+    swarm: &FakeSwarm,
+    services: usize,
+    changes: usize,
+    round: usize,
+) -> Result<ColdRow> {
     let s = Scratch::new(&format!("cold{services}"))?;
     let certs = s.dir.join("certs");
     let fake = FakeDocker::start(&s.dir.join("docker.sock"), &spec(services, 10, &s))?;
     let node0 = fake.world.lock().unwrap().node_id(0);
     swarm.node(&certs, &node0, MANAGER_OU);
-    eprintln!("bench control: {services} services × 10 tasks: cold start");
+    eprintln!(
+        "bench control: {services} services × 10 tasks: cold start {}",
+        round + 1
+    );
     let m = Meshd::start(&s, &fake, &certs, free_port()?)?;
     let st = wait_for(
         "meshd to program everything",
@@ -287,8 +344,12 @@ fn cold_and_latency(swarm: &FakeSwarm, services: usize, changes: usize) -> Resul
         },
     )
     .with_context(|| fs::read_to_string(s.dir.join("meshd.log")).unwrap_or_default())?;
-    let ready_ms = m.started.elapsed().as_secs_f64() * 1000.0;
+    let ready_ms = st["reconcile"]["ready_unix_ms"]
+        .as_f64()
+        .unwrap_or(f64::NAN)
+        - m.started_unix_ms;
     let (rss_mb, peak_mb) = m.rss_mb();
+    let cpu_ms = m.cpu_ms();
     let backends = st["counts"]["backends"].as_u64().unwrap_or(0) as usize;
     ensure!(
         backends == services * 10,
@@ -341,6 +402,7 @@ fn cold_and_latency(swarm: &FakeSwarm, services: usize, changes: usize) -> Resul
         entries,
         rss_mb,
         peak_mb,
+        cpu_ms,
         p50: percentile(samples.clone(), 0.5),
         p99: percentile(samples, 0.99),
     })

@@ -481,23 +481,31 @@ mod tests {
         let mut r = Reconciler::new(Arc::default(), slots, Arc::default());
         // Both sources read: a local container on n1 (compile serves only networks a local
         // container is on), nothing else yet.
-        r.step(vec![
-            Update {
-                changes: vec![Change::PutSandbox(sandbox("c0", 4, &["n1"]))],
-                origin: None,
-                read_at: None,
-                from: Origin::Local,
-                complete: true,
-            },
-            Update {
-                changes: vec![],
-                origin: None,
-                read_at: None,
-                from: Origin::Swarm,
-                complete: true,
-            },
-        ]);
+        r.step(vec![local_read(), swarm_read()]);
         r
+    }
+
+    /// This node's containers read whole: one, on n1 (compile serves only networks a local
+    /// container is on).
+    fn local_read() -> Update {
+        Update {
+            changes: vec![Change::PutSandbox(sandbox("c0", 4, &["n1"]))],
+            origin: None,
+            read_at: None,
+            from: Origin::Local,
+            complete: true,
+        }
+    }
+
+    /// The swarm read whole (nothing more in it).
+    fn swarm_read() -> Update {
+        Update {
+            changes: vec![],
+            origin: None,
+            read_at: None,
+            from: Origin::Swarm,
+            complete: true,
+        }
     }
 
     fn swarm(changes: Vec<Change>) -> Update {
@@ -519,13 +527,7 @@ mod tests {
             Arc::default(),
         );
         r.step(vec![swarm(vec![Change::PutNetwork(net("n1"))])]);
-        r.step(vec![Update {
-            changes: vec![Change::PutSandbox(sandbox("c0", 4, &["n1"]))],
-            origin: None,
-            read_at: None,
-            from: Origin::Local,
-            complete: true,
-        }]);
+        r.step(vec![local_read()]);
         r.retry();
         assert!(
             fake.lock().unwrap().calls.is_empty(),
@@ -572,13 +574,7 @@ mod tests {
             fake.lock().unwrap().calls.is_empty(),
             "this node's containers are not read yet: they may hold tasks back"
         );
-        r.step(vec![Update {
-            changes: vec![Change::PutSandbox(sandbox("c0", 4, &["n1"]))],
-            origin: None,
-            read_at: None,
-            from: Origin::Local,
-            complete: true,
-        }]);
+        r.step(vec![local_read()]);
         let services = |c: &Changed| -> Vec<String> {
             c.lbs.iter().map(|l| l.service_id.to_string()).collect()
         };
@@ -597,13 +593,7 @@ mod tests {
             assert_eq!(services(changed), ["s1"]);
             assert!(changed.sandboxes.is_empty() && changed.networks.is_empty());
         }
-        r.step(vec![Update {
-            changes: vec![],
-            origin: None,
-            read_at: None,
-            from: Origin::Swarm,
-            complete: true,
-        }]);
+        r.step(vec![swarm_read()]);
         let f = fake.lock().unwrap();
         assert_eq!(f.calls.len(), before + 2);
         assert!(f.calls.last().unwrap().1, "the first full apply sweeps");

@@ -383,7 +383,7 @@ mod tests {
     #[test]
     fn swarm_shaped_tasks_answer_from_the_compact_table() {
         let mut s = state();
-        let id = |n: u8| format!("{}{n}", "x".repeat(24));
+        let id = |n: u8| format!("{}{n}", "a".repeat(24));
         let mut g = svc("s3", &[("n1", [10, 0, 1, 20])]);
         g.name = "Agent".into();
         s.apply(Change::PutService(g));

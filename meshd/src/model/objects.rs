@@ -247,8 +247,8 @@ pub struct Task {
     /// None: Docker's default, the short container id.
     #[serde(default)]
     pub hostname: Option<Box<str>>,
-    #[serde(default)]
-    pub version: u64,
+    // No `Version.Index`: a task is compared field by field (one whose version moved but
+    // whose fields meshd reads did not is no change), and 100 000 of them save 800 KB.
 }
 
 impl Task {
@@ -441,7 +441,6 @@ mod tests {
             addresses: NetMap::new(),
             container_id: None,
             hostname: None,
-            version: 0,
         }
     }
 

@@ -2,7 +2,7 @@
 //! from its slice of the answer (a list is split into raw elements first), so one that does
 //! not parse is rejected with its reason and the rest is used; nothing builds a whole JSON
 //! tree of a large answer. Fields meshd does not read are skipped unparsed.
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{borrow::Cow, collections::BTreeMap, net::Ipv4Addr};
 
 use serde::{de::DeserializeOwned, Deserialize, Deserializer};
 use serde_json::value::RawValue;
@@ -182,92 +182,136 @@ pub fn service(raw: &RawValue) -> Result<Service, String> {
     })
 }
 
+/// A JSON string, borrowed from the answer unless it has escapes (ids and states never do):
+/// decoding a 1000-task `/tasks` slice made a `String` of every field, most of them only to
+/// be copied again or parsed.
+#[derive(Default)]
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visit<'a> {
+            type Value = Text<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Text<'a>, E> {
+                Ok(Text(Cow::Borrowed(s)))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Text<'a>, E> {
+                Ok(Text(Cow::Owned(s.to_owned())))
+            }
+            fn visit_string<E>(self, s: String) -> Result<Text<'a>, E> {
+                Ok(Text(Cow::Owned(s)))
+            }
+        }
+        d.deserialize_str(Visit(std::marker::PhantomData))
+    }
+}
+
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+fn need_text<'a>(s: &'a Text<'_>, what: &str) -> Result<&'a str, String> {
+    if s.is_empty() {
+        Err(format!("missing {what}"))
+    } else {
+        Ok(s)
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
-struct RawTask {
-    #[serde(rename = "ID")]
-    id: String,
-    #[serde(default)]
-    version: RawVersion,
-    #[serde(rename = "ServiceID", default)]
-    service_id: String,
-    #[serde(rename = "NodeID", default, deserialize_with = "nullable")]
-    node_id: String,
+struct RawTask<'a> {
+    #[serde(rename = "ID", borrow)]
+    id: Text<'a>,
+    #[serde(rename = "ServiceID", default, borrow)]
+    service_id: Text<'a>,
+    #[serde(rename = "NodeID", default, borrow, deserialize_with = "nullable")]
+    node_id: Text<'a>,
     #[serde(default, deserialize_with = "nullable")]
     slot: Option<u32>,
-    #[serde(default)]
-    status: RawTaskStatus,
-    #[serde(default)]
-    desired_state: String,
-    #[serde(default, deserialize_with = "nullable")]
-    networks_attachments: Vec<RawTaskAttachment>,
-    #[serde(default)]
-    spec: RawTaskSpec,
+    #[serde(default, borrow)]
+    status: RawTaskStatus<'a>,
+    #[serde(default, borrow)]
+    desired_state: Text<'a>,
+    #[serde(default, borrow, deserialize_with = "nullable")]
+    networks_attachments: Vec<RawTaskAttachment<'a>>,
+    #[serde(default, borrow)]
+    spec: RawTaskSpec<'a>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "PascalCase", default)]
-struct RawTaskStatus {
-    state: String,
-    #[serde(deserialize_with = "nullable")]
-    container_status: Option<RawContainerStatus>,
+struct RawTaskStatus<'a> {
+    #[serde(borrow)]
+    state: Text<'a>,
+    #[serde(borrow, deserialize_with = "nullable")]
+    container_status: Option<RawContainerStatus<'a>>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "PascalCase", default)]
-struct RawContainerStatus {
-    #[serde(rename = "ContainerID")]
-    container_id: String,
+struct RawContainerStatus<'a> {
+    #[serde(rename = "ContainerID", borrow)]
+    container_id: Text<'a>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "PascalCase", default)]
-struct RawTaskAttachment {
-    network: RawNetworkRef,
-    #[serde(deserialize_with = "nullable")]
-    addresses: Vec<String>,
+struct RawTaskAttachment<'a> {
+    #[serde(borrow)]
+    network: RawNetworkRef<'a>,
+    #[serde(borrow, deserialize_with = "nullable")]
+    addresses: Vec<Text<'a>>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "PascalCase", default)]
-struct RawNetworkRef {
-    #[serde(rename = "ID")]
-    id: String,
+struct RawNetworkRef<'a> {
+    #[serde(rename = "ID", borrow)]
+    id: Text<'a>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "PascalCase", default)]
-struct RawTaskSpec {
-    #[serde(deserialize_with = "nullable")]
-    container_spec: Option<RawContainerSpec>,
+struct RawTaskSpec<'a> {
+    #[serde(borrow, deserialize_with = "nullable")]
+    container_spec: Option<RawContainerSpec<'a>>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "PascalCase", default)]
-struct RawContainerSpec {
-    hostname: String,
+struct RawContainerSpec<'a> {
+    #[serde(borrow)]
+    hostname: Text<'a>,
 }
 
 pub fn task(raw: &RawValue) -> Result<Task, String> {
-    task_from(parse(raw)?)
+    task_from(serde_json::from_str(raw.get()).map_err(|e| e.to_string())?)
 }
 
-fn task_from(r: RawTask) -> Result<Task, String> {
+fn task_from(r: RawTask<'_>) -> Result<Task, String> {
     let mut addresses = NetMap::new();
-    for att in r.networks_attachments {
-        let net: Id = need(att.network.id, "NetworksAttachments.Network.ID")?.into();
+    for att in &r.networks_attachments {
+        let net: Id = need_text(&att.network.id, "NetworksAttachments.Network.ID")?.into();
         for a in att.addresses.iter().filter(|a| !a.contains(':')) {
             addresses.insert(net.clone(), cidr_addr(a)?);
         }
     }
     Ok(Task {
-        id: need(r.id, "ID")?.into(),
-        service_id: need(r.service_id, "ServiceID")?.into(),
+        id: need_text(&r.id, "ID")?.into(),
+        service_id: need_text(&r.service_id, "ServiceID")?.into(),
         // A task not yet scheduled has no node; it is not a backend either way.
-        node_id: r.node_id.into(),
+        node_id: (*r.node_id).into(),
         slot: r.slot,
-        state: TaskState::parse(&need(r.status.state, "Status.State")?),
-        desired: TaskState::parse(&need(r.desired_state, "DesiredState")?),
+        state: TaskState::parse(need_text(&r.status.state, "Status.State")?),
+        desired: TaskState::parse(need_text(&r.desired_state, "DesiredState")?),
         addresses,
         container_id: r
             .status
@@ -279,8 +323,7 @@ fn task_from(r: RawTask) -> Result<Task, String> {
             .container_spec
             .map(|c| c.hostname)
             .filter(|h| !h.is_empty())
-            .map(String::into_boxed_str),
-        version: r.version.index,
+            .map(|h| Box::from(&*h)),
     })
 }
 
@@ -614,8 +657,8 @@ pub fn tasks(body: &[u8]) -> Result<(Vec<Task>, Vec<Rejected>), String> {
     list_of(body, Kind::Task, task_from, task)
 }
 
-fn list_of<R: DeserializeOwned, T>(
-    body: &[u8],
+fn list_of<'a, R: Deserialize<'a>, T>(
+    body: &'a [u8],
     kind: Kind,
     from: fn(R) -> Result<T, String>,
     one: fn(&RawValue) -> Result<T, String>,
@@ -673,9 +716,29 @@ mod tests {
         .unwrap();
         assert_eq!(t.addresses["net1"], "10.0.1.5".parse::<Ipv4Addr>().unwrap());
         assert_eq!(t.addresses["net2"], "10.0.2.9".parse::<Ipv4Addr>().unwrap());
-        assert_eq!((t.slot, t.version), (Some(2), 7));
+        assert_eq!(t.slot, Some(2));
         assert_eq!(t.container_id.as_deref(), Some("c1"));
         assert!(t.serves(None, false));
+    }
+
+    /// Strings are borrowed from the answer where they can be; one with an escape (which
+    /// cannot be) decodes as well, and `null` where Docker writes it reads as empty.
+    #[test]
+    fn escaped_strings_and_nulls_decode_like_plain_ones() {
+        let body = br#"[{"ID": "t\u0031", "ServiceID": "s1", "NodeID": null,
+            "Status": {"State": "running", "ContainerStatus": null}, "DesiredState": "run\u006eing",
+            "Spec": {"ContainerSpec": {"Hostname": "h\"1"}},
+            "NetworksAttachments": [{"Network": {"ID": "net1"}, "Addresses": ["10.0.1.5\/24"]}]}]"#;
+        let (ok, rejected) = tasks(body).unwrap();
+        assert!(rejected.is_empty(), "{rejected:?}");
+        let t = &ok[0];
+        assert_eq!(
+            (&*t.id, &*t.node_id, t.desired),
+            ("t1", "", TaskState::Running)
+        );
+        assert_eq!(t.hostname.as_deref(), Some("h\"1"));
+        assert_eq!(t.addresses["net1"], "10.0.1.5".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(t.container_id, None);
     }
 
     #[test]

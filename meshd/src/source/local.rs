@@ -97,7 +97,8 @@ enum Back {
     Inspected {
         container: String,
         generation: u64,
-        result: Result<Option<Inspected>, Rejected>,
+        /// Boxed: an inspected container is far larger than the other results.
+        result: Box<Result<Option<Inspected>, Rejected>>,
         at: Instant,
     },
     Address {
@@ -333,7 +334,7 @@ impl LocalSource {
             let _ = tx.send(Back::Inspected {
                 container,
                 generation,
-                result,
+                result: Box::new(result),
                 at,
             });
         });
@@ -481,7 +482,7 @@ impl LocalSource {
                 if self.generation.get(&container) != Some(&generation) {
                     return; // a later event superseded it
                 }
-                let change = match result {
+                let change = match *result {
                     Ok(Some(i)) => match sandbox(&self.cookies, &i).await {
                         Ok(Some(s)) => {
                             if self.netns_dir.is_none() {

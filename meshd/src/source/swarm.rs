@@ -429,6 +429,7 @@ impl SwarmSource {
                 seen.nodes = tasks.iter().map(|t| node_hash(&t.node_id)).collect();
                 seen.nodes.sort_unstable();
                 seen.nodes.dedup();
+                seen.nodes.shrink_to_fit();
                 let print = fingerprint(&tasks);
                 let changed = seen.tasks != Some(print);
                 seen.moving = tasks.iter().any(Task::in_transition);

@@ -11,10 +11,72 @@ const MAX_GAP: u32 = 1 << 16;
 /// Ids start at 1 (0 means "none" in the kernel maps).
 const FIRST: u32 = 1;
 
+/// Ids below this are counted in a dense array (meshd hands ids out from the bottom, so
+/// they are dense: 100 000 counter slots take 400 KB there, 1.6 MB in a map); higher ones,
+/// which only a hand-edited map has, in a map.
+const DENSE: u32 = 1 << 20;
+
+/// How many entries name each id.
+#[derive(Clone, Debug, Default)]
+struct Refs {
+    dense: Vec<u32>,
+    sparse: BTreeMap<u32, u32>,
+}
+
+impl Refs {
+    /// Counts one more; returns the new count.
+    fn add(&mut self, id: u32) -> u32 {
+        let n = if id < DENSE {
+            let i = id as usize;
+            if i >= self.dense.len() {
+                self.dense.resize(i + 1, 0);
+            }
+            &mut self.dense[i]
+        } else {
+            self.sparse.entry(id).or_insert(0)
+        };
+        *n += 1;
+        *n
+    }
+
+    /// Counts one less; returns what is left, or None when nothing named it.
+    fn remove(&mut self, id: u32) -> Option<u32> {
+        if id < DENSE {
+            let n = self.dense.get_mut(id as usize).filter(|n| **n > 0)?;
+            *n -= 1;
+            let left = *n;
+            while self.dense.last() == Some(&0) {
+                self.dense.pop();
+            }
+            Some(left)
+        } else {
+            let n = self.sparse.get_mut(&id)?;
+            *n -= 1;
+            let left = *n;
+            if left == 0 {
+                self.sparse.remove(&id);
+            }
+            Some(left)
+        }
+    }
+
+    #[cfg(test)]
+    fn contains(&self, id: u32) -> bool {
+        self.dense.get(id as usize).is_some_and(|n| *n > 0) || self.sparse.contains_key(&id)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
+        (self.dense.iter().enumerate())
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, n)| (i as u32, *n))
+            .chain(self.sparse.iter().map(|(i, n)| (*i, *n)))
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct IdSpace {
     /// Entries naming each id in use (an id may be named by several maps).
-    refs: BTreeMap<u32, u32>,
+    refs: Refs,
     /// Unused ids below `high`.
     holes: BTreeSet<u32>,
     /// One above the highest id in use.
@@ -24,7 +86,7 @@ pub struct IdSpace {
 impl Default for IdSpace {
     fn default() -> Self {
         IdSpace {
-            refs: BTreeMap::new(),
+            refs: Refs::default(),
             holes: BTreeSet::new(),
             high: FIRST,
         }
@@ -34,7 +96,7 @@ impl Default for IdSpace {
 /// Equal when the same ids are in use: what is free follows from that.
 impl PartialEq for IdSpace {
     fn eq(&self, other: &Self) -> bool {
-        self.refs == other.refs
+        self.refs.iter().eq(other.refs.iter())
     }
 }
 
@@ -51,14 +113,12 @@ impl IdSpace {
 
     #[cfg(test)]
     pub fn is_used(&self, id: u32) -> bool {
-        self.refs.contains_key(&id)
+        self.refs.contains(id)
     }
 
     /// One more entry names `id`.
     pub fn add(&mut self, id: u32) {
-        let n = self.refs.entry(id).or_insert(0);
-        *n += 1;
-        if *n > 1 {
+        if self.refs.add(id) > 1 {
             return;
         }
         if id >= self.high {
@@ -73,14 +133,9 @@ impl IdSpace {
 
     /// One entry naming `id` is gone.
     pub fn remove(&mut self, id: u32) {
-        let Some(n) = self.refs.get_mut(&id) else {
-            return;
-        };
-        *n -= 1;
-        if *n > 0 {
+        if self.refs.remove(id) != Some(0) {
             return;
         }
-        self.refs.remove(&id);
         if id + 1 == self.high {
             // The top went: so do the free ids right below it.
             self.high = id;
@@ -127,6 +182,23 @@ mod tests {
         assert!(!s.is_used(3));
         s.remove(4);
         assert_eq!(first(&s, 3), [2, 3, 4]);
+    }
+
+    #[test]
+    fn ids_beyond_the_dense_range_are_counted_too() {
+        let mut r = Refs::default();
+        for id in [3, DENSE + 7, DENSE + 7, u32::MAX] {
+            r.add(id);
+        }
+        assert_eq!(
+            r.iter().collect::<Vec<_>>(),
+            [(3, 1), (DENSE + 7, 2), (u32::MAX, 1)]
+        );
+        assert_eq!(r.remove(DENSE + 7), Some(1));
+        assert_eq!(r.remove(3), Some(0));
+        assert_eq!(r.remove(3), None, "nothing names it any more");
+        assert!(r.dense.is_empty(), "the dense array shrinks with its top");
+        assert!(r.contains(DENSE + 7) && r.contains(u32::MAX) && !r.contains(3));
     }
 
     proptest! {

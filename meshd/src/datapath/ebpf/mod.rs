@@ -331,6 +331,9 @@ impl Applier for EbpfDatapath {
                 stats.writes += 1;
             }
         }
+        if everything {
+            self.applied.compact();
+        }
         if !stats.is_empty() {
             debug!(
                 writes = stats.writes,

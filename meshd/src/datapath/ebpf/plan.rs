@@ -219,7 +219,7 @@ pub fn plan(
                     p.meta.push(Op::PutLbMeta(id, lb_meta(r)));
                     id
                 });
-                let ips: Vec<Ipv4Addr> = lb.backends.iter().map(|b| b.ip).collect();
+                let ips: &[Ipv4Addr] = &lb.backends;
                 let lb_is_new = !applied.lbs.contains_key(&id);
                 write_lb(
                     applied,
@@ -228,7 +228,7 @@ pub fn plan(
                     (id, lb_is_new),
                     net,
                     lb.vip,
-                    &ips,
+                    ips,
                     &mut vips,
                     &mut counters,
                 );
@@ -423,7 +423,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        compile::{Backend, Lb, SandboxScope},
+        compile::{Lb, SandboxScope},
         datapath::ebpf::tables::{addr_from_be, lb_ref, net_id},
     };
 
@@ -439,15 +439,9 @@ mod tests {
     }
 
     fn lb(vip: u8, backends: &[u8]) -> Arc<Lb> {
-        let mut b: Vec<Backend> = backends
-            .iter()
-            .map(|&i| Backend {
-                ip: ip(i),
-                task_id: format!("t{i}").into(),
-            })
-            .collect();
-        b.sort_by_key(|b| b.ip);
-        b.dedup_by_key(|b| b.ip);
+        let mut b: Vec<Ipv4Addr> = backends.iter().map(|&i| ip(i)).collect();
+        b.sort();
+        b.dedup();
         Arc::new(Lb {
             service_name: "s".into(),
             vip: ip(vip),
@@ -686,7 +680,7 @@ mod tests {
                     let allowed: BTreeSet<Ipv4Addr> = [old, new]
                         .iter()
                         .filter_map(|d| d.lbs.get(&lb))
-                        .flat_map(|l| l.backends.iter().map(|b| b.ip))
+                        .flat_map(|l| l.backends.iter().copied())
                         .collect();
                     for ip in ips {
                         prop_assert!(
@@ -733,7 +727,7 @@ mod tests {
                 let got = reach(t, *cookie, lb.vip);
                 let mut ips = got.as_ref().map(|g| g.1.clone()).unwrap_or_default();
                 ips.sort();
-                let want: Vec<Ipv4Addr> = lb.backends.iter().map(|b| b.ip).collect();
+                let want: Vec<Ipv4Addr> = lb.backends.clone();
                 prop_assert_eq!(got.map(|g| g.0), Some(lr.clone()));
                 prop_assert_eq!(ips, want);
             }

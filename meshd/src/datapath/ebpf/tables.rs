@@ -166,6 +166,21 @@ impl KernelTables {
         t
     }
 
+    /// Rebuilds the large maps packed. Entries written in key order (a first apply writes
+    /// every load balancer's slots in order) leave a `BTreeMap`'s nodes half full: at
+    /// 100 000 backend slots that is 1.5 MB for nothing. A rebuild from sorted entries fills
+    /// them; it costs a few milliseconds, once per full apply.
+    pub fn compact(&mut self) {
+        fn packed<K: Ord, V>(m: &mut BTreeMap<K, V>) {
+            *m = std::mem::take(m).into_iter().collect();
+        }
+        packed(&mut self.backends);
+        packed(&mut self.vips);
+        packed(&mut self.lbs);
+        packed(&mut self.lb_meta);
+        packed(&mut self.lb_ids);
+    }
+
     /// Network indices a sandbox entry names.
     fn sandbox_nets(v: &SandboxValue) -> &[u32] {
         &v.nets[..(v.count as usize).min(v.nets.len())]
