@@ -248,14 +248,20 @@ impl TaskNames {
 
     /// The task name (lower-case, unqualified) of the task at `ip`.
     pub fn reverse(&self, ip: Ipv4Addr) -> Option<String> {
+        Some(self.name(self.at(ip)?).to_ascii_lowercase())
+    }
+
+    /// Whether a task of the table has address `ip` (its reverse name is the table's).
+    pub fn has_addr(&self, ip: Ipv4Addr) -> bool {
+        self.at(ip).is_some()
+    }
+
+    fn at(&self, ip: Ipv4Addr) -> Option<&Row> {
         let at = self
             .by_ip
             .binary_search_by_key(&ip.octets(), |&i| self.rows[i as usize].ip)
             .ok()?;
-        Some(
-            self.name(&self.rows[self.by_ip[at] as usize])
-                .to_ascii_lowercase(),
-        )
+        Some(&self.rows[self.by_ip[at] as usize])
     }
 
     /// Every task address in the table.

@@ -466,19 +466,14 @@ fn handle(shared: &Shared, req: Request) -> Result<Value> {
                     backends,
                 });
             }
-            let all = crate::compile::all_service_lbs(state, &s.id);
-            let backend_ids: Vec<&str> = all
+            // The tasks behind some backend, as the views above found them.
+            let backend_ids: std::collections::BTreeSet<&str> = vips
                 .iter()
-                .flat_map(|(r, lb)| {
-                    lb.backends.iter().filter_map(|&ip| {
-                        crate::compile::backend_task(state, &r.service_id, &r.network_id, ip)
-                            .map(|t| &*t.id)
-                    })
-                })
+                .flat_map(|v| v.backends.iter().map(|b| b.task_id.as_str()))
                 .collect();
             let not_serving = state
                 .tasks_of(&s.id)
-                .filter(|t| !backend_ids.contains(&&*t.id))
+                .filter(|t| !backend_ids.contains(&*t.id))
                 .map(|t| {
                     let why = if t.state != crate::model::TaskState::Running || t.desired != crate::model::TaskState::Running {
                         format!("state {} / desired {}", t.state, t.desired)

@@ -118,7 +118,7 @@ fn container_names(
         return;
     };
     let of: Name = name.into();
-    if !name.is_empty() && net.tasks.reverse(ip).is_none() {
+    if !name.is_empty() && !net.tasks.has_addr(ip) {
         net.ptr.entry(ip).or_insert_with(|| qualified(&of));
         put(net, of.clone(), endpoint(ip, What::Container, &of));
     }

@@ -111,8 +111,8 @@ fn port(n: u32, what: &str) -> Result<u16, String> {
     u16::try_from(n).map_err(|_| format!("{what} {n} is not a port number"))
 }
 
-fn need(s: String, what: &str) -> Result<String, String> {
-    if s.is_empty() {
+fn need<S: AsRef<str>>(s: S, what: &str) -> Result<S, String> {
+    if s.as_ref().is_empty() {
         Err(format!("missing {what}"))
     } else {
         Ok(s)
@@ -217,14 +217,6 @@ impl std::ops::Deref for Text<'_> {
     }
 }
 
-fn need_text<'a>(s: &'a Text<'_>, what: &str) -> Result<&'a str, String> {
-    if s.is_empty() {
-        Err(format!("missing {what}"))
-    } else {
-        Ok(s)
-    }
-}
-
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
 struct RawTask<'a> {
@@ -299,19 +291,19 @@ pub fn task(raw: &RawValue) -> Result<Task, String> {
 fn task_from(r: RawTask<'_>) -> Result<Task, String> {
     let mut addresses = NetMap::new();
     for att in &r.networks_attachments {
-        let net: Id = need_text(&att.network.id, "NetworksAttachments.Network.ID")?.into();
+        let net: Id = need(&*att.network.id, "NetworksAttachments.Network.ID")?.into();
         for a in att.addresses.iter().filter(|a| !a.contains(':')) {
             addresses.insert(net.clone(), cidr_addr(a)?);
         }
     }
     Ok(Task {
-        id: need_text(&r.id, "ID")?.into(),
-        service_id: need_text(&r.service_id, "ServiceID")?.into(),
+        id: need(&*r.id, "ID")?.into(),
+        service_id: need(&*r.service_id, "ServiceID")?.into(),
         // A task not yet scheduled has no node; it is not a backend either way.
         node_id: (*r.node_id).into(),
         slot: r.slot,
-        state: TaskState::parse(need_text(&r.status.state, "Status.State")?),
-        desired: TaskState::parse(need_text(&r.desired_state, "DesiredState")?),
+        state: TaskState::parse(need(&*r.status.state, "Status.State")?),
+        desired: TaskState::parse(need(&*r.desired_state, "DesiredState")?),
         addresses,
         container_id: r
             .status
