@@ -21,6 +21,8 @@ fn lab(suffix: &str) -> Lab {
 /// Runs `f`, and on failure prints each meshd's log tail before panicking.
 fn with_logs(lab: &mut Lab, f: impl FnOnce(&mut Lab) -> Result<()>) {
     if let Err(e) = f(lab) {
+        // The reason first: CI keeps only part of a long output.
+        eprintln!("FAILED: {e:#}");
         for (i, m) in lab.meshds.iter().enumerate() {
             eprintln!("--- meshd on node{} ---\n{}", i + 1, m.log_tail());
         }
@@ -157,6 +159,62 @@ fn cross_node_scenario(lab: &mut Lab) -> Result<()> {
         hub["feed"]
     );
 
+    // node1's VIP sends connections only to tasks node1's overlay can reach: Docker's gossip
+    // writes each remote container there as a permanent neighbour, and can trail the task's
+    // `running` by seconds. Take one away (as if its gossip had not arrived yet): node1's
+    // meshd stops choosing that task, and takes it back once the neighbour is there again.
+    let net_id = m.docker(&["network", "inspect", "mesh", "--format", "{{.Id}}"])?;
+    let overlay = lab
+        .node("node1")?
+        .dir
+        .join("exec/netns")
+        .join(format!("1-{}", &net_id.trim()[..10]));
+    let neigh = |args: &[&str]| -> Result<String> {
+        run(Command::new("nsenter")
+            .arg(format!("--net={}", overlay.display()))
+            .args(["ip", "neigh"])
+            .args(args))
+    };
+    let (_, _, gated_ip) = on("node2")[0].clone();
+    let shown = neigh(&["show", &gated_ip, "dev", "vxlan0"])?;
+    let mac = shown
+        .split_whitespace()
+        .skip_while(|w| *w != "lladdr")
+        .nth(1)
+        .with_context(|| format!("no neighbour for {gated_ip} in node1's overlay: {shown:?}"))?
+        .to_string();
+    let has = |ip: &str| {
+        meshd1
+            .backend_list("echo")
+            .map(|l| l.iter().any(|(b, _)| b == ip))
+    };
+    neigh(&["del", &gated_ip, "dev", "vxlan0"])?;
+    let gone = wait_for(
+        "node1's meshd to leave out a task its overlay cannot reach",
+        Duration::from_secs(5),
+        || (has(&gated_ip) == Some(false)).then_some(()),
+    );
+    neigh(&[
+        "replace",
+        &gated_ip,
+        "lladdr",
+        &mac,
+        "dev",
+        "vxlan0",
+        "nud",
+        "permanent",
+    ])?;
+    gone?;
+    wait_for(
+        "node1's meshd to take the task back once its overlay reaches it",
+        Duration::from_secs(5),
+        || (has(&gated_ip) == Some(true)).then_some(()),
+    )?;
+    ensure!(
+        lab.meshd("node2")?.backends("echo") == Some(4),
+        "node2's own view is untouched"
+    );
+
     // `meshd check` on a worker, through the feed (no Docker credential for the manager),
     // and through the managers' Docker API: the lab's client certificate is accepted; one
     // from another CA is refused with a TLS error, before anything is read.
@@ -274,10 +332,23 @@ fn cross_node_scenario(lab: &mut Lab) -> Result<()> {
         !new_on_3.is_empty(),
         "scale-up placed nothing on node3: {tasks:?}"
     );
-    meshd1.wait_backends("echo", 6)?;
     // Swarm reports a task running before Docker's overlay gossip has told node1 where it
-    // is, and after a partition heals that can take a while. That path is Docker's, not
-    // meshd's: wait until node1 reaches every task directly, and say how long it took.
+    // is, and after a partition heals that can take a while. meshd on node1 programs a
+    // remote task once node1's overlay has it: wait for all six (Docker's pace).
+    let since = Instant::now();
+    wait_for(
+        "meshd on node1 to program all 6 tasks (each once node1's overlay reaches it)",
+        // Docker's gossip after a partition heals: measured 0 s to 45 s here.
+        Duration::from_secs(120),
+        || (meshd1.backends("echo") == Some(6)).then_some(()),
+    )?;
+    println!(
+        "node1's overlay had every new task, and meshd programmed it, {:.1} s after swarm \
+         reported them running",
+        since.elapsed().as_secs_f64()
+    );
+    // The way back is Docker's too: node3's overlay must learn node1's client, which node1
+    // cannot see. Wait until node1 reaches every task directly, and say how long it took.
     let since = Instant::now();
     for (task, _, ip) in &tasks {
         wait_for(
@@ -291,7 +362,7 @@ fn cross_node_scenario(lab: &mut Lab) -> Result<()> {
         )?;
     }
     println!(
-        "overlay path from node1 to every task ready {:.1} s after meshd programmed them",
+        "overlay path from node1 to every task both ways {:.1} s after that",
         since.elapsed().as_secs_f64()
     );
     let seen = get_many(m, "client", 300, "http://echo/")?;

@@ -209,6 +209,10 @@ fn print_status(d: &Value) {
         }
     };
     src("local engine", &d["local"]);
+    if let Some(n) = d["local"]["overlays_followed"].as_u64().filter(|n| *n > 0) {
+        // Remote tasks get connections here once this node's overlay can reach them.
+        println!("  overlay peers followed on {n} network(s)");
+    }
     src("swarm from", &d["swarm"]);
     let feed = &d["feed"];
     if let Some(c) = feed.get("client") {

@@ -1,6 +1,7 @@
 //! `compile`: ClusterState → Desired, the one pure product everything downstream applies:
-//! load balancers (a service's VIP on one network, with its live backends), the scope of
-//! each local sandbox (its networks), the DNS names per network, and the rejected objects.
+//! load balancers (a service's VIP on one network, with its live backends), the ingress
+//! mesh's published ports (`ingress`), the scope of each local sandbox (its networks), the
+//! DNS names per network, and the rejected objects.
 //!
 //! `Compiler` keeps a `Desired` and recompiles only what a change touched (`Dirty`), so one
 //! task change costs the same with 10 services or 10 000; `compile` is the same work done
@@ -16,6 +17,10 @@ use std::{
 use meshd_common::MAX_SANDBOX_NETS;
 use meshd_dns::{NetworkRecords, Zones};
 use serde::{Deserialize, Serialize};
+
+pub mod ingress;
+
+use ingress::{IngressLb, IngressPort};
 
 use crate::{
     dns::zones::network_records,
@@ -70,6 +75,10 @@ pub struct Desired {
     /// The names DNS answers, per network.
     #[serde(skip)]
     pub zones: Zones,
+    /// Every port published in ingress mode, with the tasks behind it.
+    pub ingress: BTreeMap<IngressPort, Arc<IngressLb>>,
+    /// The swarm's node addresses: the ingress mesh takes tunnelled packets from these.
+    pub ingress_nodes: BTreeSet<Ipv4Addr>,
     /// What the source could not read, and what compile could not use.
     pub rejected: Vec<Rejected>,
 }
@@ -98,6 +107,8 @@ pub struct Changed {
     pub sandboxes: BTreeSet<u64>,
     pub networks: BTreeSet<String>,
     pub rejected: bool,
+    pub ingress: BTreeSet<IngressPort>,
+    pub ingress_nodes: bool,
 }
 
 impl Changed {
@@ -106,6 +117,8 @@ impl Changed {
             && self.sandboxes.is_empty()
             && self.networks.is_empty()
             && !self.rejected
+            && self.ingress.is_empty()
+            && !self.ingress_nodes
     }
 
     pub fn merge(&mut self, other: &Changed) {
@@ -113,6 +126,8 @@ impl Changed {
         self.sandboxes.extend(other.sandboxes.iter().copied());
         self.networks.extend(other.networks.iter().cloned());
         self.rejected |= other.rejected;
+        self.ingress.extend(other.ingress.iter().copied());
+        self.ingress_nodes |= other.ingress_nodes;
     }
 
     /// Everything in `desired`, as if it were all new (an applier starting afresh).
@@ -122,6 +137,8 @@ impl Changed {
             sandboxes: desired.sandboxes.keys().copied().collect(),
             networks: desired.zones.networks.keys().cloned().collect(),
             rejected: true,
+            ingress: desired.ingress.keys().copied().collect(),
+            ingress_nodes: true,
         }
     }
 }
@@ -155,6 +172,7 @@ pub fn all_service_lbs(state: &ClusterState, service_id: &str) -> Vec<(LbRef, Lb
             .filter(|t| state.serves(t))
             .filter_map(|t| t.addresses.get(network_id).copied())
             .collect();
+        state.reachable_of(network_id, &mut backends);
         backends.sort_unstable();
         backends.dedup();
         // Kept for as long as the service does not change: no growth slack.
@@ -216,6 +234,12 @@ pub struct Compiler {
     claims: BTreeMap<u64, BTreeSet<String>>,
     /// Compile's own rejections (a container on too many networks), by container id.
     notes: BTreeMap<String, Rejected>,
+    /// Each service's published ports as last compiled, whether it holds them or not.
+    ingress_of: BTreeMap<Id, Vec<(IngressPort, Arc<IngressLb>)>>,
+    /// Port → the services that publish it (swarm allows one; the lowest id keeps it).
+    ingress_claims: BTreeMap<IngressPort, BTreeSet<Id>>,
+    /// What of a service's ports cannot be used, by service id.
+    ingress_notes: BTreeMap<Id, Rejected>,
 }
 
 impl Compiler {
@@ -230,11 +254,13 @@ impl Compiler {
             networks: state.networks.keys().cloned().collect(),
             sandboxes: state.sandboxes.keys().cloned().collect(),
             rejected: true,
+            nodes: true,
         };
         // And whatever Desired holds that the state may no longer have.
         dirty
             .services
             .extend(self.desired.lbs.keys().map(|r| r.service_id.clone()));
+        dirty.services.extend(self.ingress_of.keys().cloned());
         dirty.networks.extend(
             self.desired
                 .zones
@@ -268,6 +294,7 @@ impl Compiler {
                 }
             }
         }
+        self.update_ingress(state, dirty, &mut changed);
         // Sandboxes are keyed by namespace. Two containers never share one in practice,
         // but if they claim the same cookie the lowest container id answers, whatever the
         // order they came in.
@@ -347,12 +374,79 @@ impl Compiler {
         if dirty.rejected || changed.rejected {
             let mut list = state.rejected_list();
             list.extend(self.notes.values().cloned());
+            list.extend(self.ingress_notes.values().cloned());
             if list != self.desired.rejected {
                 self.desired.rejected = list;
                 changed.rejected = true;
             }
         }
         changed
+    }
+}
+
+impl Compiler {
+    /// The published ports of the dirty services, and the node addresses when nodes moved.
+    fn update_ingress(&mut self, state: &ClusterState, dirty: &Dirty, changed: &mut Changed) {
+        let mut ports = BTreeSet::new();
+        for sid in &dirty.services {
+            let (fresh, note) = ingress::service_ingress(state, sid);
+            let fresh: Vec<(IngressPort, Arc<IngressLb>)> =
+                fresh.into_iter().map(|(p, lb)| (p, Arc::new(lb))).collect();
+            let old = self.ingress_of.remove(sid).unwrap_or_default();
+            if old != fresh {
+                for (p, _) in &old {
+                    if let Some(c) = self.ingress_claims.get_mut(p) {
+                        c.remove(sid);
+                        if c.is_empty() {
+                            self.ingress_claims.remove(p);
+                        }
+                    }
+                    ports.insert(*p);
+                }
+                for (p, _) in &fresh {
+                    self.ingress_claims
+                        .entry(*p)
+                        .or_default()
+                        .insert(sid.clone());
+                    ports.insert(*p);
+                }
+            }
+            if !fresh.is_empty() {
+                self.ingress_of.insert(sid.clone(), fresh);
+            }
+            if self.ingress_notes.get(sid) != note.as_ref() {
+                changed.rejected = true;
+                match note {
+                    Some(n) => self.ingress_notes.insert(sid.clone(), n),
+                    None => self.ingress_notes.remove(sid),
+                };
+            }
+        }
+        for p in ports {
+            let winner = self
+                .ingress_claims
+                .get(&p)
+                .and_then(|c| c.first())
+                .and_then(|sid| self.ingress_of.get(sid))
+                .and_then(|list| list.iter().find(|(q, _)| *q == p))
+                .map(|(_, lb)| lb.clone());
+            let old = self.desired.ingress.get(&p);
+            if old.map(|o| &**o) == winner.as_deref() {
+                continue;
+            }
+            match winner {
+                Some(lb) => self.desired.ingress.insert(p, lb),
+                None => self.desired.ingress.remove(&p),
+            };
+            changed.ingress.insert(p);
+        }
+        if dirty.nodes {
+            let nodes = ingress::node_addrs(state);
+            if nodes != self.desired.ingress_nodes {
+                self.desired.ingress_nodes = nodes;
+                changed.ingress_nodes = true;
+            }
+        }
     }
 }
 
@@ -461,6 +555,60 @@ mod tests {
     }
 
     #[test]
+    fn remote_tasks_wait_for_this_nodes_overlay_to_know_them() {
+        let mut s = state();
+        let mut c = Compiler::default();
+        c.rebuild(&s);
+        let peers = |whole, added: &[&str], removed: &[&str]| Change::OverlayPeers {
+            network_id: "net1".into(),
+            whole,
+            added: added.iter().map(|a| ip(a)).collect(),
+            removed: removed.iter().map(|a| ip(a)).collect(),
+        };
+        let step = |s: &mut ClusterState, c: &mut Compiler, ch: Change| {
+            let dirty = s.apply(ch);
+            c.update(s, &dirty);
+            let mut want = compile(s);
+            want.rejected.sort_by(|a, b| a.id.cmp(&b.id));
+            assert_eq!(c.desired().lbs, want.lbs, "incremental = full");
+            lb1(c.desired()).backends.clone()
+        };
+        // The overlay knows t2 only: t1 (no local container, not a peer) waits.
+        assert_eq!(
+            step(&mut s, &mut c, peers(true, &["10.0.1.4"], &[])),
+            [ip("10.0.1.4")]
+        );
+        // Gossip brings t1.
+        assert_eq!(
+            step(&mut s, &mut c, peers(false, &["10.0.1.5"], &[])),
+            [ip("10.0.1.4"), ip("10.0.1.5")]
+        );
+        // t2 leaves the overlay's view; t1's container turns out to be local: it stays.
+        let mut own = sandbox("c9", 99, &["net1"]);
+        own.task_id = Some("t1".into());
+        own.endpoints.insert(
+            Id::from("net1"),
+            crate::model::SandboxEndpoint {
+                addr: Some(ip("10.0.1.5")),
+                aliases: vec![],
+            },
+        );
+        step(&mut s, &mut c, Change::PutSandbox(own));
+        assert_eq!(
+            step(&mut s, &mut c, peers(true, &[], &[])),
+            [ip("10.0.1.5")]
+        );
+        // A view that reaches none of them turns nothing away (it is still filling in).
+        step(&mut s, &mut c, Change::DropSandbox("c9".into()));
+        assert_eq!(lb1(c.desired()).backends, [ip("10.0.1.4"), ip("10.0.1.5")]);
+        // No view (no local container on the network any more): as before.
+        assert_eq!(
+            step(&mut s, &mut c, Change::DropOverlayPeers("net1".into())),
+            [ip("10.0.1.4"), ip("10.0.1.5")]
+        );
+    }
+
+    #[test]
     fn sandboxes_are_scoped_to_their_networks() {
         let d = compile(&state());
         assert_eq!(d.sandboxes[&11].networks, ["net1"]);
@@ -536,6 +684,14 @@ mod tests {
                     if before.zones.networks.get(k) != after.zones.networks.get(k) {
                         prop_assert!(changed.networks.contains(k));
                     }
+                }
+                for k in before.ingress.keys().chain(after.ingress.keys()) {
+                    if before.ingress.get(k) != after.ingress.get(k) {
+                        prop_assert!(changed.ingress.contains(k), "{:?} moved unannounced", k);
+                    }
+                }
+                if before.ingress_nodes != after.ingress_nodes {
+                    prop_assert!(changed.ingress_nodes);
                 }
             }
         }

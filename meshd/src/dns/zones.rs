@@ -181,6 +181,7 @@ pub fn network_records(state: &ClusterState, network_id: &str) -> Option<Network
         .collect();
     for (svc, tasks) in services.iter().zip(&live_tasks) {
         let mut live: Vec<Ipv4Addr> = tasks.iter().map(|&(_, ip)| ip).collect();
+        state.reachable_of(network_id, &mut live);
         live.sort();
         let of: Name = svc.name.as_str().into();
         let main = match (svc.mode, svc.vips.get(network_id)) {

@@ -348,6 +348,10 @@ pub struct Sandbox {
     /// period but gets no new connections.
     #[serde(default)]
     pub stopping: bool,
+    /// Its address on Docker's `docker_gwbridge` (a task with ingress-published ports has
+    /// one): where this node's ingress mesh delivers to it.
+    #[serde(default)]
+    pub gateway: Option<Ipv4Addr>,
 }
 
 impl Sandbox {

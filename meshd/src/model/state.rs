@@ -1,6 +1,9 @@
 //! The store behind `ClusterState`: objects by id, the indexes that let a change find what
 //! it touches, and `apply`, which turns a `Change` into the `Dirty` set compile works from.
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    net::Ipv4Addr,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +35,18 @@ pub enum Change {
     /// A full read of one kind: whatever of that kind is not in it is gone.
     Resync(Resync),
     Reject(Rejected),
+    /// The remote peers this node's engine has programmed on an overlay network
+    /// (`source::overlay_peers`): `whole` replaces what was known, otherwise `added` and
+    /// `removed` are a difference.
+    OverlayPeers {
+        network_id: String,
+        whole: bool,
+        added: Vec<Ipv4Addr>,
+        removed: Vec<Ipv4Addr>,
+    },
+    /// No view of that network's peers any more (no local container on it): every task on
+    /// it is taken as reachable, as without a view.
+    DropOverlayPeers(String),
 }
 
 /// A full read of one kind of object, with the objects of that kind that did not decode
@@ -58,6 +73,8 @@ pub struct Dirty {
     pub sandboxes: BTreeSet<String>,
     /// The rejected list changed.
     pub rejected: bool,
+    /// A node came, went or changed its address (the ingress mesh's tunnel peers).
+    pub nodes: bool,
 }
 
 impl Dirty {
@@ -66,6 +83,7 @@ impl Dirty {
             && self.networks.is_empty()
             && self.sandboxes.is_empty()
             && !self.rejected
+            && !self.nodes
     }
 
     pub fn merge(&mut self, other: Dirty) {
@@ -73,6 +91,7 @@ impl Dirty {
         self.networks.extend(other.networks);
         self.sandboxes.extend(other.sandboxes);
         self.rejected |= other.rejected;
+        self.nodes |= other.nodes;
     }
 }
 
@@ -147,6 +166,9 @@ pub struct ClusterState {
     pub reports: BTreeMap<String, NodeReport>,
     /// Objects that could not be used, by kind and id; each is left out, the rest is used.
     pub rejected: BTreeMap<(Kind, String), Rejected>,
+    /// Per overlay network this node follows, the remote addresses its engine can reach
+    /// (Docker's overlay learns them by gossip, apart from the tasks' state): `reachable`.
+    pub overlay_peers: BTreeMap<Id, HashSet<Ipv4Addr>>,
     index: Index,
     /// One allocation per service, node and network id, shared by everything that names it.
     pool: std::collections::HashSet<Id>,
@@ -162,6 +184,7 @@ impl PartialEq for ClusterState {
             && self.sandboxes == o.sandboxes
             && self.reports == o.reports
             && self.rejected == o.rejected
+            && self.overlay_peers == o.overlay_peers
             && self.index == o.index
     }
 }
@@ -329,8 +352,97 @@ impl ClusterState {
                     d.rejected = true;
                 }
             }
+            Change::OverlayPeers {
+                network_id,
+                whole,
+                added,
+                removed,
+            } => self.put_peers(&network_id, whole, added, removed, &mut d),
+            Change::DropOverlayPeers(network_id) => {
+                if self.overlay_peers.remove(network_id.as_str()).is_some() {
+                    d.services
+                        .extend(self.services_on(&network_id).map(|s| s.id.clone()));
+                    d.networks.insert(id(&network_id));
+                }
+            }
         }
         d
+    }
+
+    /// Whether this node can reach `addr` on `network_id`: a local container's address, or
+    /// one the engine's overlay has as a peer; anything, on a network without a view.
+    pub fn reachable(&self, network_id: &str, addr: Ipv4Addr) -> bool {
+        let Some(peers) = self.overlay_peers.get(network_id) else {
+            return true;
+        };
+        peers.contains(&addr)
+            || self
+                .sandboxes_on(network_id)
+                .any(|s| s.endpoints.get(network_id).and_then(|e| e.addr) == Some(addr))
+    }
+
+    /// `addrs` (a service's live task addresses on `network_id`) without those this node
+    /// cannot reach yet: a remote task Docker's gossip has not brought to this node's overlay
+    /// would time connections out. Unless that leaves none: a view still filling in (the
+    /// network is new here) must not turn a VIP away. The datapath and DNS both use this.
+    pub fn reachable_of(&self, network_id: &str, addrs: &mut Vec<Ipv4Addr>) {
+        if !self.overlay_peers.contains_key(network_id) {
+            return;
+        }
+        if addrs.iter().any(|a| self.reachable(network_id, *a)) {
+            addrs.retain(|a| self.reachable(network_id, *a));
+        }
+    }
+
+    fn put_peers(
+        &mut self,
+        network_id: &str,
+        whole: bool,
+        added: Vec<Ipv4Addr>,
+        removed: Vec<Ipv4Addr>,
+        d: &mut Dirty,
+    ) {
+        let net = self.intern(&id(network_id));
+        let had_view = self.overlay_peers.contains_key(network_id);
+        let peers = self.overlay_peers.entry(net.clone()).or_default();
+        let mut moved: HashSet<Ipv4Addr> = HashSet::new();
+        if whole {
+            let new: HashSet<Ipv4Addr> = added.into_iter().collect();
+            moved.extend(peers.symmetric_difference(&new).copied());
+            *peers = new;
+        } else {
+            for a in added {
+                if peers.insert(a) {
+                    moved.insert(a);
+                }
+            }
+            for a in removed {
+                if peers.remove(&a) {
+                    moved.insert(a);
+                }
+            }
+        }
+        if !had_view {
+            // Every remote task here was reachable without a view.
+            d.services
+                .extend(self.services_on(&net).map(|s| s.id.clone()));
+            d.networks.insert(net);
+            return;
+        }
+        if moved.is_empty() {
+            return;
+        }
+        d.networks.insert(net.clone());
+        // Only the services with a task at an address that moved.
+        let hit: Vec<Id> = self
+            .services_on(&net)
+            .filter(|s| {
+                self.tasks_of(&s.id)
+                    .any(|t| t.addresses.get(&net).is_some_and(|a| moved.contains(a)))
+            })
+            .map(|s| s.id.clone())
+            .collect();
+        d.services.extend(hit);
     }
 
     fn accept(&mut self, kind: Kind, id: &str, d: &mut Dirty) {
@@ -483,8 +595,11 @@ impl ClusterState {
             return;
         }
         n.id = self.intern(&n.id);
+        // Before and after: the ingress flag may be what changed.
         self.touch_network(&n.id, d);
-        self.networks.insert(n.id.clone(), n);
+        let nid = n.id.clone();
+        self.networks.insert(nid.clone(), n);
+        self.touch_network(&nid, d);
     }
 
     /// A network's names, the services on it (their load balancers need it known) and the
@@ -493,6 +608,15 @@ impl ClusterState {
         d.networks.insert(Id::from(id));
         d.services
             .extend(self.services_on(id).map(|s| s.id.clone()));
+        if self.networks.get(id).is_some_and(|n| n.ingress) {
+            // Every ingress-published port goes through it (rare: swarm makes it once).
+            d.services.extend(
+                self.services
+                    .values()
+                    .filter(|s| s.ports.iter().any(|p| p.mode == PublishMode::Ingress))
+                    .map(|s| s.id.clone()),
+            );
+        }
         d.sandboxes
             .extend(self.sandboxes_on(id).map(|s| s.container_id.clone()));
     }
@@ -511,8 +635,14 @@ impl ClusterState {
         if old == Some(&n) {
             return;
         }
-        // Only what compile reads: liveness and the hostname (for --hostname templates).
-        let matters = old.is_none_or(|o| o.is_down() != n.is_down() || o.hostname != n.hostname);
+        // Only what compile reads: liveness, the hostname (for --hostname templates) and
+        // the address (where the ingress mesh tunnels to its tasks).
+        let matters = old.is_none_or(|o| {
+            o.is_down() != n.is_down() || o.hostname != n.hostname || o.addr != n.addr
+        });
+        if old.is_none_or(|o| o.addr != n.addr) {
+            d.nodes = true;
+        }
         n.id = self.intern(&n.id);
         let nid = n.id.clone();
         self.nodes.insert(nid.clone(), n);
@@ -533,6 +663,7 @@ impl ClusterState {
     fn drop_node(&mut self, id: &str, d: &mut Dirty) {
         self.accept(Kind::Node, id, d);
         if self.nodes.remove(id).is_some() {
+            d.nodes = true;
             self.touch_node(id, d);
             // A node that left the swarm reports nothing any more.
             self.drop_report(id, d);
@@ -553,7 +684,13 @@ impl ClusterState {
     fn touch_sandbox(&self, s: &Sandbox, d: &mut Dirty) {
         d.sandboxes.insert(s.container_id.clone());
         d.networks.extend(s.networks.iter().map(|n| id(n)));
-        if s.holds_task() {
+        // A task's own container makes it reachable here, whatever the overlay says, and
+        // its gateway address is where the ingress mesh delivers to it.
+        let gated = s
+            .networks
+            .iter()
+            .any(|n| self.overlay_peers.contains_key(n.as_str()));
+        if s.holds_task() || gated || s.gateway.is_some() {
             if let Some(t) = s.task_id.as_ref().and_then(|t| self.tasks.get(t.as_str())) {
                 Self::touch_task(t, d);
             }
@@ -853,6 +990,7 @@ pub(crate) mod tests {
             task_id: None,
             health: Health::None,
             stopping: false,
+            gateway: None,
         }
     }
 
@@ -976,15 +1114,25 @@ pub(crate) mod tests {
                 t.desired = de;
                 t
             });
-        let service =
-            (id("s"), id("n"), ip.clone(), any::<bool>()).prop_map(|(s, n, ip, dnsrr)| {
+        // n0 is the ingress network; services publish one of two ports, or none.
+        let service = (id("s"), id("n"), ip.clone(), any::<bool>(), 0..3u16).prop_map(
+            |(s, n, ip, dnsrr, port)| {
                 let mut s = svc(&s, &[(&n, ip)]);
                 if dnsrr {
                     s.mode = EndpointMode::Dnsrr;
                     s.vips.clear();
                 }
+                if port > 0 {
+                    s.ports.push(PublishedPort {
+                        protocol: Protocol::Tcp,
+                        target: 80,
+                        published: Some(8079 + port),
+                        mode: PublishMode::Ingress,
+                    });
+                }
                 s
-            });
+            },
+        );
         let node_state = prop_oneof![Just(NodeState::Ready), Just(NodeState::Down)];
         let sandbox = (
             id("c"),
@@ -1004,11 +1152,14 @@ pub(crate) mod tests {
                 } else {
                     Health::Healthy
                 };
+                sb.gateway = (cookie > 1).then(|| Ipv4Addr::new(172, 18, 0, cookie as u8));
                 for n in &nets {
                     sb.endpoints.insert(
                         Id::from(n.as_str()),
                         SandboxEndpoint {
-                            addr: Some(Ipv4Addr::new(10, 0, 9, cookie as u8)),
+                            // Task addresses too: a local task is reachable whatever
+                            // the overlay's view.
+                            addr: Some(Ipv4Addr::new(10, 0, 0, cookie as u8)),
                             aliases: vec![],
                         },
                     );
@@ -1038,14 +1189,35 @@ pub(crate) mod tests {
             id("t").prop_map(Change::DropTask),
             service.clone().prop_map(Change::PutService),
             id("s").prop_map(Change::DropService),
-            id("n").prop_map(|n| Change::PutNetwork(net(&n))),
+            id("n").prop_map(|n| {
+                let mut net = net(&n);
+                net.ingress = n == "n0";
+                Change::PutNetwork(net)
+            }),
             id("n").prop_map(Change::DropNetwork),
-            (id("node"), node_state).prop_map(|(n, st)| Change::PutNode(node(&n, st))),
+            (id("node"), node_state, 0..3u8).prop_map(|(n, st, a)| {
+                let mut node = node(&n, st);
+                node.addr = (a > 0).then(|| Ipv4Addr::new(192, 168, 0, a));
+                Change::PutNode(node)
+            }),
             id("node").prop_map(Change::DropNode),
             sandbox.prop_map(Change::PutSandbox),
             id("c").prop_map(Change::DropSandbox),
             report.prop_map(Change::PutReport),
             id("node").prop_map(Change::DropReport),
+            (
+                id("n"),
+                any::<bool>(),
+                proptest::collection::vec(ip.clone(), 0..3),
+                proptest::collection::vec(ip.clone(), 0..2),
+            )
+                .prop_map(|(n, whole, added, removed)| Change::OverlayPeers {
+                    network_id: n,
+                    whole,
+                    added: added.into_iter().map(Ipv4Addr::from).collect(),
+                    removed: removed.into_iter().map(Ipv4Addr::from).collect(),
+                }),
+            id("n").prop_map(Change::DropOverlayPeers),
             (id("s"), proptest::collection::vec(task, 0..3)).prop_map(|(s, ts)| {
                 Change::ServiceTasks {
                     tasks: ts

@@ -422,6 +422,8 @@ pub struct Inspected {
     /// Network ids, sorted.
     pub networks: Vec<String>,
     pub endpoints: NetMap<SandboxEndpoint>,
+    /// Its address on `docker_gwbridge` (not in the inspect answer: the network says it).
+    pub gateway: Option<std::net::Ipv4Addr>,
 }
 
 impl Inspected {
@@ -556,6 +558,7 @@ pub fn inspect(raw: &RawValue) -> Result<Inspected, String> {
         sandbox_key: Some(r.network_settings.sandbox_key).filter(|k| !k.is_empty()),
         networks,
         endpoints,
+        gateway: None,
     })
 }
 

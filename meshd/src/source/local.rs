@@ -30,6 +30,7 @@ use tracing::{debug, info, warn};
 use super::{
     decode::{self, Event, Inspected},
     docker_api::{ApiError, DockerApi},
+    overlay_peers::OverlayPeers,
     HintTx, Origin, TaskHint, Update, UpdateTx,
 };
 use crate::{
@@ -42,6 +43,9 @@ use crate::{
 const EVENTS: &str = "filters=%7B%22type%22%3A%5B%22container%22%2C%22network%22%5D%2C%22event%22%3A%5B%22create%22%2C%22start%22%2C%22restart%22%2C%22die%22%2C%22destroy%22%2C%22kill%22%2C%22health_status%22%2C%22rename%22%2C%22update%22%2C%22pause%22%2C%22unpause%22%2C%22connect%22%2C%22disconnect%22%5D%7D";
 /// Containers that may have a namespace: not the stopped ones.
 const LIVE: &str = "/containers/json?all=1&filters=%7B%22status%22%3A%5B%22created%22%2C%22running%22%2C%22paused%22%2C%22restarting%22%5D%7D";
+/// Docker's bridge network that gives swarm tasks their way out (and the ingress sandbox
+/// its way in).
+pub const GATEWAY_BRIDGE: &str = "docker_gwbridge";
 /// How long a new namespace is watched for a starting container's address.
 const WATCH_FOR: Duration = Duration::from_secs(5);
 /// Early starts kept for `meshctl status`.
@@ -76,6 +80,8 @@ pub struct SourceStatus {
     pub late_starts: u64,
     /// How long the last full read took.
     pub last_full_read_ms: f64,
+    /// Overlay networks whose peers (as this node's engine has them) are followed.
+    pub overlays_followed: usize,
 }
 
 /// A container between `create` and `start`.
@@ -128,6 +134,8 @@ pub struct LocalSource {
     watches: HashMap<PathBuf, (Arc<AtomicBool>, Option<Seen>)>,
     /// Containers this source has put as sandboxes, as last put.
     live: HashMap<String, Sandbox>,
+    /// The overlay peers of the networks those containers are on.
+    peers: Mutex<OverlayPeers>,
 }
 
 fn unix_ns(t: SystemTime) -> f64 {
@@ -150,6 +158,7 @@ impl LocalSource {
         let (back_tx, back_rx) = mpsc::unbounded_channel();
         LocalSource {
             api,
+            peers: Mutex::new(OverlayPeers::new(updates.clone())),
             updates,
             hints,
             status,
@@ -167,10 +176,18 @@ impl LocalSource {
 
     fn send(&self, changes: Vec<Change>, origin: Option<Instant>) {
         if !changes.is_empty() {
+            self.follow_peers(&changes);
             let _ = self
                 .updates
                 .send(Update::read(changes, origin, Origin::Local));
         }
+    }
+
+    /// Follows the overlay peers of exactly the networks local containers are on.
+    fn follow_peers(&self, changes: &[Change]) {
+        let mut peers = self.peers.lock().unwrap();
+        peers.observe(changes, self.netns_dir.as_deref());
+        self.status.lock().unwrap().overlays_followed = peers.followed();
     }
 
     fn failed(&self, e: &dyn std::fmt::Display) {
@@ -285,8 +302,10 @@ impl LocalSource {
             rejected = rejected.len(),
             "listed local containers"
         );
+        let changes = vec![Change::Resync(Resync::Sandboxes(sandboxes, rejected))];
+        self.follow_peers(&changes);
         let _ = self.updates.send(Update {
-            changes: vec![Change::Resync(Resync::Sandboxes(sandboxes, rejected))],
+            changes,
             origin: None,
             read_at: Some(Instant::now()),
             from: Origin::Local,
@@ -624,6 +643,8 @@ impl LocalSource {
                 task_id: p.task_id.clone(),
                 health: Health::None,
                 stopping: false,
+                // Known from the inspect after start (the ingress mesh delivers from then).
+                gateway: None,
             }));
         }
         if !changes.is_empty() {
@@ -715,13 +736,21 @@ async fn sandbox(
         task_id: i.task_id().map(str::to_string),
         health: i.health,
         stopping: false,
+        gateway: i.gateway,
     }))
 }
 
 /// `GET /containers/{id}/json`: None when the container is gone.
 async fn inspect(api: &DockerApi, id: &str) -> Result<Option<Inspected>, Rejected> {
     match api.get_bytes(&format!("/containers/{id}/json")).await {
-        Ok(body) => decode::one(&body, Kind::Container, decode::inspect).map(Some),
+        Ok(body) => {
+            let mut i = decode::one(&body, Kind::Container, decode::inspect)?;
+            // A task's leg on docker_gwbridge is where the ingress mesh delivers to it.
+            if i.task_id().is_some() && i.is_live() {
+                i.gateway = address_on(api, GATEWAY_BRIDGE, &i.id).await;
+            }
+            Ok(Some(i))
+        }
         Err(e) if DockerApi::is_not_found(&e) => Ok(None),
         Err(e) => Err(Rejected {
             kind: Kind::Container,

@@ -18,6 +18,7 @@ pub mod decode;
 pub mod docker_api;
 pub mod local;
 pub mod managers;
+pub mod overlay_peers;
 pub mod swarm;
 
 /// A batch of changes one source learned together.

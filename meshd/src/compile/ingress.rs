@@ -1,0 +1,155 @@
+//! The ingress routing mesh, compiled: each port a service publishes in ingress mode (swarm's
+//! default), the tasks that serve it, and where each one is reached from this node: its leg
+//! on this node's `docker_gwbridge`, or its node's address to tunnel to.
+use std::{collections::BTreeSet, net::Ipv4Addr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{ClusterState, Id, Kind, Protocol, PublishMode, Rejected};
+
+/// The per-service opt-in that lets tasks see the external client's own address and port.
+/// A `meshd.` label, not `com.docker.lb.`: that prefix is Interlock's L7 vocabulary (the L7
+/// front end reads it), while this one changes the packet path of a published port, which
+/// is meshd's own.
+pub const CLIENT_ADDRESS_LABEL: &str = "meshd.ingress.client-address";
+
+/// A published port: what a client outside connects to, on every node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct IngressPort {
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+impl std::fmt::Display for IngressPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.port, self.protocol)
+    }
+}
+
+/// What the task sees as its peer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAddress {
+    /// The entry node's address, as Docker's mesh does (works on any network).
+    #[default]
+    Snat,
+    /// The client's own address and port.
+    Preserve,
+}
+
+/// One task serving a published port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct IngressBackend {
+    /// Its address on the ingress network: the same on every node, so every node's Maglev
+    /// table agrees.
+    pub addr: Ipv4Addr,
+    /// Its node's address (where the tunnel goes), if swarm reports one.
+    pub node: Option<Ipv4Addr>,
+    /// Its `docker_gwbridge` address when it runs on this node.
+    pub local: Option<Ipv4Addr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngressLb {
+    pub service_id: Id,
+    pub service_name: String,
+    /// The port inside the task.
+    pub target: u16,
+    pub client: ClientAddress,
+    /// Live tasks, by ingress address.
+    pub backends: Vec<IngressBackend>,
+}
+
+/// The ingress network (swarm has one; `docker network create --ingress` replaces it).
+pub fn ingress_network(state: &ClusterState) -> Option<&Id> {
+    state.networks.values().find(|n| n.ingress).map(|n| &n.id)
+}
+
+/// The ports a service publishes in ingress mode, each with its live tasks, and what of its
+/// spec cannot be used (said once, for the service).
+pub fn service_ingress(
+    state: &ClusterState,
+    service_id: &str,
+) -> (Vec<(IngressPort, IngressLb)>, Option<Rejected>) {
+    let Some(service) = state.services.get(service_id) else {
+        return (Vec::new(), None);
+    };
+    let mut problems = Vec::new();
+    let client = match service.labels.get(CLIENT_ADDRESS_LABEL).map(String::as_str) {
+        None | Some("snat") => ClientAddress::Snat,
+        Some("preserve") => ClientAddress::Preserve,
+        Some(other) => {
+            problems.push(format!(
+                "label {CLIENT_ADDRESS_LABEL}={other:?}: expected \"snat\" or \"preserve\"; \
+                 its ports use snat"
+            ));
+            ClientAddress::Snat
+        }
+    };
+    let mut out = Vec::new();
+    let ingress = ingress_network(state);
+    for p in &service.ports {
+        if p.mode != PublishMode::Ingress {
+            continue;
+        }
+        let Some(port) = p.published else { continue };
+        if !matches!(p.protocol, Protocol::Tcp | Protocol::Udp) {
+            problems.push(format!(
+                "publishes {port}/{}: the ingress mesh carries tcp and udp only",
+                p.protocol
+            ));
+            continue;
+        }
+        let Some(ingress) = ingress else {
+            problems.push(format!(
+                "publishes {port}/{} in ingress mode, but the swarm has no ingress network",
+                p.protocol
+            ));
+            continue;
+        };
+        out.push((
+            IngressPort {
+                protocol: p.protocol,
+                port,
+            },
+            IngressLb {
+                service_id: service.id.clone(),
+                service_name: service.name.clone(),
+                target: p.target,
+                client,
+                backends: backends(state, service_id, ingress),
+            },
+        ));
+    }
+    let note = (!problems.is_empty()).then(|| Rejected {
+        kind: Kind::Service,
+        id: service_id.to_string(),
+        reason: problems.join("; "),
+    });
+    (out, note)
+}
+
+fn backends(state: &ClusterState, service_id: &str, ingress: &str) -> Vec<IngressBackend> {
+    let mut out: Vec<IngressBackend> = state
+        .tasks_of(service_id)
+        .filter(|t| state.serves(t))
+        .filter_map(|t| {
+            let addr = *t.addresses.get(ingress)?;
+            let local = state
+                .sandboxes_on(ingress)
+                .find(|s| s.endpoints.get(ingress).and_then(|e| e.addr) == Some(addr))
+                .and_then(|s| s.gateway);
+            let node = state.nodes.get(&*t.node_id).and_then(|n| n.addr);
+            // Neither here nor anywhere known: nowhere to send it.
+            (local.is_some() || node.is_some()).then_some(IngressBackend { addr, node, local })
+        })
+        .collect();
+    out.sort();
+    out.dedup_by_key(|b| b.addr);
+    out
+}
+
+/// The addresses of the swarm's nodes: a tunnel from any of them is accepted.
+pub fn node_addrs(state: &ClusterState) -> BTreeSet<Ipv4Addr> {
+    state.nodes.values().filter_map(|n| n.addr).collect()
+}
