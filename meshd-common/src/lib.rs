@@ -41,8 +41,26 @@ pub mod map_names {
     pub const NET_META: &str = "MESHD_NET_META";
     /// netns cookie → meshd's DNS ports in that namespace: where `127.0.0.11:53` goes.
     pub const DNS: &str = "MESHD_DNS";
+    /// (published port, protocol) → the ingress load balancer behind it.
+    pub const IG_PORTS: &str = "MESHD_IG_PORTS";
+    /// (ingress load balancer, Maglev slot) → the backend that slot names.
+    pub const IG_MAGLEV: &str = "MESHD_IG_MAGLEV";
+    /// This node's addresses: a published port answers on these.
+    pub const IG_ADDRS: &str = "MESHD_IG_ADDRS";
+    /// The swarm's node addresses: tunnelled packets are taken from these only.
+    pub const IG_NODES: &str = "MESHD_IG_NODES";
+    /// A local task's ingress address → its `docker_gwbridge` address.
+    pub const IG_LOCAL: &str = "MESHD_IG_LOCAL";
+    /// One entry: this node's ingress settings (`IngressConfig`).
+    pub const IG_CONFIG: &str = "MESHD_IG_CONF";
+    /// A flow as it arrived (client → published port) → where it goes.
+    pub const IG_FLOWS: &str = "MESHD_IG_FLOWS";
+    /// A reply as it leaves a task (or arrives from a tunnel) → how to show it to the client.
+    pub const IG_REV: &str = "MESHD_IG_REV";
+    /// Per-CPU counters of the ingress path (`ingress_stat`), summed by meshd.
+    pub const IG_STATS: &str = "MESHD_IG_STATS";
 
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 20] = [
         SANDBOXES,
         VIPS,
         LBS,
@@ -54,6 +72,15 @@ pub mod map_names {
         LB_META,
         NET_META,
         DNS,
+        IG_PORTS,
+        IG_MAGLEV,
+        IG_ADDRS,
+        IG_NODES,
+        IG_LOCAL,
+        IG_CONFIG,
+        IG_FLOWS,
+        IG_REV,
+        IG_STATS,
     ];
 }
 
@@ -63,6 +90,10 @@ pub mod prog_names {
     pub const SENDMSG4: &str = "meshd_sendmsg4";
     pub const RECVMSG4: &str = "meshd_recvmsg4";
     pub const GETPEERNAME4: &str = "meshd_getpeername4";
+    /// tc ingress on the node's own interfaces: published ports, and the tunnel.
+    pub const INGRESS_IN: &str = "meshd_ingress_in";
+    /// tc ingress on `docker_gwbridge`: replies of local tasks.
+    pub const INGRESS_BACK: &str = "meshd_ingress_back";
 }
 
 /// Capacities of the maps. Large maps are created without preallocation so an idle node
@@ -79,6 +110,144 @@ pub mod capacity {
     pub const REVNAT: u32 = 1 << 18;
     pub const AFFINITY: u32 = 1 << 16;
     pub const DNS: u32 = 1 << 16;
+    pub const IG_PORTS: u32 = 1 << 12;
+    /// Maglev slots over all published ports (a port with n tasks takes a prime ≥ 100 × n).
+    pub const IG_MAGLEV: u32 = 1 << 20;
+    pub const IG_ADDRS: u32 = 256;
+    pub const IG_NODES: u32 = 1 << 12;
+    pub const IG_LOCAL: u32 = 1 << 14;
+    /// Flows kept per node, in each direction (LRU maps are preallocated: about 6 MB of
+    /// kernel memory each at this size). When full, the least recently used flow is
+    /// forgotten: its next packet picks again by Maglev (the same task while the tasks stay
+    /// the same), so only flows idle for the longest while tasks changed can move.
+    pub const IG_FLOWS: u32 = 1 << 16;
+}
+
+/// What the ingress path counts (`IG_STATS` indices).
+pub mod ingress_stat {
+    /// Packets to a published port, by the entry node.
+    pub const IN: u32 = 0;
+    /// New flows.
+    pub const NEW_FLOWS: u32 = 1;
+    /// Delivered to a task on this node.
+    pub const LOCAL: u32 = 2;
+    /// Sent through the tunnel to a task's node.
+    pub const TUNNELLED: u32 = 3;
+    /// Replies translated back to the client.
+    pub const REPLIES: u32 = 4;
+    /// Dropped: a published port with no live task.
+    pub const NO_BACKEND: u32 = 5;
+    /// Dropped: IP fragments of a published port (not balanced: only the first has ports).
+    pub const FRAGMENTS: u32 = 6;
+    /// Dropped: no free source port for SNAT towards that task.
+    pub const NO_PORT: u32 = 7;
+    /// Dropped: a packet too big for the tunnel.
+    pub const TOO_BIG: u32 = 8;
+    /// Passed to the stack: no route found for a rewritten packet.
+    pub const NO_ROUTE: u32 = 9;
+    pub const COUNT: u32 = 10;
+}
+
+/// The UDP port of meshd's node-to-node tunnel (`--ingress-tunnel-port`).
+pub const INGRESS_TUNNEL_PORT: u16 = 4790;
+/// Bytes the tunnel adds: an outer IPv4 header and a UDP header.
+pub const TUNNEL_OVERHEAD: u16 = 28;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IngressPortKey {
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// `IngressPortValue::flags`: show tasks the client's own address.
+pub const IG_PRESERVE_CLIENT: u16 = 1;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IngressPortValue {
+    pub lb_id: u32,
+    /// Maglev table size (a prime); 0: no live task.
+    pub slots: u32,
+    /// The port inside the task, network byte order.
+    pub target: u16,
+    pub flags: u16,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MaglevKey {
+    pub lb_id: u32,
+    pub slot: u32,
+}
+
+/// A task behind a published port, as one node reaches it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IngressBackend {
+    /// Its ingress-network address (network byte order, as all addresses here).
+    pub addr: u32,
+    /// Its node's address, where the tunnel goes; 0 when it runs on this node.
+    pub node: u32,
+    /// Its `docker_gwbridge` address when it runs on this node.
+    pub gateway: u32,
+    pub _pad: u32,
+}
+
+/// This node's ingress settings, one entry of `IG_CONFIG`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IngressConfig {
+    /// `docker_gwbridge`'s interface index (0: no bridge, no local delivery).
+    pub bridge_ifindex: u32,
+    /// This node's swarm address: the tunnel's source (other nodes take tunnels from it).
+    pub node_addr: u32,
+    /// The tunnel's UDP port, network byte order.
+    pub tunnel_port: u16,
+    /// The largest IPv4 packet that can go into the tunnel (underlay MTU minus the tunnel).
+    pub tunnel_mtu: u16,
+    pub _pad: u32,
+}
+
+/// A flow, as the addresses and ports on the wire at that point.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Where a flow that arrived at a published port goes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowValue {
+    pub backend: IngressBackend,
+    /// The source it is given (SNAT: this node's address and a port; else the client's).
+    pub saddr: u32,
+    pub sport: u16,
+    /// The task's port.
+    pub dport: u16,
+}
+
+/// How a reply is shown to whoever the flow came from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RevValue {
+    /// The source the reply gets (the published address and port, or the task's ingress
+    /// address on the task's node) and its destination (the client).
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    /// Back through the tunnel to this node (the entry node); 0: straight to the client.
+    pub tunnel_to: u32,
 }
 
 /// Networks one sandbox can be scoped to; a container on more networks gets VIPs on its
@@ -238,4 +407,12 @@ mod pod {
     unsafe impl aya::Pod for LbMeta {}
     unsafe impl aya::Pod for NetMeta {}
     unsafe impl aya::Pod for DnsPorts {}
+    unsafe impl aya::Pod for IngressPortKey {}
+    unsafe impl aya::Pod for IngressPortValue {}
+    unsafe impl aya::Pod for MaglevKey {}
+    unsafe impl aya::Pod for IngressBackend {}
+    unsafe impl aya::Pod for IngressConfig {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowValue {}
+    unsafe impl aya::Pod for RevValue {}
 }

@@ -18,6 +18,8 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod ingress;
+
 use aya_ebpf::{
     bindings::{
         bpf_sock_addr, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1,

@@ -38,6 +38,11 @@ pub mod tables;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshd-ebpf.o"));
 
+/// The eBPF object meshd loads (the packet tests load it on their own).
+pub fn object() -> &'static [u8] {
+    OBJECT
+}
+
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const PROGRAMS: [&str; 4] = [
     prog_names::CONNECT4,
