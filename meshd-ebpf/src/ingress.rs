@@ -20,7 +20,7 @@ use aya_ebpf::{
     bindings::{
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams, bpf_redir_neigh,
         BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
-        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_MARK_MANGLED_0, BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR,
+        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_INGRESS, BPF_F_MARK_MANGLED_0, BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR,
         BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT,
     },
     helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
@@ -75,6 +75,8 @@ const AF_INET: u8 = 2;
 /// IPv4 `frag_off`: more fragments, and the offset.
 const IP_MF_OFFSET: u16 = 0x3fff;
 const TCP_SYN: u8 = 0x02;
+/// `lo` is interface 1 in every namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
 /// SNAT source ports are tried from here up (below Linux's ephemeral range).
 const SNAT_PORT_BASE: u32 = 10000;
 const SNAT_PORT_SPAN: u32 = 22000;
@@ -228,7 +230,35 @@ fn ingress_in(ctx: &mut TcContext) -> Option<i32> {
     {
         return from_tunnel(ctx, &conf);
     }
-    unsafe { IG_ADDRS.get(&p.daddr) }?;
+    let origin = if unsafe { (*ctx.skb.skb).ifindex } == LOOPBACK_IFINDEX {
+        Origin::ThisNode
+    } else {
+        Origin::Outside
+    };
+    to_published(ctx, &mut p, &conf, origin)
+}
+
+/// Where a packet to a published port came from: the node's network, the node itself
+/// (`lo`), or a container on this node (`docker_gwbridge`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Outside,
+    ThisNode,
+    LocalContainer,
+}
+
+/// Sends a packet addressed to a published port of this node to its flow's task.
+#[inline(always)]
+fn to_published(ctx: &mut TcContext, p: &mut Packet, conf: &IngressConfig, origin: Origin) -> Option<i32> {
+    let loopback = p.daddr.to_ne_bytes()[0] == 127;
+    if loopback {
+        // localhost:PORT, as Docker's mesh answers it: only from the node itself.
+        if origin != Origin::ThisNode {
+            return None;
+        }
+    } else {
+        unsafe { IG_ADDRS.get(&p.daddr) }?;
+    }
     let port = *unsafe {
         IG_PORTS.get(&IngressPortKey {
             port: p.dport,
@@ -243,23 +273,30 @@ fn ingress_in(ctx: &mut TcContext) -> Option<i32> {
         return Some(TC_ACT_SHOT as i32);
     }
     let key = p.key();
+    // A local container's reply would go straight back over the bridge, and localhost
+    // cannot leave the node: those are always SNAT, to an address the reply comes back to.
+    let snat = match origin {
+        Origin::Outside => None,
+        Origin::ThisNode if loopback => Some(conf.node_addr),
+        _ => Some(p.daddr),
+    };
     let flow = match unsafe { IG_FLOWS.get(&key) } {
         Some(f) if still_here(&f.backend) => *f,
-        _ => match new_flow(&p, &key, &port)? {
+        _ => match new_flow(p, &key, &port, snat)? {
             Ok(f) => f,
             Err(action) => return Some(action),
         },
     };
     let b = flow.backend;
     if b.node == 0 {
-        rewrite(ctx, &mut p, false, b.gateway, flow.dport)?;
-        rewrite(ctx, &mut p, true, flow.saddr, flow.sport)?;
+        rewrite(ctx, p, false, b.gateway, flow.dport)?;
+        rewrite(ctx, p, true, flow.saddr, flow.sport)?;
         count(ingress_stat::LOCAL);
-        return Some(to_bridge(&conf));
+        return Some(to_bridge(conf));
     }
-    rewrite(ctx, &mut p, false, b.addr, flow.dport)?;
-    rewrite(ctx, &mut p, true, flow.saddr, flow.sport)?;
-    Some(into_tunnel(ctx, &p, &conf, b.node, key_hash(&key)))
+    rewrite(ctx, p, false, b.addr, flow.dport)?;
+    rewrite(ctx, p, true, flow.saddr, flow.sport)?;
+    Some(into_tunnel(ctx, p, conf, b.node, key_hash(&key)))
 }
 
 /// A local task's flow stays while the task is here; a remote one while it is anywhere
@@ -277,9 +314,15 @@ fn key_hash(k: &FlowKey) -> u64 {
     )
 }
 
-/// Picks the task for a new flow and sets up both directions. `Err`: the packet's fate.
+/// Picks the task for a new flow and sets up both directions (`snat`: the source address it
+/// must get whatever the port's mode). `Err`: the packet's fate.
 #[inline(always)]
-fn new_flow(p: &Packet, key: &FlowKey, port: &IngressPortValue) -> Option<Result<FlowValue, i32>> {
+fn new_flow(
+    p: &Packet,
+    key: &FlowKey,
+    port: &IngressPortValue,
+    snat: Option<u32>,
+) -> Option<Result<FlowValue, i32>> {
     if port.slots == 0 {
         count(ingress_stat::NO_BACKEND);
         return Some(Err(TC_ACT_SHOT as i32));
@@ -306,7 +349,8 @@ fn new_flow(p: &Packet, key: &FlowKey, port: &IngressPortValue) -> Option<Result
         dport: p.sport,
         tunnel_to: 0,
     };
-    let preserve = port.flags & IG_PRESERVE_CLIENT != 0;
+    let preserve = snat.is_none() && port.flags & IG_PRESERVE_CLIENT != 0;
+    let nat_addr = snat.unwrap_or(p.daddr);
     let mut sport = p.sport;
     let mut found = false;
     for i in 0..SNAT_TRIES {
@@ -319,7 +363,7 @@ fn new_flow(p: &Packet, key: &FlowKey, port: &IngressPortValue) -> Option<Result
         }
         let rkey = FlowKey {
             saddr: from,
-            daddr: if preserve { p.saddr } else { p.daddr },
+            daddr: if preserve { p.saddr } else { nat_addr },
             sport: port.target,
             dport: sport,
             proto: p.proto,
@@ -338,7 +382,7 @@ fn new_flow(p: &Packet, key: &FlowKey, port: &IngressPortValue) -> Option<Result
     }
     let flow = FlowValue {
         backend: b,
-        saddr: if preserve { p.saddr } else { p.daddr },
+        saddr: if preserve { p.saddr } else { nat_addr },
         sport,
         dport: port.target,
     };
@@ -354,12 +398,16 @@ fn to_bridge(conf: &IngressConfig) -> i32 {
     unsafe { bpf_redirect_neigh(conf.bridge_ifindex, core::ptr::null_mut(), 0, 0) as i32 }
 }
 
-/// A reply of a local task: to the client, or back through the tunnel to the entry node.
+/// From a local container: a task's reply (to the client, or back through the tunnel to the
+/// entry node), or a container asking a published port of this node.
 #[inline(always)]
 fn ingress_back(ctx: &mut TcContext) -> Option<i32> {
     let mut p = parse(ctx)?;
-    let rev = *unsafe { IG_REV.get(&p.key()) }?;
     let conf = config()?;
+    let Some(rev) = (unsafe { IG_REV.get(&p.key()) }) else {
+        return to_published(ctx, &mut p, &conf, Origin::LocalContainer);
+    };
+    let rev = *rev;
     let hash = key_hash(&p.key());
     rewrite(ctx, &mut p, true, rev.saddr, rev.sport)?;
     rewrite(ctx, &mut p, false, rev.daddr, rev.dport)?;
@@ -518,9 +566,17 @@ fn clamp_mss(ctx: &mut TcContext, p: &Packet, max: u16) {
 }
 
 /// Sends the packet towards `daddr` by the node's routes, straight out of the interface
-/// the route names; the stack's own path when there is none.
+/// the route names; the stack's own path when there is none. To this node itself it goes
+/// in through `lo` (arriving elsewhere, a local source address would be a martian).
 #[inline(always)]
 fn route(ctx: &mut TcContext, daddr: u32, saddr: u32) -> i32 {
+    if daddr.to_ne_bytes()[0] == 127 || unsafe { IG_ADDRS.get(&daddr) }.is_some() {
+        let zero = [0u8; 12];
+        if ctx.store(0, &zero, 0).is_err() {
+            return TC_ACT_SHOT as i32;
+        }
+        return unsafe { bpf_redirect(LOOPBACK_IFINDEX, BPF_F_INGRESS as u64) as i32 };
+    }
     // SAFETY: zeroed plain data is a valid lookup request.
     let mut fib: FibParams = unsafe { core::mem::zeroed() };
     fib.family = AF_INET;

@@ -272,9 +272,9 @@ fn status(shared: &Shared) -> Result<Value> {
     let core = shared.core.read().unwrap();
     let desired = core.compiler.desired();
     let rec = shared.reconcile.lock().unwrap().clone();
-    let (adopted, entries) = {
+    let (adopted, entries, ingress) = {
         let e = shared.ebpf.lock().unwrap();
-        (e.adopted.clone(), e.entries())
+        (e.adopted.clone(), e.entries(), e.ingress_status())
     };
     let mut dns = json!(*shared.dns_status.lock().unwrap());
     if let Some(d) = &shared.dns {
@@ -327,6 +327,7 @@ fn status(shared: &Shared) -> Result<Value> {
             "cgroup": id.cgroup,
             "adopted_at_start": adopted,
             "map_entries": entries,
+            "ingress": ingress,
             "appliers": rec.appliers,
         },
         "reconcile": {

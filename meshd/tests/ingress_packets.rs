@@ -707,3 +707,54 @@ fn a_full_flow_table_forgets_old_flows_and_maglev_gives_them_the_same_task() {
         );
     });
 }
+
+#[test]
+fn the_node_itself_and_its_containers_reach_published_ports() {
+    if !root_or_skip("the_node_itself_and_its_containers_reach_published_ports") {
+        return;
+    }
+    in_fresh_netns(|| {
+        let mut n = node(1024);
+        // Client-preserving, to show that these are SNAT all the same.
+        n.publish(8080, TCP, local_task(), IG_PRESERVE_CLIENT);
+        let localhost = Ipv4Addr::LOCALHOST;
+        // localhost:8080 from the node itself (tc on lo): to the task, from the node's
+        // address (the reply must come back to something the bridge can reach).
+        let (verdict, out) = n.run(
+            prog_names::INGRESS_IN,
+            1,
+            &packet((localhost, 45000), (localhost, 8080), TCP, 0),
+        );
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let s = seen(&out);
+        assert_eq!((s.src.0, s.dst), (NODE, (TASK_GW, 80)));
+        // The reply goes in through lo, as from localhost:8080.
+        let (verdict, back) = n.run(
+            prog_names::INGRESS_BACK,
+            n.bridge,
+            &packet((TASK_GW, 80), s.src, TCP, 0),
+        );
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let b = seen(&back);
+        assert_eq!((b.src, b.dst), ((localhost, 8080), (localhost, 45000)));
+        assert_eq!(b.dst_mac, [0; 6], "loopback frame");
+        // localhost from outside is not ours to answer.
+        let (verdict, _) = n.run(
+            prog_names::INGRESS_IN,
+            n.uplink,
+            &packet((CLIENT, 45000), (localhost, 8080), TCP, 0),
+        );
+        assert_eq!(verdict, TC_ACT_OK);
+        // A container on this node (through the bridge) asking the node's address: SNAT to
+        // that address, so the task's reply does not go straight back over the bridge.
+        let container = Ipv4Addr::new(172, 17, 0, 9);
+        let (verdict, out) = n.run(
+            prog_names::INGRESS_BACK,
+            n.bridge,
+            &packet((container, 46000), (NODE, 8080), TCP, 0),
+        );
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let s = seen(&out);
+        assert_eq!((s.src.0, s.dst), (NODE, (TASK_GW, 80)));
+    });
+}

@@ -86,6 +86,13 @@ pub fn lab_dir(name: &str) -> PathBuf {
     Path::new(LAB_ROOT).join(name)
 }
 
+/// The LAN machine of `Lab::lan_client`.
+pub const LAN_CLIENT: &str = "192.168.100.200";
+
+fn lan_ns(name: &str) -> String {
+    format!("{name}-lan")
+}
+
 fn underlay_ns(name: &str) -> String {
     format!("{name}-ul")
 }
@@ -340,6 +347,56 @@ impl Lab {
         &self.nodes[0]
     }
 
+    /// A machine on the nodes' LAN: a namespace with a veth on the underlay bridge and
+    /// `LAN_CLIENT` (outside the nodes' range). Made once; `down` removes it. Returns its
+    /// namespace name (`ip netns exec NAME ...`).
+    pub fn lan_client(&self) -> Result<String> {
+        let ns = lan_ns(&self.spec.name);
+        if Path::new("/var/run/netns").join(&ns).exists() {
+            return Ok(ns);
+        }
+        sh(&["ip", "netns", "add", &ns])?;
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            "lan0",
+            "netns",
+            &ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "lan-ul",
+            "netns",
+            &self.underlay,
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            &self.underlay,
+            "link",
+            "set",
+            "lan-ul",
+            "master",
+            "br0",
+            "up",
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{LAN_CLIENT}/24"),
+            "dev",
+            "lan0",
+        ])?;
+        sh(&["ip", "-n", &ns, "link", "set", "lan0", "up"])?;
+        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
     /// Cuts (or restores) a node's underlay link: it loses every other node.
     pub fn set_link(&self, hostname: &str, up: bool) -> Result<()> {
         self.index(hostname)?;
@@ -449,6 +506,7 @@ impl Lab {
             reset_pins(&Path::new(PIN_ROOT).join(format!("{name}-{host}")));
             node::cleanup(&format!("{name}-{host}"), &node_dir);
         }
+        let _ = run(Command::new("ip").args(["netns", "del", &lan_ns(name)]));
         let _ = run(Command::new("ip").args(["netns", "del", &underlay_ns(name)]));
         kill_leftovers(&format!("{}/", dir.display()));
         if dir.exists() {

@@ -430,21 +430,31 @@ fn demo_scenario(lab: &mut Lab) -> Result<()> {
         })?;
     }
 
-    // 1. The published port on each node running web: web → app (dnsrr) → db (VIP).
-    let mut apps_seen = BTreeSet::new();
+    // 1. The published port from a machine on the LAN: 8080 (ingress) on every node, 8081
+    //    (host mode, Docker's) on each node running web: web → app (dnsrr) → db (VIP).
+    let lan = lab.lan_client()?;
+    let mut targets: Vec<String> = lab
+        .nodes
+        .iter()
+        .map(|n| format!("{}:8080", n.addr))
+        .collect();
     for (_, host, _) in &web {
-        let addr = lab.node(host)?.addr.clone();
+        targets.push(format!("{}:8081", lab.node(host)?.addr));
+    }
+    let mut apps_seen = BTreeSet::new();
+    for target in &targets {
         for _ in 0..10 {
-            let out = run(&mut lab.exec_command(
-                "node1",
-                &[
-                    "curl".into(),
-                    "-sf".into(),
-                    "--max-time".into(),
-                    "10".into(),
-                    format!("http://{addr}:8080/cgi-bin/vote"),
-                ],
-            )?)?;
+            let out = run(Command::new("ip").args([
+                "netns",
+                "exec",
+                &lan,
+                "curl",
+                "-sf",
+                "--max-time",
+                "10",
+                &format!("http://{target}/cgi-bin/vote"),
+            ]))
+            .with_context(|| format!("vote via {target}"))?;
             let lines: Vec<&str> = out.lines().collect();
             ensure!(lines.len() == 3, "vote answered {out:?}");
             let part = |i: usize, tier: &str| lines[i].strip_prefix(tier).map(str::trim);

@@ -38,6 +38,16 @@ pub enum Which {
         #[arg(long, value_delimiter = ',', default_value = "3,30,100")]
         nodes: Vec<usize>,
     },
+    /// The ingress mesh from a client on the LAN, against a direct route to the task and an
+    /// nftables mesh built the way Docker's is.
+    Ingress {
+        /// Interleaved rounds.
+        #[arg(long, default_value_t = 9)]
+        rounds: usize,
+        /// Seconds per measurement (the paths share them).
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
     /// meshd's DNS server against unbound serving the same names (dnsperf).
     Dns {
         /// Interleaved rounds per server.
@@ -64,6 +74,7 @@ pub fn run(which: Which) -> Result<()> {
             seconds,
             rate,
         } => crate::bench_dns::dns(rounds, seconds, rate),
+        Which::Ingress { rounds, seconds } => crate::bench_ingress::ingress(rounds, seconds),
         Which::Control {
             services,
             changes,
@@ -93,7 +104,7 @@ pub(crate) fn percentile(mut v: Vec<f64>, q: f64) -> f64 {
 
 /// `median [lo–hi]` of per-round ratios, where [lo, hi] is the 95% confidence interval of
 /// the median (distribution-free: from the order statistics, no assumption of normal noise).
-fn spread(v: &[f64]) -> String {
+pub(crate) fn spread(v: &[f64]) -> String {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
     let (lo, hi) = median_ci(s.len());

@@ -4,7 +4,11 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
-use meshd_tests::{bin, lab::lab_dir, require_root, wait_for, workspace_root, Lab, LabSpec};
+use meshd_tests::{
+    bin,
+    lab::{lab_dir, LAN_CLIENT},
+    require_root, wait_for, workspace_root, Lab, LabSpec,
+};
 use serde_json::Value;
 
 const DEFAULT_NAME: &str = "meshlab";
@@ -173,7 +177,27 @@ fn up(spec: LabSpec, demo: bool) -> Result<()> {
             })
             .unwrap_or_else(|| "node2".into());
         let addr = lab.node(&host).map(|n| n.addr.clone()).unwrap_or_default();
-        println!("  {x} exec node1 -- curl -s http://{addr}:8080/cgi-bin/vote   # web → app (dnsrr) → db (VIP)");
+        // A machine on the nodes' LAN: every node answers web's ingress port.
+        let lan = lab.lan_client()?;
+        println!("  From a machine on the LAN (netns {lan}, {LAN_CLIENT}), every node answers 8080 (ingress):");
+        for n in &lab.nodes {
+            let answer = std::process::Command::new("ip")
+                .args(["netns", "exec", &lan, "curl", "-s", "--max-time", "3"])
+                .arg(format!("http://{}:8080/", n.addr))
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                .unwrap_or_default();
+            println!(
+                "    ip netns exec {lan} curl http://{}:8080/    # → {}",
+                n.addr,
+                if answer.is_empty() {
+                    "no answer"
+                } else {
+                    &answer
+                }
+            );
+        }
+        println!("  {x} exec node1 -- curl -s http://{addr}:8081/cgi-bin/vote   # host mode; web → app (dnsrr) → db (VIP)");
         println!("  {x} exec node1 -- docker service ps {DEMO_STACK}_app");
         println!("  {x} exec node1 -- docker service scale {DEMO_STACK}_db=3");
         println!(

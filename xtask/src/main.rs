@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod bench_control;
 mod bench_dns;
+mod bench_ingress;
 mod lab;
 
 #[derive(Parser)]

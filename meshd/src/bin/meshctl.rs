@@ -289,6 +289,38 @@ fn print_status(d: &Value) {
             }
         );
     }
+    let ig = &dp["ingress"];
+    if ig.is_null() {
+        println!("ingress         off (--no-ingress): published ports are Docker's");
+    } else {
+        let names: Vec<&str> = ig["interfaces"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        let k = &ig["counters"];
+        println!(
+            "ingress         {} published ports on {}; local tasks via {}; tunnel {} from {}",
+            ig["ports"],
+            names.join(", "),
+            ig["bridge"].as_str().unwrap_or("no bridge yet"),
+            ig["tunnel_port"],
+            ig["node_addr"].as_str().unwrap_or("?")
+        );
+        println!(
+            "  packets       {} in, {} new flows, {} to local tasks, {} tunnelled, {} replies",
+            k["packets_in"], k["new_flows"], k["to_local_tasks"], k["tunnelled"], k["replies"]
+        );
+        println!(
+            "  dropped       {} no task, {} fragments, {} no SNAT port, {} too big; {} passed (no route)",
+            k["dropped_no_task"],
+            k["dropped_fragments"],
+            k["dropped_no_snat_port"],
+            k["dropped_too_big"],
+            k["passed_no_route"]
+        );
+    }
     let c = &d["counts"];
     println!(
         "swarm           {} services, {} tasks, {} networks, {} nodes; {} load balancers, {} backends",

@@ -7,6 +7,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use meshd::datapath::ebpf::ingress::IngressSettings;
 use meshd::{
     compile::compile,
     daemon::{self, Config, DnsConfig, UpstreamSource},
@@ -118,6 +119,33 @@ struct RunArgs {
     log_json: bool,
     #[command(flatten)]
     dns: DnsArgs,
+    #[command(flatten)]
+    ingress: IngressArgs,
+}
+
+/// The ingress routing mesh: ports published in ingress mode answer on every node.
+#[derive(Args)]
+struct IngressArgs {
+    /// Leave published ports to Docker (its own ingress, where the kernel has IPVS).
+    #[arg(long)]
+    no_ingress: bool,
+    /// Interfaces published ports answer on (comma-separated); default: every interface
+    /// with an IPv4 address but loopback and Docker's bridges.
+    #[arg(long, value_delimiter = ',')]
+    ingress_interfaces: Vec<String>,
+    /// UDP port of meshd's node-to-node tunnel (allow it between nodes, as 4789 for
+    /// overlays).
+    #[arg(long, default_value_t = meshd_common::INGRESS_TUNNEL_PORT)]
+    ingress_tunnel_port: u16,
+}
+
+impl IngressArgs {
+    fn settings(&self) -> Option<IngressSettings> {
+        (!self.no_ingress).then(|| IngressSettings {
+            interfaces: self.ingress_interfaces.clone(),
+            tunnel_port: self.ingress_tunnel_port,
+        })
+    }
 }
 
 /// The embedded DNS on 127.0.0.11.
@@ -386,6 +414,7 @@ fn real_main() -> Result<()> {
         },
         sweep_every: Duration::from_secs(a.sweep_s.max(1)),
         dns: a.dns.config()?,
+        ingress: a.ingress.settings(),
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -1,7 +1,10 @@
 //! The ingress routing mesh, compiled: each port a service publishes in ingress mode (swarm's
 //! default), the tasks that serve it, and where each one is reached from this node: its leg
 //! on this node's `docker_gwbridge`, or its node's address to tunnel to.
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -149,7 +152,168 @@ fn backends(state: &ClusterState, service_id: &str, ingress: &str) -> Vec<Ingres
     out
 }
 
+/// This node's task containers on the ingress network, serving or not (a task shutting
+/// down keeps its flows while it lives): ingress address → `docker_gwbridge` address.
+pub fn local_legs(state: &ClusterState) -> BTreeMap<Ipv4Addr, Ipv4Addr> {
+    let Some(ingress) = ingress_network(state) else {
+        return BTreeMap::new();
+    };
+    state
+        .sandboxes_on(ingress)
+        .filter(|s| s.task_id.is_some())
+        .filter_map(|s| Some((s.endpoints.get(ingress)?.addr?, s.gateway?)))
+        .collect()
+}
+
 /// The addresses of the swarm's nodes: a tunnel from any of them is accepted.
 pub fn node_addrs(state: &ClusterState) -> BTreeSet<Ipv4Addr> {
     state.nodes.values().filter_map(|n| n.addr).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        compile::compile,
+        model::{state_tests::*, Change, NodeState, PublishedPort, SandboxEndpoint},
+    };
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn published(s: &mut crate::model::Service, port: u16, protocol: Protocol, mode: PublishMode) {
+        s.ports.push(PublishedPort {
+            protocol,
+            target: 80,
+            published: Some(port),
+            mode,
+        });
+    }
+
+    fn state(labels: &[(&str, &str)]) -> ClusterState {
+        let mut s = ClusterState::default();
+        let mut ingress = net("ing");
+        ingress.ingress = true;
+        s.apply(Change::PutNetwork(ingress));
+        for (id, addr) in [("n1", "192.168.0.1"), ("n2", "192.168.0.2")] {
+            let mut n = node(id, NodeState::Ready);
+            n.addr = Some(ip(addr));
+            s.apply(Change::PutNode(n));
+        }
+        let mut web = svc("web", &[("ing", [10, 0, 0, 2])]);
+        published(&mut web, 8080, Protocol::Tcp, PublishMode::Ingress);
+        published(&mut web, 8080, Protocol::Udp, PublishMode::Ingress);
+        published(&mut web, 8081, Protocol::Tcp, PublishMode::Host);
+        published(&mut web, 9000, Protocol::Sctp, PublishMode::Ingress);
+        web.labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        s.apply(Change::PutService(web));
+        s.apply(Change::PutTask(task(
+            "t1",
+            "web",
+            "n1",
+            "ing",
+            [10, 0, 0, 5],
+        )));
+        s.apply(Change::PutTask(task(
+            "t2",
+            "web",
+            "n2",
+            "ing",
+            [10, 0, 0, 6],
+        )));
+        // t1's container runs here, with its docker_gwbridge leg.
+        let mut c = sandbox("c1", 7, &["ing"]);
+        c.task_id = Some("t1".into());
+        c.gateway = Some(ip("172.18.0.3"));
+        c.endpoints.insert(
+            Id::from("ing"),
+            SandboxEndpoint {
+                addr: Some(ip("10.0.0.5")),
+                aliases: vec![],
+            },
+        );
+        s.apply(Change::PutSandbox(c));
+        s
+    }
+
+    #[test]
+    fn ingress_ports_with_their_tasks_local_or_by_node() {
+        let d = compile(&state(&[]));
+        let tcp = IngressPort {
+            protocol: Protocol::Tcp,
+            port: 8080,
+        };
+        let udp = IngressPort {
+            protocol: Protocol::Udp,
+            port: 8080,
+        };
+        assert_eq!(
+            d.ingress.keys().copied().collect::<Vec<_>>(),
+            [tcp, udp],
+            "ingress tcp and udp; not host mode, not sctp"
+        );
+        let lb = &d.ingress[&tcp];
+        assert_eq!(lb.client, ClientAddress::Snat);
+        assert_eq!(
+            lb.backends,
+            [
+                IngressBackend {
+                    addr: ip("10.0.0.5"),
+                    node: Some(ip("192.168.0.1")),
+                    local: Some(ip("172.18.0.3")),
+                },
+                IngressBackend {
+                    addr: ip("10.0.0.6"),
+                    node: Some(ip("192.168.0.2")),
+                    local: None,
+                },
+            ]
+        );
+        assert_eq!(d.ingress_local, [(ip("10.0.0.5"), ip("172.18.0.3"))].into());
+        assert_eq!(
+            d.ingress_nodes,
+            [ip("192.168.0.1"), ip("192.168.0.2")].into()
+        );
+        let note = d.rejected.iter().find(|r| &*r.id == "web").unwrap();
+        assert!(note.reason.contains("9000/sctp"), "{note:?}");
+    }
+
+    #[test]
+    fn the_client_address_label_and_a_bad_value() {
+        let d = compile(&state(&[(CLIENT_ADDRESS_LABEL, "preserve")]));
+        assert!(d
+            .ingress
+            .values()
+            .all(|lb| lb.client == ClientAddress::Preserve));
+        let d = compile(&state(&[(CLIENT_ADDRESS_LABEL, "presrve")]));
+        assert!(d
+            .ingress
+            .values()
+            .all(|lb| lb.client == ClientAddress::Snat));
+        let note = d.rejected.iter().find(|r| &*r.id == "web").unwrap();
+        assert!(
+            note.reason.contains("presrve") && note.reason.contains("snat"),
+            "{note:?}"
+        );
+        assert_eq!(d.ingress.len(), 2, "the ports still answer");
+    }
+
+    #[test]
+    fn a_draining_task_leaves_the_table_but_keeps_its_leg() {
+        let mut s = state(&[]);
+        let mut t1 = task("t1", "web", "n1", "ing", [10, 0, 0, 5]);
+        t1.desired = crate::model::TaskState::Shutdown;
+        s.apply(Change::PutTask(t1));
+        let d = compile(&s);
+        let lb = d.ingress.values().next().unwrap();
+        assert_eq!(
+            lb.backends.iter().map(|b| b.addr).collect::<Vec<_>>(),
+            [ip("10.0.0.6")]
+        );
+        assert!(d.ingress_local.contains_key(&ip("10.0.0.5")));
+    }
 }

@@ -79,6 +79,8 @@ pub struct Desired {
     pub ingress: BTreeMap<IngressPort, Arc<IngressLb>>,
     /// The swarm's node addresses: the ingress mesh takes tunnelled packets from these.
     pub ingress_nodes: BTreeSet<Ipv4Addr>,
+    /// This node's task containers on the ingress network: ingress address → bridge leg.
+    pub ingress_local: BTreeMap<Ipv4Addr, Ipv4Addr>,
     /// What the source could not read, and what compile could not use.
     pub rejected: Vec<Rejected>,
 }
@@ -109,6 +111,7 @@ pub struct Changed {
     pub rejected: bool,
     pub ingress: BTreeSet<IngressPort>,
     pub ingress_nodes: bool,
+    pub ingress_local: bool,
 }
 
 impl Changed {
@@ -119,6 +122,7 @@ impl Changed {
             && !self.rejected
             && self.ingress.is_empty()
             && !self.ingress_nodes
+            && !self.ingress_local
     }
 
     pub fn merge(&mut self, other: &Changed) {
@@ -128,6 +132,7 @@ impl Changed {
         self.rejected |= other.rejected;
         self.ingress.extend(other.ingress.iter().copied());
         self.ingress_nodes |= other.ingress_nodes;
+        self.ingress_local |= other.ingress_local;
     }
 
     /// Everything in `desired`, as if it were all new (an applier starting afresh).
@@ -139,6 +144,7 @@ impl Changed {
             rejected: true,
             ingress: desired.ingress.keys().copied().collect(),
             ingress_nodes: true,
+            ingress_local: true,
         }
     }
 }
@@ -440,6 +446,13 @@ impl Compiler {
             };
             changed.ingress.insert(p);
         }
+        if !dirty.sandboxes.is_empty() {
+            let legs = ingress::local_legs(state);
+            if legs != self.desired.ingress_local {
+                self.desired.ingress_local = legs;
+                changed.ingress_local = true;
+            }
+        }
         if dirty.nodes {
             let nodes = ingress::node_addrs(state);
             if nodes != self.desired.ingress_nodes {
@@ -692,6 +705,9 @@ mod tests {
                 }
                 if before.ingress_nodes != after.ingress_nodes {
                     prop_assert!(changed.ingress_nodes);
+                }
+                if before.ingress_local != after.ingress_local {
+                    prop_assert!(changed.ingress_local);
                 }
             }
         }

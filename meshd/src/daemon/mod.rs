@@ -73,6 +73,8 @@ pub struct Config {
     pub sweep_every: Duration,
     /// The embedded DNS; `None` leaves containers to dockerd's.
     pub dns: Option<DnsConfig>,
+    /// The ingress mesh; `None` leaves published ports to Docker.
+    pub ingress: Option<crate::datapath::ebpf::ingress::IngressSettings>,
 }
 
 pub struct DnsConfig {
@@ -402,7 +404,7 @@ fn start_for(shared: &Shared, resume: Option<(u64, u64)>) -> Start {
 
 pub async fn run(cfg: Config) -> Result<()> {
     let cfg = Arc::new(cfg);
-    let mut ebpf = EbpfDatapath::open(&cfg.pin_dir, &cfg.cgroup)?;
+    let mut ebpf = EbpfDatapath::open(&cfg.pin_dir, &cfg.cgroup, cfg.ingress.clone())?;
     let dns_map = ebpf.take_dns_map().context("DNS map")?;
     let (initial, mut resolv_watch) = match cfg.dns.as_ref().map(|d| &d.upstreams) {
         Some(UpstreamSource::Fixed(servers)) => (servers.clone(), None),

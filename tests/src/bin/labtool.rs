@@ -10,6 +10,7 @@ use std::{
 fn usage() -> ! {
     eprintln!(
         "usage: labtool udp-serve PORT | udp-ask ADDR:PORT [--connected] | peer ADDR:PORT |\n\
+         \x20      serve-peer PORT | tcp-read ADDR:PORT |\n\
          \x20      tcp-echo PORT | rr ADDR:PORT SECONDS | crr ADDR:PORT SECONDS |\n\
          \x20      rr-alt|crr-alt SECONDS ADDR:PORT... |\n\
          \x20      http-serve PORT | http-loop HOST:PORT STOPFILE OUTFILE"
@@ -39,6 +40,16 @@ fn main() {
             println!("{}", s.peer_addr().unwrap());
         }
         ["tcp-echo", port] => tcp_echo(port.parse().unwrap_or_else(|_| usage())),
+        ["serve-peer", port] => serve_peer(port.parse().unwrap_or_else(|_| usage())),
+        ["tcp-read", target] => {
+            let mut s = TcpStream::connect_timeout(&addr(target), Duration::from_secs(3))
+                .unwrap_or_else(|e| fail(&format!("connect {target}: {e}")));
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out)
+                .unwrap_or_else(|e| fail(&format!("read {target}: {e}")));
+            print!("{out}");
+        }
         ["rr", target, secs] => rr(addr(target), secs.parse().unwrap_or_else(|_| usage())),
         ["crr", target, secs] => crr(addr(target), secs.parse().unwrap_or_else(|_| usage())),
         [kind @ ("rr-alt" | "crr-alt"), secs, targets @ ..] if !targets.is_empty() => alternate(
@@ -58,6 +69,29 @@ fn fail(msg: &str) -> ! {
 }
 
 /// Answers every datagram with this container's hostname.
+/// On TCP and UDP port `port`: answers "<hostname> <peer address:port>" (a TCP connection
+/// then closes): what a task behind the ingress mesh sees of its client.
+fn serve_peer(port: u16) {
+    let udp = UdpSocket::bind(("0.0.0.0", port)).unwrap_or_else(|e| fail(&e.to_string()));
+    let name = hostname();
+    let n = name.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        loop {
+            if let Ok((_, from)) = udp.recv_from(&mut buf) {
+                let _ = udp.send_to(format!("{n} {from}").as_bytes(), from);
+            }
+        }
+    });
+    let l = TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| fail(&e.to_string()));
+    for s in l.incoming().flatten() {
+        let mut s = s;
+        if let Ok(peer) = s.peer_addr() {
+            let _ = s.write_all(format!("{name} {peer}\n").as_bytes());
+        }
+    }
+}
+
 fn udp_serve(port: u16) {
     let sock = UdpSocket::bind(("0.0.0.0", port)).unwrap_or_else(|e| fail(&e.to_string()));
     let name = hostname();

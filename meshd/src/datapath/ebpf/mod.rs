@@ -31,6 +31,7 @@ use crate::compile::{Changed, Desired, LbRef};
 
 pub mod dns_redirect;
 mod ids;
+pub mod ingress;
 pub mod maglev;
 mod maps;
 pub mod plan;
@@ -52,8 +53,10 @@ const PROGRAMS: [&str; 4] = [
 ];
 
 pub struct EbpfDatapath {
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     maps: VipMaps,
+    /// The ingress mesh's programs and maps; None with `--no-ingress`.
+    ingress: Option<ingress::Ingress>,
     /// What the maps hold, as meshd last read or wrote them.
     applied: KernelTables,
     /// Handed to the DNS redirect applier once.
@@ -149,7 +152,11 @@ impl EbpfDatapath {
     /// them at `cgroup`, and swaps the pinned links so there is never a moment without a
     /// program attached: the old link is detached only after the new one is pinned. Then
     /// reads back what the maps hold: that is what the first apply diffs against.
-    pub fn open(pin_dir: &Path, cgroup: &Path) -> Result<Self> {
+    pub fn open(
+        pin_dir: &Path,
+        cgroup: &Path,
+        ingress: Option<ingress::IngressSettings>,
+    ) -> Result<Self> {
         ensure_bpffs(pin_dir)?;
         let cgroup_file =
             File::open(cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;
@@ -190,6 +197,10 @@ impl EbpfDatapath {
         }
 
         let maps = VipMaps::take(&mut ebpf)?;
+        let ingress = match ingress {
+            Some(s) => Some(ingress::Ingress::open(&mut ebpf, pin_dir, s)?),
+            None => None,
+        };
         let dns = maps::typed(&mut ebpf, map_names::DNS)?;
         let started = Instant::now();
         let applied = maps.read().context("read the pinned maps")?;
@@ -202,7 +213,8 @@ impl EbpfDatapath {
         };
         info!(?adopted, pin_dir = %pin_dir.display(), cgroup = %cgroup.display(), "eBPF datapath ready");
         Ok(Self {
-            _ebpf: ebpf,
+            ingress,
+            ebpf,
             maps,
             applied,
             dns: Some(dns),
@@ -213,6 +225,11 @@ impl EbpfDatapath {
     /// The DNS redirect map, for its own applier (once).
     pub fn take_dns_map(&mut self) -> Option<HashMap<MapData, u64, DnsPorts>> {
         self.dns.take()
+    }
+
+    /// The ingress mesh's attachments and counters (None with `--no-ingress`).
+    pub fn ingress_status(&self) -> Option<ingress::IngressStatus> {
+        self.ingress.as_ref().map(ingress::Ingress::status)
     }
 
     /// Entries meshd holds in the VIP maps.
@@ -339,6 +356,9 @@ impl Applier for EbpfDatapath {
         if everything {
             self.applied.compact();
         }
+        if let Some(ig) = self.ingress.as_mut() {
+            stats.add(ig.apply(&mut self.ebpf, desired, changed, everything)?);
+        }
         if !stats.is_empty() {
             debug!(
                 writes = stats.writes,
@@ -368,12 +388,21 @@ pub fn reset(pin_dir: &Path) -> Result<()> {
             let _ = std::fs::remove_file(&pin);
         }
     }
-    // Maps of this layout and of any earlier one (an upgrade resets through here).
+    // Maps of this layout and of any earlier one (an upgrade resets through here), and the
+    // ingress mesh's links (one per interface).
     for entry in
         std::fs::read_dir(pin_dir).with_context(|| format!("read {}", pin_dir.display()))?
     {
         let entry = entry?;
-        if entry.file_name().to_string_lossy().starts_with("MESHD_") {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if name.starts_with("link_") {
+            if let Ok(link) = PinnedLink::from_pin(entry.path()) {
+                drop(link.unpin()?);
+            }
+            let _ = std::fs::remove_file(entry.path());
+            continue;
+        }
+        if name.starts_with("MESHD_") {
             std::fs::remove_file(entry.path())
                 .with_context(|| format!("remove {}", entry.path().display()))?;
         }

@@ -1,0 +1,411 @@
+//! The ingress routing mesh on a real 3-node swarm, from a machine on the nodes' LAN (a
+//! namespace on the underlay bridge): every node answers a published port, TCP and UDP,
+//! whether it runs a task or not; connections spread over the tasks; the task sees the entry
+//! node (default) or the client itself (`meshd.ingress.client-address=preserve`);
+//! `--publish-add`/`--publish-rm` and removal take effect at once; an established connection
+//! survives `kill -9` of meshd on its entry node; a host-mode port stays Docker's.
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{ensure, Context, Result};
+use meshd_tests::{bin, require_root, run, run_tag, wait_for, Lab, LabSpec};
+
+const IMAGE: &str = "meshlab:1";
+
+fn lab(suffix: &str) -> Lab {
+    Lab::up(LabSpec::new(&format!("{}{suffix}", run_tag()), 3, 1)).expect("lab up")
+}
+
+/// `labtool ARGS` on the LAN machine.
+fn from_lan(lan: &str, args: &[&str]) -> Result<String> {
+    run(Command::new("ip")
+        .args(["netns", "exec", lan])
+        .arg(bin("labtool"))
+        .args(args))
+}
+
+/// `n` TCP connections to `addr` from the LAN: what each task said, by task, and the peers
+/// the tasks saw.
+fn spread(lan: &str, addr: &str, n: usize) -> Result<(BTreeMap<String, usize>, Vec<String>)> {
+    let mut by_task = BTreeMap::new();
+    let mut peers = Vec::new();
+    for _ in 0..n {
+        let out = from_lan(lan, &["tcp-read", addr])?;
+        let mut words = out.split_whitespace();
+        let (task, peer) = (words.next(), words.next());
+        let (Some(task), Some(peer)) = (task, peer) else {
+            anyhow::bail!("{addr} answered {out:?}");
+        };
+        *by_task.entry(task.to_string()).or_default() += 1;
+        peers.push(peer.to_string());
+    }
+    Ok((by_task, peers))
+}
+
+fn peer_ip(peer: &str) -> &str {
+    peer.rsplit_once(':').map_or(peer, |(ip, _)| ip)
+}
+
+/// A TCP connection from the LAN machine: the socket is made inside its namespace.
+fn connect_from(lan: &str, to: SocketAddr) -> Result<TcpStream> {
+    let path = format!("/var/run/netns/{lan}");
+    std::thread::spawn(move || -> Result<TcpStream> {
+        let f = std::fs::File::open(&path)?;
+        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        let s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        Ok(s)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("connect thread panicked"))?
+}
+
+fn echo(s: &mut TcpStream, byte: u8) -> Result<()> {
+    let block = [byte; 64];
+    s.write_all(&block).context("send through the mesh")?;
+    let mut back = [0u8; 64];
+    s.read_exact(&mut back).context("echo through the mesh")?;
+    ensure!(back == block, "echo came back changed");
+    Ok(())
+}
+
+/// A service of the lab image with `replicas` tasks on the workers only (node1 has none).
+fn on_workers(
+    m: &meshd_tests::Node,
+    name: &str,
+    replicas: u32,
+    publish: &[&str],
+    cmd: &[&str],
+) -> Result<()> {
+    let replicas = replicas.to_string();
+    let mut args = vec![
+        "service",
+        "create",
+        "-d",
+        "--name",
+        name,
+        "--replicas",
+        &replicas,
+        "--constraint",
+        "node.role==worker",
+        "--stop-grace-period",
+        "1s",
+        "--no-resolve-image",
+    ];
+    args.extend(publish);
+    args.push(IMAGE);
+    args.extend(cmd);
+    m.docker(&args)?;
+    Ok(())
+}
+
+fn ingress_ports(lab: &Lab, node: &str) -> Option<u64> {
+    lab.meshd(node)
+        .ok()?
+        .status()
+        .ok()?
+        .pointer("/datapath/ingress/ports")?
+        .as_u64()
+}
+
+#[test]
+fn published_ports_answer_on_every_node() {
+    if !require_root("published_ports_answer_on_every_node") {
+        return;
+    }
+    let mut lab = lab("i");
+    if let Err(e) = scenario(&mut lab) {
+        eprintln!("FAILED: {e:#}");
+        for (i, m) in lab.meshds.iter().enumerate() {
+            eprintln!("--- meshd on node{} ---\n{}", i + 1, m.log_tail());
+        }
+        panic!("{e:#}");
+    }
+}
+
+fn scenario(lab: &mut Lab) -> Result<()> {
+    let m = lab.manager();
+    let lan = lab.lan_client()?;
+    // Three tasks on the two workers: node1 has none and must forward.
+    on_workers(
+        m,
+        "web",
+        3,
+        &["-p", "8080:7000", "-p", "8080:7000/udp"],
+        &["labtool", "serve-peer", "7000"],
+    )?;
+    m.wait_running("web", 3)?;
+    for n in ["node1", "node2", "node3"] {
+        wait_for(
+            &format!("{n}'s meshd to program 8080/tcp and 8080/udp"),
+            Duration::from_secs(10),
+            || (ingress_ports(lab, n) == Some(2)).then_some(()),
+        )?;
+    }
+    let nodes = [
+        ("node1", "192.168.100.1"),
+        ("node2", "192.168.100.2"),
+        ("node3", "192.168.100.3"),
+    ];
+    // 1. Every node answers, every task gets a fair share, and (default) the task sees the
+    //    entry node's address.
+    for (name, ip) in nodes {
+        let (by_task, peers) = spread(&lan, &format!("{ip}:8080"), 300)?;
+        ensure!(
+            by_task.len() == 3,
+            "via {name}: tasks answering {by_task:?}"
+        );
+        for (task, n) in &by_task {
+            ensure!(
+                *n >= 60,
+                "via {name}: task {task} got {n} of 300 ({by_task:?})"
+            );
+        }
+        ensure!(
+            peers.iter().all(|p| peer_ip(p) == ip),
+            "via {name}: tasks should see the entry node {ip}, saw {:?}",
+            &peers[..3]
+        );
+        println!("via {name}: {by_task:?}");
+        for _ in 0..10 {
+            let out = from_lan(&lan, &["udp-ask", &format!("{ip}:8080")])?;
+            // "<task> <peer> from <source>": the answer comes from the address asked.
+            ensure!(
+                out.trim_end().ends_with(&format!("from {ip}:8080")),
+                "UDP via {name}: {out:?}"
+            );
+            ensure!(
+                out.split_whitespace().nth(1).map(peer_ip) == Some(ip),
+                "UDP via {name}: task saw {out:?}"
+            );
+        }
+    }
+
+    // 1b. From node1 itself (localhost and its own address) and from a container on node1:
+    //     the same port answers.
+    let labtool = bin("labtool").display().to_string();
+    for target in ["127.0.0.1:8080", "192.168.100.1:8080", "192.168.100.2:8080"] {
+        for _ in 0..5 {
+            let out = run(&mut lab.exec_command(
+                "node1",
+                &[labtool.clone(), "tcp-read".into(), target.into()],
+            )?)
+            .with_context(|| format!("from node1 itself to {target}"))?;
+            ensure!(
+                out.split_whitespace().count() == 2,
+                "{target} answered {out:?}"
+            );
+        }
+    }
+    m.create_overlay("probe")?;
+    let out = m.docker(&[
+        "run",
+        "--rm",
+        "--network",
+        "probe",
+        IMAGE,
+        "sh",
+        "-c",
+        "for i in 1 2 3 4 5; do labtool tcp-read 192.168.100.1:8080 || exit 1; done",
+    ])?;
+    ensure!(
+        out.lines().count() == 5,
+        "from a container on node1: {out:?}"
+    );
+
+    // 2. The opt-in: tasks see the client's own address and port, TCP and UDP, also through
+    //    a node without a task (node1). A service label; no task restarts.
+    m.docker(&[
+        "service",
+        "update",
+        "-d",
+        "--label-add",
+        "meshd.ingress.client-address=preserve",
+        "web",
+    ])?;
+    wait_for(
+        "node1 to show tasks the client's own address",
+        Duration::from_secs(5),
+        || {
+            let out = from_lan(&lan, &["tcp-read", "192.168.100.1:8080"]).ok()?;
+            (out.split_whitespace().nth(1).map(peer_ip) == Some("192.168.100.200")).then_some(())
+        },
+    )?;
+    for (name, ip) in nodes {
+        let (_, peers) = spread(&lan, &format!("{ip}:8080"), 20)?;
+        ensure!(
+            peers.iter().all(|p| peer_ip(p) == "192.168.100.200"),
+            "via {name}: {peers:?}"
+        );
+        let out = from_lan(&lan, &["udp-ask", &format!("{ip}:8080")])?;
+        ensure!(
+            out.split_whitespace().nth(1).map(peer_ip) == Some("192.168.100.200"),
+            "UDP via {name}: {out:?}"
+        );
+    }
+
+    // 3. A host-mode port is Docker's: meshd programs nothing for it. (On an overlay: a
+    //    task on none has no docker_gwbridge leg for Docker to map the port to.)
+    m.create_overlay("hp")?;
+    m.docker(&[
+        "service",
+        "create",
+        "-d",
+        "--name",
+        "hostport",
+        "--replicas",
+        "1",
+        "--constraint",
+        "node.hostname==node2",
+        "--network",
+        "hp",
+        "--stop-grace-period",
+        "1s",
+        "--no-resolve-image",
+        "--publish",
+        "mode=host,published=8090,target=7000",
+        IMAGE,
+        "labtool",
+        "serve-peer",
+        "7000",
+    ])?;
+    m.wait_running("hostport", 1)?;
+    wait_for(
+        "the host-mode port to answer on node2",
+        Duration::from_secs(10),
+        || from_lan(&lan, &["tcp-read", "192.168.100.2:8090"]).ok(),
+    )?;
+    ensure!(
+        ingress_ports(lab, "node2") == Some(2),
+        "meshd must leave a host-mode port alone"
+    );
+
+    // 4. An established connection through node1 (the tunnel) survives kill -9 of node1's
+    //    meshd and its restart.
+    on_workers(
+        m,
+        "echo",
+        2,
+        &["-p", "7001:7001"],
+        &["labtool", "tcp-echo", "7001"],
+    )?;
+    m.wait_running("echo", 2)?;
+    wait_for("node1 to program 7001", Duration::from_secs(10), || {
+        (ingress_ports(lab, "node1") == Some(3)).then_some(())
+    })?;
+    let mut conn = wait_for(
+        "a connection to 7001 via node1",
+        Duration::from_secs(10),
+        || {
+            let mut c = connect_from(&lan, "192.168.100.1:7001".parse().unwrap()).ok()?;
+            echo(&mut c, 1).ok()?;
+            Some(c)
+        },
+    )?;
+    lab.meshds[0].kill9();
+    echo(&mut conn, 2).context("while meshd on node1 is down")?;
+    let fresh = from_lan(&lan, &["tcp-read", "192.168.100.1:8080"])?;
+    ensure!(!fresh.is_empty(), "new connections while meshd is down");
+    lab.meshds[0].restart()?;
+    wait_for("meshd on node1 back", Duration::from_secs(20), || {
+        ingress_ports(lab, "node1")
+    })?;
+    echo(&mut conn, 3).context("after meshd on node1 restarted")?;
+    drop(conn);
+    let m = lab.manager();
+
+    // 5. --publish-add and --publish-rm take effect as soon as swarm has them (Docker also
+    //    rolls the tasks for it; the tasks still running serve the new port meanwhile).
+    let has_9090 = || -> bool {
+        m.docker(&[
+            "service",
+            "inspect",
+            "web",
+            "--format",
+            "{{json .Endpoint.Ports}}",
+        ])
+        .is_ok_and(|p| p.contains("\"PublishedPort\":9090"))
+    };
+    m.docker(&[
+        "service",
+        "update",
+        "-d",
+        "--publish-add",
+        "published=9090,target=7000",
+        "web",
+    ])?;
+    wait_for("swarm to publish 9090", Duration::from_secs(20), || {
+        has_9090().then_some(())
+    })?;
+    let since = Instant::now();
+    wait_for("9090 to answer on node1", Duration::from_secs(5), || {
+        from_lan(&lan, &["tcp-read", "192.168.100.1:9090"]).ok()
+    })?;
+    let added = since.elapsed();
+    // Let the rolling update finish: swarm takes one update at a time.
+    wait_for("web's update to complete", Duration::from_secs(60), || {
+        let st = m
+            .docker(&[
+                "service",
+                "inspect",
+                "web",
+                "--format",
+                "{{.UpdateStatus.State}}",
+            ])
+            .ok()?;
+        (st.trim() == "completed").then_some(())
+    })?;
+    m.docker(&[
+        "service",
+        "update",
+        "-d",
+        "--publish-rm",
+        "published=9090,target=7000",
+        "web",
+    ])?;
+    wait_for("swarm to unpublish 9090", Duration::from_secs(20), || {
+        (!has_9090()).then_some(())
+    })?;
+    let since = Instant::now();
+    wait_for(
+        "9090 to refuse on every node",
+        Duration::from_secs(5),
+        || {
+            nodes
+                .iter()
+                .all(|(_, ip)| from_lan(&lan, &["tcp-read", &format!("{ip}:9090")]).is_err())
+                .then_some(())
+        },
+    )?;
+    let removed = since.elapsed();
+    println!(
+        "after swarm's Endpoint changed (upper bounds, one probe at a time): --publish-add \
+         answering in {:.0} ms, --publish-rm refused on every node in {:.0} ms",
+        added.as_secs_f64() * 1000.0,
+        removed.as_secs_f64() * 1000.0
+    );
+    ensure!(
+        added <= Duration::from_secs(1) && removed <= Duration::from_secs(1),
+        "publish changes took {added:?} / {removed:?} (target: 1 s)"
+    );
+
+    // 6. Removing the service: its ports refuse, and no map entry is left on any node.
+    m.docker(&["service", "rm", "web", "echo"])?;
+    for (name, ip) in nodes {
+        wait_for(
+            &format!("{name}'s meshd to drop the ports"),
+            Duration::from_secs(10),
+            || (ingress_ports(lab, name) == Some(0)).then_some(()),
+        )?;
+        ensure!(
+            from_lan(&lan, &["tcp-read", &format!("{ip}:8080")]).is_err(),
+            "{name} still answers 8080 after the service is gone"
+        );
+    }
+    Ok(())
+}
