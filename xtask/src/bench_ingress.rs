@@ -236,17 +236,17 @@ fn docker_mesh(lab: &Lab, host: &str, port: u16, task: &str) -> Result<NftGuard>
     nft(
         false,
         format!(
-            "table ip meshbench {{ chain pre {{ type nat hook prerouting priority -100; \
-             tcp dport {port} dnat to {sbox_gw} }} }}"
+            "table ip meshbench {{\n chain pre {{\n type nat hook prerouting priority -100;\n \
+             tcp dport {port} dnat to {sbox_gw}\n }}\n}}\n"
         ),
     )
     .context("the node's DNAT to its ingress_sbox")?;
     nft(
         true,
         format!(
-            "table ip meshbench {{ chain pre {{ type nat hook prerouting priority -100; \
-             tcp dport {port} dnat to {task}:7000 }} \
-             chain post {{ type nat hook postrouting priority 100; ip daddr {task} snat to {sbox_ingress} }} }}"
+            "table ip meshbench {{\n chain pre {{\n type nat hook prerouting priority -100;\n \
+             tcp dport {port} dnat to {task}:7000\n }}\n chain post {{\n \
+             type nat hook postrouting priority 100;\n ip daddr {task} snat to {sbox_ingress}\n }}\n}}\n"
         ),
     )
     .context("ingress_sbox's DNAT + SNAT")?;
