@@ -59,8 +59,14 @@ pub mod map_names {
     pub const IG_REV: &str = "MESHD_IG_REV";
     /// Per-CPU counters of the ingress path (`ingress_stat`), summed by meshd.
     pub const IG_STATS: &str = "MESHD_IG_STATS";
+    /// Ingress load-balancer id → new flows (added to atomically; meshd removes the entry
+    /// with its port).
+    pub const IG_PORT_FLOWS: &str = "MESHD_IG_PFLOWS";
+    /// (ingress load balancer, task address) of every task that may still have flows:
+    /// serving or draining. A flow whose task is not here any more picks again.
+    pub const IG_LIVE: &str = "MESHD_IG_LIVE";
 
-    pub const ALL: [&str; 20] = [
+    pub const ALL: [&str; 22] = [
         SANDBOXES,
         VIPS,
         LBS,
@@ -81,6 +87,8 @@ pub mod map_names {
         IG_FLOWS,
         IG_REV,
         IG_STATS,
+        IG_PORT_FLOWS,
+        IG_LIVE,
     ];
 }
 

@@ -63,6 +63,13 @@ static IG_REV: LruHashMap<FlowKey, RevValue> = LruHashMap::pinned(capacity::IG_F
 #[map(name = "MESHD_IG_STATS")]
 static IG_STATS: PerCpuArray<u64> = PerCpuArray::pinned(ingress_stat::COUNT, 0);
 
+/// Keyed (lb id, task address): `MaglevKey` with the address in `slot`.
+#[map(name = "MESHD_IG_LIVE")]
+static IG_LIVE: HashMap<MaglevKey, u32> = HashMap::pinned(capacity::IG_MAGLEV, BPF_F_NO_PREALLOC);
+
+#[map(name = "MESHD_IG_PFLOWS")]
+static IG_PORT_FLOWS: HashMap<u32, u64> = HashMap::pinned(capacity::IG_PORTS, BPF_F_NO_PREALLOC);
+
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const IP: usize = ETH_HLEN;
@@ -75,6 +82,7 @@ const AF_INET: u8 = 2;
 /// IPv4 `frag_off`: more fragments, and the offset.
 const IP_MF_OFFSET: u16 = 0x3fff;
 const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 /// `lo` is interface 1 in every namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
 /// SNAT source ports are tried from here up (below Linux's ephemeral range).
@@ -280,8 +288,19 @@ fn to_published(ctx: &mut TcContext, p: &mut Packet, conf: &IngressConfig, origi
         Origin::ThisNode if loopback => Some(conf.node_addr),
         _ => Some(p.daddr),
     };
-    let flow = match unsafe { IG_FLOWS.get(&key) } {
-        Some(f) if still_here(&f.backend) => *f,
+    // A TCP SYN is a new connection even on an old flow's addresses and ports (a client
+    // port used again): it picks again, with the port's mode now.
+    let syn = p.proto == PROTO_TCP
+        && ctx
+            .load::<u8>(p.l4 + 13)
+            .is_ok_and(|f| f & (TCP_SYN | TCP_ACK) == TCP_SYN);
+    let old = unsafe { IG_FLOWS.get(&key) }.copied();
+    if let (Some(f), true) = (old, syn) {
+        // Its reply entry goes with it (the new flow may pick another task or port).
+        let _ = IG_REV.remove(&rev_key(&f, p));
+    }
+    let flow = match old {
+        Some(f) if !syn && still_here(&f.backend, port.lb_id) => f,
         _ => match new_flow(p, &key, &port, snat)? {
             Ok(f) => f,
             Err(action) => return Some(action),
@@ -299,11 +318,29 @@ fn to_published(ctx: &mut TcContext, p: &mut Packet, conf: &IngressConfig, origi
     Some(into_tunnel(ctx, p, conf, b.node, key_hash(&key)))
 }
 
-/// A local task's flow stays while the task is here; a remote one while it is anywhere
-/// (its node drops what it no longer has).
+/// A flow keeps its task while the task runs (serving, or draining); a flow whose task is
+/// gone picks again rather than send to nothing.
 #[inline(always)]
-fn still_here(b: &IngressBackend) -> bool {
-    b.node != 0 || unsafe { IG_LOCAL.get(&b.addr) }.is_some()
+fn still_here(b: &IngressBackend, lb_id: u32) -> bool {
+    let live = unsafe { IG_LIVE.get(&MaglevKey { lb_id, slot: b.addr }) }.is_some();
+    live && (b.node != 0 || unsafe { IG_LOCAL.get(&b.addr) }.is_some())
+}
+
+/// The reply-table key of a flow entered here.
+#[inline(always)]
+fn rev_key(f: &FlowValue, p: &Packet) -> FlowKey {
+    FlowKey {
+        saddr: if f.backend.node == 0 {
+            f.backend.gateway
+        } else {
+            f.backend.addr
+        },
+        daddr: f.saddr,
+        sport: f.dport,
+        dport: f.sport,
+        proto: p.proto,
+        _pad: [0; 3],
+    }
 }
 
 #[inline(always)]
@@ -388,6 +425,13 @@ fn new_flow(
     };
     let _ = IG_FLOWS.insert(key, &flow, 0);
     count(ingress_stat::NEW_FLOWS);
+    match IG_PORT_FLOWS.get_ptr_mut(&port.lb_id) {
+        Some(n) => crate::count_one(n),
+        None => {
+            // The first of this port (a race of two CPUs loses one count, once).
+            let _ = IG_PORT_FLOWS.insert(&port.lb_id, &1, BPF_NOEXIST as u64);
+        }
+    }
     Some(Ok(flow))
 }
 

@@ -227,7 +227,7 @@ fn balance(sa: *mut bpf_sock_addr, datagram: bool) -> i32 {
 
 /// An atomic add whose result is unused: the plain `BPF_XADD`, on every kernel.
 #[inline(always)]
-fn count_one(count: *mut u64) {
+pub(crate) fn count_one(count: *mut u64) {
     use core::intrinsics::{atomic_xadd, AtomicOrdering};
     // SAFETY: the pointer is a live map value of 8 aligned bytes, from `get_ptr_mut`.
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(count, 1) };

@@ -35,6 +35,8 @@ pub enum Request {
         name: String,
     },
     Maps,
+    /// The ingress mesh: published ports, their tasks, counters, flow tables.
+    Ingress,
     /// What container `from` would get for `name` (type `qtype`), and why.
     Dns {
         name: String,
@@ -501,6 +503,16 @@ fn handle(shared: &Shared, req: Request) -> Result<Value> {
         Request::Maps => {
             let dump = shared.ebpf.lock().unwrap().dump()?;
             Ok(serde_json::to_value(dump)?)
+        }
+        Request::Ingress => {
+            let desired = shared.core.read().unwrap().compiler.desired().clone();
+            let view = shared
+                .ebpf
+                .lock()
+                .unwrap()
+                .ingress_view(&desired)
+                .context("meshd runs with --no-ingress: published ports are Docker's")?;
+            Ok(serde_json::to_value(view)?)
         }
     }
 }

@@ -223,9 +223,17 @@ impl Node {
                 .insert(MaglevKey { lb_id, slot }, backend, 0)
                 .unwrap();
         }
+        self.live(lb_id, backend.addr);
         if backend.node == 0 && backend.addr != 0 {
             self.put_u32(map_names::IG_LOCAL, backend.addr, backend.gateway);
         }
+    }
+
+    /// Marks a task as one that may have flows (serving or draining).
+    fn live(&mut self, lb_id: u32, addr: u32) {
+        let mut live: HashMap<&mut MapData, MaglevKey, u32> =
+            HashMap::try_from(self.ebpf.map_mut(map_names::IG_LIVE).unwrap()).unwrap();
+        live.insert(MaglevKey { lb_id, slot: addr }, 1, 0).unwrap();
     }
 
     /// One run of program `prog` on `packet` arriving on `ifindex`: (verdict, packet after).
@@ -335,13 +343,22 @@ const UDP: u8 = 17;
 
 /// An Ethernet + IPv4 + TCP (SYN with an MSS option) or UDP packet with right checksums.
 fn packet(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: u8, frag: u16) -> Vec<u8> {
+    segment(src, dst, proto, frag, 0x02)
+}
+
+/// A TCP ACK of an established connection (no SYN: it continues a flow).
+fn ack(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16)) -> Vec<u8> {
+    segment(src, dst, TCP, 0, 0x10)
+}
+
+fn segment(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: u8, frag: u16, flags: u8) -> Vec<u8> {
     let mut l4 = Vec::new();
     l4.extend(src.1.to_be_bytes());
     l4.extend(dst.1.to_be_bytes());
     if proto == TCP {
         l4.extend(1u32.to_be_bytes()); // seq
         l4.extend(0u32.to_be_bytes()); // ack
-        l4.extend([0x60, 0x02]); // 24-byte header, SYN
+        l4.extend([0x60, flags]); // 24-byte header
         l4.extend(64240u16.to_be_bytes());
         l4.extend([0, 0, 0, 0]); // checksum, urgent
         l4.extend([2, 4, 0x05, 0xb4]); // MSS 1460
@@ -442,10 +459,39 @@ fn a_local_task_gets_the_flow_snat_and_its_reply_goes_back_to_the_client() {
             "SNAT: the node, the client's port while free"
         );
         assert_eq!(s.mss, Some(1460), "not tunnelled: MSS untouched");
-        // The same flow again: same task, no second flow.
-        let (_, again) = n.run(prog_names::INGRESS_IN, n.uplink, &syn);
-        assert_eq!(seen(&again), s);
+        // The same flow goes on: same task, same source, no second flow.
+        let (_, again) = n.run(
+            prog_names::INGRESS_IN,
+            n.uplink,
+            &ack((CLIENT, 40000), (NODE, 8080)),
+        );
+        assert_eq!((seen(&again).src, seen(&again).dst), (s.src, s.dst));
         assert_eq!(n.stat(ingress_stat::NEW_FLOWS), 1);
+        // A SYN on those addresses and ports is a new connection (a client port used
+        // again): it picks again, and its old reply entry does not hold its port.
+        let (_, again) = n.run(prog_names::INGRESS_IN, n.uplink, &syn);
+        assert_eq!(
+            seen(&again),
+            s,
+            "the same pick, the same (freed) source port"
+        );
+        assert_eq!(n.stat(ingress_stat::NEW_FLOWS), 2);
+        // A flow whose task is gone (not live any more) picks again instead of sending
+        // to nothing.
+        let mut live: HashMap<&mut MapData, MaglevKey, u32> =
+            HashMap::try_from(n.ebpf.map_mut(map_names::IG_LIVE).unwrap()).unwrap();
+        live.remove(&MaglevKey {
+            lb_id: 8080,
+            slot: be(TASK),
+        })
+        .unwrap();
+        let _ = n.run(
+            prog_names::INGRESS_IN,
+            n.uplink,
+            &ack((CLIENT, 40000), (NODE, 8080)),
+        );
+        assert_eq!(n.stat(ingress_stat::NEW_FLOWS), 3);
+        n.live(8080, be(TASK));
         // Another client with the same port: SNAT gives it another source port.
         let other = Ipv4Addr::new(192, 168, 100, 201);
         let (_, out2) = n.run(

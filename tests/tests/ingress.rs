@@ -137,7 +137,12 @@ fn scenario(lab: &mut Lab) -> Result<()> {
         "web",
         3,
         &["-p", "8080:7000", "-p", "8080:7000/udp"],
-        &["labtool", "serve-peer", "7000"],
+        // 7001 for --publish-add/rm (Docker's --publish-rm matches by target port).
+        &[
+            "sh",
+            "-c",
+            "labtool serve-peer 7001 & exec labtool serve-peer 7000",
+        ],
     )?;
     m.wait_running("web", 3)?;
     for n in ["node1", "node2", "node3"] {
@@ -185,6 +190,32 @@ fn scenario(lab: &mut Lab) -> Result<()> {
             );
         }
     }
+
+    // meshctl ingress: both ports, every task reached through the tunnel from node1 (it has
+    // none), and the new flows counted per port.
+    let v = lab.meshd("node1")?.ctl(&["ingress"])?;
+    let ports = v["ports"].as_array().cloned().unwrap_or_default();
+    ensure!(ports.len() == 2, "meshctl ingress on node1: {v}");
+    for p in &ports {
+        let backends = p["backends"].as_array().cloned().unwrap_or_default();
+        ensure!(
+            backends.len() == 3
+                && backends.iter().all(|b| b["via"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("tunnel to"))),
+            "node1's backends for {}: {backends:?}",
+            p["port"]
+        );
+    }
+    let tcp_flows = ports
+        .iter()
+        .find(|p| p["protocol"] == "tcp")
+        .and_then(|p| p["new_flows"].as_u64())
+        .unwrap_or(0);
+    ensure!(
+        tcp_flows >= 300,
+        "node1 counted {tcp_flows} new TCP flows for 300 connections"
+    );
 
     // 1b. From node1 itself (localhost and its own address) and from a container on node1:
     //     the same port answers.
@@ -307,6 +338,21 @@ fn scenario(lab: &mut Lab) -> Result<()> {
             Some(c)
         },
     )?;
+    // Other tasks come: the flow keeps its task.
+    m.docker(&["service", "scale", "-d", "echo=6"])?;
+    m.wait_running("echo", 6)?;
+    wait_for(
+        "node1 to program echo's 6 tasks",
+        Duration::from_secs(10),
+        || {
+            let v = lab.meshd("node1").ok()?.ctl(&["ingress"]).ok()?;
+            let n = v["ports"].as_array()?.iter().find(|p| p["port"] == 7001)?["backends"]
+                .as_array()?
+                .len();
+            (n == 6).then_some(())
+        },
+    )?;
+    echo(&mut conn, 9).context("after echo scaled 2 → 6")?;
     lab.meshds[0].kill9();
     echo(&mut conn, 2).context("while meshd on node1 is down")?;
     let fresh = from_lan(&lan, &["tcp-read", "192.168.100.1:8080"])?;
@@ -336,7 +382,7 @@ fn scenario(lab: &mut Lab) -> Result<()> {
         "update",
         "-d",
         "--publish-add",
-        "published=9090,target=7000",
+        "published=9090,target=7001",
         "web",
     ])?;
     wait_for("swarm to publish 9090", Duration::from_secs(20), || {
@@ -348,24 +394,27 @@ fn scenario(lab: &mut Lab) -> Result<()> {
     })?;
     let added = since.elapsed();
     // Let the rolling update finish: swarm takes one update at a time.
-    wait_for("web's update to complete", Duration::from_secs(60), || {
-        let st = m
-            .docker(&[
-                "service",
-                "inspect",
-                "web",
-                "--format",
-                "{{.UpdateStatus.State}}",
-            ])
-            .ok()?;
-        (st.trim() == "completed").then_some(())
-    })?;
+    let updated = || {
+        wait_for("web's update to complete", Duration::from_secs(60), || {
+            let st = m
+                .docker(&[
+                    "service",
+                    "inspect",
+                    "web",
+                    "--format",
+                    "{{.UpdateStatus.State}}",
+                ])
+                .ok()?;
+            (st.trim() == "completed").then_some(())
+        })
+    };
+    updated()?;
     m.docker(&[
         "service",
         "update",
         "-d",
         "--publish-rm",
-        "published=9090,target=7000",
+        "published=9090,target=7001",
         "web",
     ])?;
     wait_for("swarm to unpublish 9090", Duration::from_secs(20), || {
@@ -394,7 +443,33 @@ fn scenario(lab: &mut Lab) -> Result<()> {
         "publish changes took {added:?} / {removed:?} (target: 1 s)"
     );
 
-    // 6. Removing the service: its ports refuse, and no map entry is left on any node.
+    // 6. Down to one task: the nodes that lost theirs forward to it.
+    updated()?;
+    m.docker(&["service", "scale", "-d", "web=1"])?;
+    wait_for("web down to 1 task", Duration::from_secs(30), || {
+        (m.running_tasks("web").ok()?.len() == 1).then_some(())
+    })?;
+    let mut last = Vec::new();
+    let one = wait_for(
+        "every node to send 8080 to the one task",
+        Duration::from_secs(10),
+        || {
+            last = nodes
+                .iter()
+                .map(|(_, ip)| {
+                    from_lan(&lan, &["tcp-read", &format!("{ip}:8080")])
+                        .map(|o| o.split_whitespace().next().unwrap_or_default().to_string())
+                        .unwrap_or_else(|e| format!("FAILED: {e:#}"))
+                })
+                .collect();
+            last.iter()
+                .all(|a| *a == last[0] && !a.starts_with("FAILED"))
+                .then_some(())
+        },
+    );
+    one.with_context(|| format!("answers from node1..3: {last:?}"))?;
+
+    // 7. Removing the service: its ports refuse, and no map entry is left on any node.
     m.docker(&["service", "rm", "web", "echo"])?;
     for (name, ip) in nodes {
         wait_for(

@@ -3,7 +3,10 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use meshd::api::{call, Request, ServiceSummary, ServiceView};
+use meshd::{
+    api::{call, Request, ServiceSummary, ServiceView},
+    datapath::ebpf::ingress::IngressView,
+};
 use serde_json::Value;
 
 #[derive(Parser)]
@@ -29,6 +32,9 @@ enum Command {
     Service { name: String },
     /// The kernel maps as read back from the kernel.
     Maps,
+    /// The ingress mesh: each published port, its tasks and how this node reaches them,
+    /// new flows per port, the flow tables' fill and the drop counters.
+    Ingress,
     /// What a local container gets when it resolves NAME through 127.0.0.11, and why:
     /// the network that answered, the kind of name, the TTL, or the upstream it went to.
     Dns {
@@ -57,6 +63,7 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Services => Request::Services,
         Command::Service { name } => Request::Service { name: name.clone() },
         Command::Maps => Request::Maps,
+        Command::Ingress => Request::Ingress,
         Command::Dns { name, from, qtype } => Request::Dns {
             name: name.clone(),
             from: from.clone(),
@@ -130,9 +137,59 @@ fn run(cli: &Cli) -> Result<()> {
             }
         }
         Command::Maps => println!("{}", serde_json::to_string_pretty(&data)?),
+        Command::Ingress => print_ingress(serde_json::from_value(data)?),
         Command::Dns { .. } => print_dns(&data),
     }
     Ok(())
+}
+
+fn print_ingress(v: IngressView) {
+    let st = &v.status;
+    println!(
+        "ingress on {} (tunnel udp/{} from {}); flows {} of {}, replies {} of {}",
+        st.interfaces.join(", "),
+        st.tunnel_port,
+        st.node_addr.map_or("?".into(), |a| a.to_string()),
+        v.flows,
+        v.flow_capacity,
+        v.replies,
+        v.flow_capacity
+    );
+    println!(
+        "{:<10} {:<20} {:>6} {:<9} {:>5} {:>6} {:>10}",
+        "PORT", "SERVICE", "TARGET", "CLIENT", "TASKS", "SLOTS", "NEW FLOWS"
+    );
+    for p in &v.ports {
+        println!(
+            "{:<10} {:<20} {:>6} {:<9} {:>5} {:>6} {:>10}{}",
+            format!("{}/{}", p.port, p.protocol),
+            p.service,
+            p.target,
+            format!("{:?}", p.client_address).to_lowercase(),
+            p.tasks,
+            p.slots,
+            p.new_flows,
+            if p.programmed {
+                ""
+            } else {
+                "  (not programmed)"
+            }
+        );
+        for b in &p.backends {
+            println!("    {:<16} {:>5} slots  {}", b.addr, b.slots, b.via);
+        }
+    }
+    let k = &st.counters;
+    let c = |n: &str| k.get(n).copied().unwrap_or(0);
+    println!(
+        "dropped: {} no task, {} fragments, {} no SNAT port, {} too big for the tunnel; \
+         {} passed to the stack (no route)",
+        c("dropped_no_task"),
+        c("dropped_fragments"),
+        c("dropped_no_snat_port"),
+        c("dropped_too_big"),
+        c("passed_no_route")
+    );
 }
 
 fn print_dns(d: &Value) {

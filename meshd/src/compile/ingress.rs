@@ -61,6 +61,9 @@ pub struct IngressLb {
     pub client: ClientAddress,
     /// Live tasks, by ingress address.
     pub backends: Vec<IngressBackend>,
+    /// Tasks still running but no longer serving (shutting down, or held back by a failing
+    /// health check): no new flows, but the flows they have keep them.
+    pub draining: Vec<Ipv4Addr>,
 }
 
 /// The ingress network (swarm has one; `docker network create --ingress` replaces it).
@@ -121,6 +124,7 @@ pub fn service_ingress(
                 target: p.target,
                 client,
                 backends: backends(state, service_id, ingress),
+                draining: draining(state, service_id, ingress),
             },
         ));
     }
@@ -149,6 +153,17 @@ fn backends(state: &ClusterState, service_id: &str, ingress: &str) -> Vec<Ingres
         .collect();
     out.sort();
     out.dedup_by_key(|b| b.addr);
+    out
+}
+
+fn draining(state: &ClusterState, service_id: &str, ingress: &str) -> Vec<Ipv4Addr> {
+    let mut out: Vec<Ipv4Addr> = state
+        .tasks_of(service_id)
+        .filter(|t| t.state == crate::model::TaskState::Running && !state.serves(t))
+        .filter_map(|t| t.addresses.get(ingress).copied())
+        .collect();
+    out.sort();
+    out.dedup();
     out
 }
 
@@ -315,5 +330,6 @@ mod tests {
             [ip("10.0.0.6")]
         );
         assert!(d.ingress_local.contains_key(&ip("10.0.0.5")));
+        assert_eq!(lb.draining, [ip("10.0.0.5")], "its flows keep it");
     }
 }

@@ -20,8 +20,9 @@ use aya::{
     Ebpf,
 };
 use meshd_common::{
-    ingress_stat, map_names, prog_names, IngressBackend, IngressConfig, IngressPortKey,
-    IngressPortValue, MaglevKey, IG_PRESERVE_CLIENT, TUNNEL_OVERHEAD,
+    capacity, ingress_stat, map_names, prog_names, FlowKey, FlowValue, IngressBackend,
+    IngressConfig, IngressPortKey, IngressPortValue, MaglevKey, RevValue, IG_PRESERVE_CLIENT,
+    TUNNEL_OVERHEAD,
 };
 use serde::Serialize;
 use tracing::{info, warn};
@@ -55,6 +56,10 @@ struct Maps {
     local: HashMap<MapData, u32, u32>,
     config: Array<MapData, IngressConfig>,
     stats: PerCpuArray<MapData, u64>,
+    port_flows: HashMap<MapData, u32, u64>,
+    live: HashMap<MapData, MaglevKey, u32>,
+    flows: HashMap<MapData, FlowKey, FlowValue>,
+    rev: HashMap<MapData, FlowKey, RevValue>,
 }
 
 /// One published port as the maps hold it.
@@ -63,6 +68,8 @@ struct PortTable {
     value: IngressPortValue,
     /// Slot → backend, `value.slots` long.
     slots: Vec<IngressBackend>,
+    /// Addresses of its tasks that may have flows (serving or draining).
+    live: BTreeSet<u32>,
 }
 
 pub struct Ingress {
@@ -81,8 +88,43 @@ pub struct Ingress {
     config: IngressConfig,
 }
 
+/// `meshctl ingress`.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct IngressView {
+    pub ports: Vec<PortView>,
+    /// Entries in the flow table (arriving flows) and the reply table.
+    pub flows: usize,
+    pub replies: usize,
+    pub flow_capacity: u32,
+    pub status: IngressStatus,
+}
+
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct PortView {
+    pub port: u16,
+    pub protocol: String,
+    pub service: String,
+    pub target: u16,
+    pub client_address: ClientAddress,
+    /// In the maps (false: compiled, not written yet, or its write failed).
+    pub programmed: bool,
+    pub slots: u32,
+    /// Live tasks; `backends` are those this node reaches.
+    pub tasks: usize,
+    pub backends: Vec<BackendView>,
+    pub new_flows: u64,
+}
+
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct BackendView {
+    pub addr: Ipv4Addr,
+    pub via: String,
+    /// Maglev slots it holds.
+    pub slots: usize,
+}
+
 /// What `meshctl` shows of the ingress datapath.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 pub struct IngressStatus {
     pub interfaces: Vec<String>,
     pub bridge: Option<String>,
@@ -90,7 +132,7 @@ pub struct IngressStatus {
     pub tunnel_port: u16,
     pub ports: usize,
     /// `ingress_stat` counters, by name.
-    pub counters: BTreeMap<&'static str, u64>,
+    pub counters: BTreeMap<String, u64>,
 }
 
 const STAT_NAMES: [&str; ingress_stat::COUNT as usize] = [
@@ -154,9 +196,17 @@ impl Ingress {
             local: maps::typed(ebpf, map_names::IG_LOCAL)?,
             config: maps::typed(ebpf, map_names::IG_CONFIG)?,
             stats: maps::typed(ebpf, map_names::IG_STATS)?,
+            port_flows: maps::typed(ebpf, map_names::IG_PORT_FLOWS)?,
+            live: maps::typed(ebpf, map_names::IG_LIVE)?,
+            flows: maps::typed(ebpf, map_names::IG_FLOWS)?,
+            rev: maps::typed(ebpf, map_names::IG_REV)?,
         };
         let held = maps::read_all(&maps.ports)?;
         let slots = maps::read_all(&maps.maglev)?;
+        let mut live: BTreeMap<u32, BTreeSet<u32>> = BTreeMap::new();
+        for k in maps::read_all(&maps.live)?.into_keys() {
+            live.entry(k.lb_id).or_default().insert(k.slot);
+        }
         let ports = held
             .into_iter()
             .map(|(k, value)| {
@@ -181,6 +231,7 @@ impl Ingress {
                     PortTable {
                         value,
                         slots: table,
+                        live: live.remove(&value.lb_id).unwrap_or_default(),
                     },
                 )
             })
@@ -209,7 +260,7 @@ impl Ingress {
                 .get(&(i as u32), 0)
                 .map(|per_cpu| per_cpu.iter().sum())
                 .unwrap_or(0);
-            counters.insert(*name, v);
+            counters.insert(name.to_string(), v);
         }
         IngressStatus {
             interfaces: self.uplinks.keys().cloned().collect(),
@@ -218,6 +269,54 @@ impl Ingress {
             tunnel_port: self.settings.tunnel_port,
             ports: self.ports.len(),
             counters,
+        }
+    }
+
+    /// What `meshctl ingress` shows: each published port as the maps hold it, with its
+    /// service and counters, and how full the flow tables are (counted: on demand only).
+    pub fn view(&self, desired: &Desired) -> IngressView {
+        let mut ports = Vec::new();
+        for (p, lb) in &desired.ingress {
+            let held = self.ports.get(&port_key(p));
+            let mut backends: Vec<BackendView> = Vec::new();
+            if let Some(t) = held {
+                let mut seen = BTreeSet::new();
+                for b in &t.slots {
+                    if seen.insert(b.addr) {
+                        backends.push(BackendView {
+                            addr: from_be(b.addr),
+                            via: if b.node == 0 {
+                                format!("local, bridge leg {}", from_be(b.gateway))
+                            } else {
+                                format!("tunnel to {}", from_be(b.node))
+                            },
+                            slots: t.slots.iter().filter(|s| s.addr == b.addr).count(),
+                        });
+                    }
+                }
+            }
+            backends.sort_by_key(|b| b.addr);
+            ports.push(PortView {
+                port: p.port,
+                protocol: p.protocol.to_string(),
+                service: lb.service_name.clone(),
+                target: lb.target,
+                client_address: lb.client,
+                programmed: held.is_some(),
+                slots: held.map_or(0, |t| t.value.slots),
+                tasks: lb.backends.len(),
+                backends,
+                new_flows: held
+                    .and_then(|t| self.maps.port_flows.get(&t.value.lb_id, 0).ok())
+                    .unwrap_or(0),
+            });
+        }
+        IngressView {
+            ports,
+            flows: self.maps.flows.keys().count(),
+            replies: self.maps.rev.keys().count(),
+            flow_capacity: capacity::IG_FLOWS,
+            status: self.status(),
         }
     }
 
@@ -333,6 +432,12 @@ impl Ingress {
                 _ => None,
             })
             .collect();
+        let live = lb
+            .backends
+            .iter()
+            .map(|b| be(b.addr))
+            .chain(lb.draining.iter().map(|a| be(*a)))
+            .collect();
         let size = maglev::table_size(reachable.len());
         let names: Vec<[u8; 4]> = reachable.iter().map(|b| b.addr.to_ne_bytes()).collect();
         let slots = maglev::build(&names, size)
@@ -352,6 +457,7 @@ impl Ingress {
                 _pad: 0,
             },
             slots,
+            live,
         }
     }
 
@@ -369,6 +475,23 @@ impl Ingress {
             .map(|t| t.value.lb_id)
             .or(old.as_ref().map(|t| t.value.lb_id))
             .unwrap_or(0);
+        let old_live = old.as_ref().map(|t| t.live.clone()).unwrap_or_default();
+        let new_live = want.as_ref().map(|t| t.live.clone()).unwrap_or_default();
+        // Live tasks first in, last out: a flow never loses its task to the order of writes.
+        for a in new_live.difference(&old_live) {
+            self.maps
+                .live
+                .insert(
+                    MaglevKey {
+                        lb_id: lb,
+                        slot: *a,
+                    },
+                    1,
+                    0,
+                )
+                .context("write a live task")?;
+            stats.writes += 1;
+        }
         if let Some(t) = &want {
             for (slot, b) in t.slots.iter().enumerate() {
                 if old_slots.get(slot) != Some(b) {
@@ -395,6 +518,8 @@ impl Ingress {
             }
         } else {
             maps::ignore_missing(self.maps.ports.remove(&k)).context("remove a published port")?;
+            maps::ignore_missing(self.maps.port_flows.remove(&lb))
+                .context("remove a port's flow counter")?;
             stats.deletes += 1;
         }
         let keep = want.as_ref().map_or(0, |t| t.slots.len());
@@ -404,6 +529,14 @@ impl Ingress {
                 slot: slot as u32,
             }))
             .context("remove a Maglev slot")?;
+            stats.deletes += 1;
+        }
+        for a in old_live.difference(&new_live) {
+            maps::ignore_missing(self.maps.live.remove(&MaglevKey {
+                lb_id: lb,
+                slot: *a,
+            }))
+            .context("remove a live task")?;
             stats.deletes += 1;
         }
         match want {

@@ -227,6 +227,11 @@ impl EbpfDatapath {
         self.dns.take()
     }
 
+    /// The ingress mesh's ports, backends and flow tables (None with `--no-ingress`).
+    pub fn ingress_view(&self, desired: &Desired) -> Option<ingress::IngressView> {
+        self.ingress.as_ref().map(|i| i.view(desired))
+    }
+
     /// The ingress mesh's attachments and counters (None with `--no-ingress`).
     pub fn ingress_status(&self) -> Option<ingress::IngressStatus> {
         self.ingress.as_ref().map(ingress::Ingress::status)
