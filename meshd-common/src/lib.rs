@@ -153,7 +153,9 @@ pub mod ingress_stat {
     pub const TOO_BIG: u32 = 8;
     /// Passed to the stack: no route found for a rewritten packet.
     pub const NO_ROUTE: u32 = 9;
-    pub const COUNT: u32 = 10;
+    /// ICMP errors about a flow, translated and passed on (to its task, or its client).
+    pub const ICMP: u32 = 10;
+    pub const COUNT: u32 = 11;
 }
 
 /// The UDP port of meshd's node-to-node tunnel (`--ingress-tunnel-port`).

@@ -78,6 +78,9 @@ const IP_SADDR: usize = IP + 12;
 const IP_DADDR: usize = IP + 16;
 const PROTO_TCP: u8 = 6;
 const PROTO_UDP: u8 = 17;
+const PROTO_ICMP: u8 = 1;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
 const AF_INET: u8 = 2;
 /// IPv4 `frag_off`: more fragments, and the offset.
 const IP_MF_OFFSET: u16 = 0x3fff;
@@ -229,8 +232,11 @@ fn config() -> Option<IngressConfig> {
 
 #[inline(always)]
 fn ingress_in(ctx: &mut TcContext) -> Option<i32> {
-    let mut p = parse(ctx)?;
     let conf = config()?;
+    if let Some(e) = parse_icmp_error(ctx) {
+        return icmp_to_task(ctx, &conf, &e);
+    }
+    let mut p = parse(ctx)?;
     if p.proto == PROTO_UDP
         && p.dport == conf.tunnel_port
         && !p.fragment
@@ -446,8 +452,11 @@ fn to_bridge(conf: &IngressConfig) -> i32 {
 /// entry node), or a container asking a published port of this node.
 #[inline(always)]
 fn ingress_back(ctx: &mut TcContext) -> Option<i32> {
-    let mut p = parse(ctx)?;
     let conf = config()?;
+    if let Some(e) = parse_icmp_error(ctx) {
+        return icmp_to_client(ctx, &conf, &e);
+    }
+    let mut p = parse(ctx)?;
     let Some(rev) = (unsafe { IG_REV.get(&p.key()) }) else {
         return to_published(ctx, &mut p, &conf, Origin::LocalContainer);
     };
@@ -469,6 +478,12 @@ fn from_tunnel(ctx: &mut TcContext, conf: &IngressConfig) -> Option<i32> {
     let outer_saddr: u32 = ctx.load(IP_SADDR).ok()?;
     ctx.adjust_room(-(TUNNEL_OVERHEAD as i32), BPF_ADJ_ROOM_MAC, 0)
         .ok()?;
+    if let Some(e) = parse_icmp_error(ctx) {
+        return match unsafe { IG_LOCAL.get(&e.outer.daddr) } {
+            Some(gateway) => icmp_to_local(ctx, conf, &e, *gateway),
+            None => icmp_to_client(ctx, conf, &e),
+        };
+    }
     let mut p = parse(ctx)?;
     if let Some(gateway) = unsafe { IG_LOCAL.get(&p.daddr) } {
         let gateway = *gateway;
@@ -500,6 +515,183 @@ fn from_tunnel(ctx: &mut TcContext, conf: &IngressConfig) -> Option<i32> {
     rewrite(ctx, &mut p, false, rev.daddr, rev.dport)?;
     count(ingress_stat::REPLIES);
     Some(route(ctx, p.daddr, p.saddr))
+}
+
+/// An ICMP error (destination unreachable, time exceeded) quoting a TCP or UDP packet:
+/// where its parts are, and the quoted packet's addresses and ports as it was sent.
+#[derive(Clone, Copy)]
+struct IcmpError {
+    /// The ICMP packet itself (`l4`: the ICMP header; no ports).
+    outer: Packet,
+    inner_ip: usize,
+    inner_l4: usize,
+    inner: FlowKey,
+}
+
+#[inline(always)]
+fn parse_icmp_error(ctx: &TcContext) -> Option<IcmpError> {
+    let ethertype: u16 = ctx.load(12).ok()?;
+    if u16::from_be(ethertype) != ETH_P_IP {
+        return None;
+    }
+    let vihl: u8 = ctx.load(IP).ok()?;
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    if vihl >> 4 != 4 || ihl < 20 || ctx.load::<u8>(IP + 9).ok()? != PROTO_ICMP {
+        return None;
+    }
+    let icmp = IP + ihl;
+    let kind: u8 = ctx.load(icmp).ok()?;
+    if kind != ICMP_DEST_UNREACH && kind != ICMP_TIME_EXCEEDED {
+        return None;
+    }
+    let inner_ip = icmp + 8;
+    let ivihl: u8 = ctx.load(inner_ip).ok()?;
+    let iihl = ((ivihl & 0x0f) as usize) * 4;
+    let iproto: u8 = ctx.load(inner_ip + 9).ok()?;
+    if iihl < 20 || (iproto != PROTO_TCP && iproto != PROTO_UDP) {
+        return None;
+    }
+    let inner_l4 = inner_ip + iihl;
+    let len: u16 = ctx.load(IP + 2).ok()?;
+    Some(IcmpError {
+        outer: Packet {
+            l4: icmp,
+            proto: PROTO_ICMP,
+            saddr: ctx.load(IP_SADDR).ok()?,
+            daddr: ctx.load(IP_DADDR).ok()?,
+            sport: 0,
+            dport: 0,
+            len: u16::from_be(len),
+            fragment: false,
+        },
+        inner_ip,
+        inner_l4,
+        inner: FlowKey {
+            saddr: ctx.load(inner_ip + 12).ok()?,
+            daddr: ctx.load(inner_ip + 16).ok()?,
+            sport: ctx.load(inner_l4).ok()?,
+            dport: ctx.load(inner_l4 + 2).ok()?,
+            proto: iproto,
+            _pad: [0; 3],
+        },
+    })
+}
+
+/// Rewrites the ICMP packet's own source or destination address.
+#[inline(always)]
+fn icmp_outer(ctx: &mut TcContext, e: &mut IcmpError, source: bool, addr: u32) -> Option<()> {
+    let (off, old) = if source {
+        (IP_SADDR, e.outer.saddr)
+    } else {
+        (IP_DADDR, e.outer.daddr)
+    };
+    if addr != old {
+        // ICMP's checksum has no pseudo-header: only the IP header's changes.
+        ctx.l3_csum_replace(IP_CSUM, old as u64, addr as u64, 4).ok()?;
+        ctx.store(off, &addr, 0).ok()?;
+    }
+    if source {
+        e.outer.saddr = addr;
+    } else {
+        e.outer.daddr = addr;
+    }
+    Some(())
+}
+
+/// Rewrites the quoted packet's source or destination. The quoted header's checksum is
+/// kept right, so its address change and its checksum's cancel in ICMP's own checksum;
+/// a port change is made up for there.
+#[inline(always)]
+fn icmp_inner(ctx: &mut TcContext, e: &mut IcmpError, source: bool, addr: u32, port: u16) -> Option<()> {
+    let (off, old, port_off, old_port) = if source {
+        (e.inner_ip + 12, e.inner.saddr, e.inner_l4, e.inner.sport)
+    } else {
+        (e.inner_ip + 16, e.inner.daddr, e.inner_l4 + 2, e.inner.dport)
+    };
+    if addr != old {
+        ctx.l3_csum_replace(e.inner_ip + 10, old as u64, addr as u64, 4)
+            .ok()?;
+        ctx.store(off, &addr, 0).ok()?;
+    }
+    if port != old_port {
+        ctx.l4_csum_replace(e.outer.l4 + 2, old_port as u64, port as u64, 2)
+            .ok()?;
+        ctx.store(port_off, &port, 0).ok()?;
+    }
+    if source {
+        e.inner.saddr = addr;
+        e.inner.sport = port;
+    } else {
+        e.inner.daddr = addr;
+        e.inner.dport = port;
+    }
+    Some(())
+}
+
+/// An ICMP error from outside about a reply this node sent (a router on the way to the
+/// client: "fragmentation needed"; the client: "port unreachable"): it goes to the flow's
+/// task, quoting the packet as the task sent it.
+#[inline(always)]
+fn icmp_to_task(ctx: &mut TcContext, conf: &IngressConfig, e: &IcmpError) -> Option<i32> {
+    let mut e = *e;
+    unsafe { IG_ADDRS.get(&e.outer.daddr) }?;
+    let forward = FlowKey {
+        saddr: e.inner.daddr,
+        daddr: e.inner.saddr,
+        sport: e.inner.dport,
+        dport: e.inner.sport,
+        proto: e.inner.proto,
+        _pad: [0; 3],
+    };
+    let f = *unsafe { IG_FLOWS.get(&forward) }?;
+    let b = f.backend;
+    let task = if b.node == 0 { b.gateway } else { b.addr };
+    icmp_inner(ctx, &mut e, true, task, f.dport)?;
+    icmp_inner(ctx, &mut e, false, f.saddr, f.sport)?;
+    icmp_outer(ctx, &mut e, false, task)?;
+    count(ingress_stat::ICMP);
+    if b.node == 0 {
+        return Some(to_bridge(conf));
+    }
+    Some(into_tunnel(ctx, &e.outer, conf, b.node, key_hash(&forward)))
+}
+
+/// Out of the tunnel, an ICMP error for a task of this node: to its bridge leg.
+#[inline(always)]
+fn icmp_to_local(ctx: &mut TcContext, conf: &IngressConfig, e: &IcmpError, gateway: u32) -> Option<i32> {
+    let mut e = *e;
+    let sport = e.inner.sport;
+    icmp_inner(ctx, &mut e, true, gateway, sport)?;
+    icmp_outer(ctx, &mut e, false, gateway)?;
+    count(ingress_stat::ICMP);
+    Some(to_bridge(conf))
+}
+
+/// An ICMP error from a task about a packet of a flow (its port closed: "port
+/// unreachable"; too big): to the client as if from the published port, or back through
+/// the tunnel to the entry node first.
+#[inline(always)]
+fn icmp_to_client(ctx: &mut TcContext, conf: &IngressConfig, e: &IcmpError) -> Option<i32> {
+    let mut e = *e;
+    // The quoted packet is one the task received: its reply key is the quote reversed.
+    let key = FlowKey {
+        saddr: e.inner.daddr,
+        daddr: e.inner.saddr,
+        sport: e.inner.dport,
+        dport: e.inner.sport,
+        proto: e.inner.proto,
+        _pad: [0; 3],
+    };
+    let rev = *unsafe { IG_REV.get(&key) }?;
+    icmp_inner(ctx, &mut e, false, rev.saddr, rev.sport)?;
+    icmp_inner(ctx, &mut e, true, rev.daddr, rev.dport)?;
+    icmp_outer(ctx, &mut e, true, rev.saddr)?;
+    icmp_outer(ctx, &mut e, false, rev.daddr)?;
+    count(ingress_stat::ICMP);
+    if rev.tunnel_to != 0 {
+        return Some(into_tunnel(ctx, &e.outer, conf, rev.tunnel_to, key_hash(&key)));
+    }
+    Some(route(ctx, e.outer.daddr, e.outer.saddr))
 }
 
 /// Wraps the packet in IPv4 + UDP to another node's meshd and routes it there.

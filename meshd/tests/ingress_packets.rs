@@ -804,3 +804,113 @@ fn the_node_itself_and_its_containers_reach_published_ports() {
         assert_eq!((s.src.0, s.dst), (NODE, (TASK_GW, 80)));
     });
 }
+
+/// An ICMP error (type 3, code `code`) from `src` to `dst` quoting `quoted` (an Ethernet
+/// frame: its IP header and first 8 bytes are quoted), checksums right.
+fn icmp_error(src: Ipv4Addr, dst: Ipv4Addr, code: u8, quoted: &[u8]) -> Vec<u8> {
+    let ip = &quoted[14..];
+    let ihl = usize::from(ip[0] & 15) * 4;
+    let mut icmp = vec![3, code, 0, 0, 0, 0, 0x05, 0xa0];
+    icmp.extend(&ip[..ihl + 8]);
+    let c = csum(&icmp, 0);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    ip_packet(src, dst, 1, 0, &icmp)
+}
+
+/// What an ICMP error says: (its source, destination), and the quoted packet's (source,
+/// destination) with ports; every checksum checked (the quoted header's too).
+/// (source, destination) of an ICMP packet, and the quoted packet's, with ports.
+type IcmpSeen = ((Ipv4Addr, Ipv4Addr), ((Ipv4Addr, u16), (Ipv4Addr, u16)));
+
+fn seen_icmp(p: &[u8]) -> IcmpSeen {
+    let ip = &p[14..];
+    assert_eq!(csum(&ip[..20], 0), 0, "IP checksum");
+    assert_eq!(ip[9], 1, "ICMP");
+    let icmp = &ip[20..];
+    assert_eq!(csum(icmp, 0), 0, "ICMP checksum");
+    let q = &icmp[8..];
+    assert_eq!(csum(&q[..20], 0), 0, "quoted IP header's checksum");
+    let a = |o: usize| Ipv4Addr::new(ip[o], ip[o + 1], ip[o + 2], ip[o + 3]);
+    let qa = |o: usize| Ipv4Addr::new(q[o], q[o + 1], q[o + 2], q[o + 3]);
+    let qp = |o: usize| u16::from_be_bytes([q[20 + o], q[21 + o]]);
+    ((a(12), a(16)), ((qa(12), qp(0)), (qa(16), qp(2))))
+}
+
+#[test]
+fn icmp_errors_of_a_flow_are_translated_both_ways() {
+    if !root_or_skip("icmp_errors_of_a_flow_are_translated_both_ways") {
+        return;
+    }
+    in_fresh_netns(|| {
+        let mut n = node(1024);
+        n.publish(5353, UDP, local_task(), 0);
+        let q = packet((CLIENT, 41000), (NODE, 5353), UDP, 0);
+        let (_, to_task) = n.run(prog_names::INGRESS_IN, n.uplink, &q);
+        let s = seen(&to_task);
+        assert_eq!((s.src, s.dst), ((NODE, 41000), (TASK_GW, 80)));
+        // The task's port is closed: its "port unreachable" reaches the client, quoting
+        // the datagram as the client sent it.
+        let unreachable = icmp_error(TASK_GW, NODE, 3, &to_task);
+        let (verdict, out) = n.run(prog_names::INGRESS_BACK, n.bridge, &unreachable);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{:?}", n.stats());
+        assert_eq!(
+            seen_icmp(&out),
+            ((NODE, CLIENT), ((CLIENT, 41000), (NODE, 5353)))
+        );
+        // The client (or a router before it) answers a reply with an error: it reaches the
+        // task, quoting the reply as the task sent it.
+        let reply = packet((NODE, 5353), (CLIENT, 41000), UDP, 0);
+        let router = Ipv4Addr::new(192, 168, 100, 254);
+        let err = icmp_error(router, NODE, 4, &reply);
+        let (verdict, out) = n.run(prog_names::INGRESS_IN, n.uplink, &err);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{:?}", n.stats());
+        assert_eq!(
+            seen_icmp(&out),
+            ((router, TASK_GW), ((TASK_GW, 80), (NODE, 41000)))
+        );
+        assert_eq!(n.stat(ingress_stat::ICMP), 2);
+        // A flow to a task on another node: the error goes through the tunnel to it.
+        n.publish(
+            5354,
+            UDP,
+            IngressBackend {
+                addr: be(REMOTE_TASK),
+                node: be(PEER),
+                gateway: 0,
+                _pad: 0,
+            },
+            0,
+        );
+        let q = packet((CLIENT, 42000), (NODE, 5354), UDP, 0);
+        assert_eq!(
+            n.run(prog_names::INGRESS_IN, n.uplink, &q).0,
+            TC_ACT_REDIRECT
+        );
+        let reply = packet((NODE, 5354), (CLIENT, 42000), UDP, 0);
+        let (verdict, out) = n.run(
+            prog_names::INGRESS_IN,
+            n.uplink,
+            &icmp_error(router, NODE, 4, &reply),
+        );
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let outer = seen(&out);
+        assert_eq!(
+            (outer.src.0, outer.dst),
+            (NODE, (PEER, INGRESS_TUNNEL_PORT))
+        );
+        let mut inner = out[..14].to_vec();
+        inner.extend(&out[14 + 28..]);
+        assert_eq!(
+            seen_icmp(&inner),
+            ((router, REMOTE_TASK), ((REMOTE_TASK, 80), (NODE, 42000)))
+        );
+        // An error about nothing of ours is the stack's.
+        let stray = icmp_error(
+            router,
+            NODE,
+            3,
+            &packet((NODE, 5353), (Ipv4Addr::new(192, 168, 100, 77), 1), UDP, 0),
+        );
+        assert_eq!(n.run(prog_names::INGRESS_IN, n.uplink, &stray).0, TC_ACT_OK);
+    });
+}

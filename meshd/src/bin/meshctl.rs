@@ -183,12 +183,13 @@ fn print_ingress(v: IngressView) {
     let c = |n: &str| k.get(n).copied().unwrap_or(0);
     println!(
         "dropped: {} no task, {} fragments, {} no SNAT port, {} too big for the tunnel; \
-         {} passed to the stack (no route)",
+         {} passed to the stack (no route); {} ICMP errors passed on",
         c("dropped_no_task"),
         c("dropped_fragments"),
         c("dropped_no_snat_port"),
         c("dropped_too_big"),
-        c("passed_no_route")
+        c("passed_no_route"),
+        c("icmp_errors")
     );
 }
 

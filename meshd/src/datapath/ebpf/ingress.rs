@@ -146,6 +146,7 @@ const STAT_NAMES: [&str; ingress_stat::COUNT as usize] = [
     "dropped_no_snat_port",
     "dropped_too_big",
     "passed_no_route",
+    "icmp_errors",
 ];
 
 fn be(ip: Ipv4Addr) -> u32 {
