@@ -93,8 +93,9 @@ impl Drop for Node {
 
 fn node(flows: u32) -> Node {
     sh(&["ip", "link", "set", "lo", "up"]);
-    // As Docker leaves a node: the route lookups of the programs need it.
-    sh(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    // As Docker leaves a node: the route lookups of the programs need it. (A /proc/sys/net
+    // file is the namespace of the thread that opens it: this one's.)
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").expect("enable forwarding");
     sh(&[
         "ip", "link", "add", "up0", "type", "veth", "peer", "name", "up1",
     ]);

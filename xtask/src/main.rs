@@ -45,6 +45,8 @@ const PACKAGES: &[&str] = &[
     "docker.io",
     "busybox-static",
     "iproute2",
+    // sysctl, for the benchmarks' namespaces.
+    "procps",
     "nftables",
     "bpftool",
     "dnsutils",
