@@ -283,7 +283,8 @@ impl Node {
         self.create_service_with(name, network, replicas, grace, &[], cmd)
     }
 
-    /// As `create_service`, with extra `docker service create` flags (constraints, ...).
+    /// As `create_service`, with extra `docker service create` flags (constraints, ...);
+    /// `network` "" for none (a service that only publishes ports is on `ingress`).
     pub fn create_service_with(
         &self,
         name: &str,
@@ -301,13 +302,14 @@ impl Node {
             "--no-resolve-image",
             "--name",
             name,
-            "--network",
-            network,
             "--replicas",
             &replicas,
             "--stop-grace-period",
             grace,
         ];
+        if !network.is_empty() {
+            args.extend(["--network", network]);
+        }
         args.extend_from_slice(flags);
         args.push(IMAGE);
         args.extend_from_slice(cmd);

@@ -13,9 +13,7 @@ use std::{
 };
 
 use anyhow::{ensure, Context, Result};
-use meshd_tests::{bin, require_root, run, run_tag, wait_for, Lab, LabSpec};
-
-const IMAGE: &str = "meshlab:1";
+use meshd_tests::{bin, require_root, run, run_tag, wait_for, Lab, LabSpec, IMAGE};
 
 fn lab(suffix: &str) -> Lab {
     Lab::up(LabSpec::new(&format!("{}{suffix}", run_tag()), 3, 1)).expect("lab up")
@@ -78,30 +76,13 @@ fn echo(s: &mut TcpStream, byte: u8) -> Result<()> {
 fn on_workers(
     m: &meshd_tests::Node,
     name: &str,
-    replicas: u32,
+    replicas: usize,
     publish: &[&str],
     cmd: &[&str],
 ) -> Result<()> {
-    let replicas = replicas.to_string();
-    let mut args = vec![
-        "service",
-        "create",
-        "-d",
-        "--name",
-        name,
-        "--replicas",
-        &replicas,
-        "--constraint",
-        "node.role==worker",
-        "--stop-grace-period",
-        "1s",
-        "--no-resolve-image",
-    ];
-    args.extend(publish);
-    args.push(IMAGE);
-    args.extend(cmd);
-    m.docker(&args)?;
-    Ok(())
+    let mut flags = vec!["--constraint", "node.role==worker"];
+    flags.extend(publish);
+    m.create_service_with(name, "", replicas, "1s", &flags, cmd)
 }
 
 fn ingress_ports(lab: &Lab, node: &str) -> Option<u64> {
@@ -283,28 +264,19 @@ fn scenario(lab: &mut Lab) -> Result<()> {
     // 3. A host-mode port is Docker's: meshd programs nothing for it. (On an overlay: a
     //    task on none has no docker_gwbridge leg for Docker to map the port to.)
     m.create_overlay("hp")?;
-    m.docker(&[
-        "service",
-        "create",
-        "-d",
-        "--name",
+    m.create_service_with(
         "hostport",
-        "--replicas",
-        "1",
-        "--constraint",
-        "node.hostname==node2",
-        "--network",
         "hp",
-        "--stop-grace-period",
+        1,
         "1s",
-        "--no-resolve-image",
-        "--publish",
-        "mode=host,published=8090,target=7000",
-        IMAGE,
-        "labtool",
-        "serve-peer",
-        "7000",
-    ])?;
+        &[
+            "--constraint",
+            "node.hostname==node2",
+            "--publish",
+            "mode=host,published=8090,target=7000",
+        ],
+        &["labtool", "serve-peer", "7000"],
+    )?;
     m.wait_running("hostport", 1)?;
     wait_for(
         "the host-mode port to answer on node2",

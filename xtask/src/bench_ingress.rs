@@ -12,15 +12,13 @@ use serde_json::Value;
 
 use crate::bench::{median, spread};
 
-const IMAGE: &str = "meshlab:1";
-
 pub fn ingress(rounds: usize, seconds: f64) -> Result<()> {
     ensure!(require_root("bench ingress"), "bench ingress needs root");
     let lab = Lab::up(LabSpec::new(&format!("{}bi", run_tag()), 3, 1))?;
     let m = lab.manager();
     let lan = lab.lan_client()?;
     // One task each, on node2: node1 and node3 have none.
-    for (name, port, extra) in [
+    for (name, port, label) in [
         ("echo", "7000:7000", None),
         (
             "echop",
@@ -28,25 +26,11 @@ pub fn ingress(rounds: usize, seconds: f64) -> Result<()> {
             Some("meshd.ingress.client-address=preserve"),
         ),
     ] {
-        let mut args = vec![
-            "service",
-            "create",
-            "-d",
-            "--name",
-            name,
-            "--constraint",
-            "node.hostname==node2",
-            "--stop-grace-period",
-            "1s",
-            "--no-resolve-image",
-            "-p",
-            port,
-        ];
-        if let Some(l) = extra {
-            args.extend(["--label", l]);
+        let mut flags = vec!["--constraint", "node.hostname==node2", "-p", port];
+        if let Some(l) = label {
+            flags.extend(["--label", l]);
         }
-        args.extend([IMAGE, "labtool", "tcp-echo", "7000"]);
-        m.docker(&args)?;
+        m.create_service_with(name, "", 1, "1s", &flags, &["labtool", "tcp-echo", "7000"])?;
     }
     m.wait_running("echo", 1)?;
     m.wait_running("echop", 1)?;
