@@ -155,6 +155,9 @@ fn print_ingress(v: IngressView) {
         v.replies,
         v.flow_capacity
     );
+    if let Some(e) = &st.last_error {
+        println!("FAILING: {e}");
+    }
     println!(
         "{:<10} {:<20} {:>6} {:<9} {:>5} {:>6} {:>10}",
         "PORT", "SERVICE", "TARGET", "CLIENT", "TASKS", "SLOTS", "NEW FLOWS"
@@ -366,6 +369,9 @@ fn print_status(d: &Value) {
             ig["tunnel_port"],
             ig["node_addr"].as_str().unwrap_or("?")
         );
+        if let Some(e) = ig["last_error"].as_str() {
+            println!("  FAILING       {e}");
+        }
         println!(
             "  packets       {} in, {} new flows, {} to local tasks, {} tunnelled, {} replies",
             k["packets_in"], k["new_flows"], k["to_local_tasks"], k["tunnelled"], k["replies"]

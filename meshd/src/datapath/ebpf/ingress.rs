@@ -86,6 +86,8 @@ pub struct Ingress {
     nodes: BTreeSet<u32>,
     local: BTreeMap<u32, u32>,
     config: IngressConfig,
+    /// Why the last apply failed, if it did.
+    pub last_error: Option<String>,
 }
 
 /// `meshctl ingress`.
@@ -131,6 +133,8 @@ pub struct IngressStatus {
     pub node_addr: Option<Ipv4Addr>,
     pub tunnel_port: u16,
     pub ports: usize,
+    #[serde(default)]
+    pub last_error: Option<String>,
     /// `ingress_stat` counters, by name.
     pub counters: BTreeMap<String, u64>,
 }
@@ -249,6 +253,7 @@ impl Ingress {
             bridge: None,
             ports,
             config,
+            last_error: None,
         })
     }
 
@@ -269,6 +274,7 @@ impl Ingress {
             node_addr: (self.config.node_addr != 0).then(|| from_be(self.config.node_addr)),
             tunnel_port: self.settings.tunnel_port,
             ports: self.ports.len(),
+            last_error: self.last_error.clone(),
             counters,
         }
     }

@@ -362,7 +362,22 @@ impl Applier for EbpfDatapath {
             self.applied.compact();
         }
         if let Some(ig) = self.ingress.as_mut() {
-            stats.add(ig.apply(&mut self.ebpf, desired, changed, everything)?);
+            // The ingress mesh failing (an interface it cannot attach to, an old kernel) must
+            // not hold the VIPs back: it says why in meshctl and tries again with the next
+            // change of its own, or the next sweep.
+            match ig.apply(&mut self.ebpf, desired, changed, everything) {
+                Ok(s) => {
+                    ig.last_error = None;
+                    stats.add(s);
+                }
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    if ig.last_error.as_deref() != Some(msg.as_str()) {
+                        warn!(error = %msg, "ingress mesh: cannot apply; published ports may not answer here");
+                    }
+                    ig.last_error = Some(msg);
+                }
+            }
         }
         if !stats.is_empty() {
             debug!(
