@@ -215,6 +215,27 @@ impl Lab {
                 .with_context(|| format!("meshd on {}", self.hostname(i)))?;
             self.meshds.push(m);
         }
+        // Ready is "read every source once", which a meshd that asked its engine a moment
+        // before the join showed is, alone: up is done when each follows the swarm.
+        for (i, m) in self.meshds.iter().enumerate() {
+            let want = if i < self.spec.managers {
+                "manager"
+            } else if self.spec.manager_api {
+                "manager_api"
+            } else {
+                "feed"
+            };
+            wait_for(
+                &format!("meshd on {} to follow the swarm ({want})", self.hostname(i)),
+                Duration::from_secs(30),
+                || {
+                    let st = m.status().ok()?;
+                    let following = st["mode"] == want
+                        && (want != "feed" || st["feed"]["client"]["connected"] == true);
+                    following.then_some(())
+                },
+            )?;
+        }
         Ok(())
     }
 
