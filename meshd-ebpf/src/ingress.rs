@@ -136,37 +136,47 @@ impl Packet {
     }
 }
 
+/// What a packet is to the mesh: a TCP or UDP packet, or an ICMP error quoting one.
+enum Parsed {
+    Flow(Packet),
+    Icmp(IcmpError),
+}
+
+/// Reads the IPv4 header once and sorts the packet; None for anything else.
 #[inline(always)]
-fn parse(ctx: &TcContext) -> Option<Packet> {
+fn classify(ctx: &TcContext) -> Option<Parsed> {
     let ethertype: u16 = ctx.load(12).ok()?;
     if u16::from_be(ethertype) != ETH_P_IP {
         return None;
     }
     let vihl: u8 = ctx.load(IP).ok()?;
-    if vihl >> 4 != 4 {
-        return None;
-    }
     let ihl = ((vihl & 0x0f) as usize) * 4;
-    if ihl < 20 {
+    if vihl >> 4 != 4 || ihl < 20 {
         return None;
     }
     let proto: u8 = ctx.load(IP + 9).ok()?;
-    if proto != PROTO_TCP && proto != PROTO_UDP {
-        return None;
-    }
-    let frag: u16 = ctx.load(IP + 6).ok()?;
     let len: u16 = ctx.load(IP + 2).ok()?;
+    let frag: u16 = ctx.load(IP + 6).ok()?;
     let l4 = IP + ihl;
-    Some(Packet {
+    let mut p = Packet {
         l4,
         proto,
         saddr: ctx.load(IP_SADDR).ok()?,
         daddr: ctx.load(IP_DADDR).ok()?,
-        sport: ctx.load(l4).ok()?,
-        dport: ctx.load(l4 + 2).ok()?,
+        sport: 0,
+        dport: 0,
         len: u16::from_be(len),
         fragment: u16::from_be(frag) & IP_MF_OFFSET != 0,
-    })
+    };
+    match proto {
+        PROTO_TCP | PROTO_UDP => {
+            p.sport = ctx.load(l4).ok()?;
+            p.dport = ctx.load(l4 + 2).ok()?;
+            Some(Parsed::Flow(p))
+        }
+        PROTO_ICMP if !p.fragment => icmp_error(ctx, p).map(Parsed::Icmp),
+        _ => None,
+    }
 }
 
 /// Rewrites the source (or destination) address and port, checksums included.
@@ -233,10 +243,10 @@ fn config() -> Option<IngressConfig> {
 #[inline(always)]
 fn ingress_in(ctx: &mut TcContext) -> Option<i32> {
     let conf = config()?;
-    if let Some(e) = parse_icmp_error(ctx) {
-        return icmp_to_task(ctx, &conf, &e);
-    }
-    let mut p = parse(ctx)?;
+    let mut p = match classify(ctx)? {
+        Parsed::Flow(p) => p,
+        Parsed::Icmp(e) => return icmp_to_task(ctx, &conf, &e),
+    };
     if p.proto == PROTO_UDP
         && p.dport == conf.tunnel_port
         && !p.fragment
@@ -453,10 +463,10 @@ fn to_bridge(conf: &IngressConfig) -> i32 {
 #[inline(always)]
 fn ingress_back(ctx: &mut TcContext) -> Option<i32> {
     let conf = config()?;
-    if let Some(e) = parse_icmp_error(ctx) {
-        return icmp_to_client(ctx, &conf, &e);
-    }
-    let mut p = parse(ctx)?;
+    let mut p = match classify(ctx)? {
+        Parsed::Flow(p) => p,
+        Parsed::Icmp(e) => return icmp_to_client(ctx, &conf, &e),
+    };
     let Some(rev) = (unsafe { IG_REV.get(&p.key()) }) else {
         return to_published(ctx, &mut p, &conf, Origin::LocalContainer);
     };
@@ -478,13 +488,15 @@ fn from_tunnel(ctx: &mut TcContext, conf: &IngressConfig) -> Option<i32> {
     let outer_saddr: u32 = ctx.load(IP_SADDR).ok()?;
     ctx.adjust_room(-(TUNNEL_OVERHEAD as i32), BPF_ADJ_ROOM_MAC, 0)
         .ok()?;
-    if let Some(e) = parse_icmp_error(ctx) {
-        return match unsafe { IG_LOCAL.get(&e.outer.daddr) } {
-            Some(gateway) => icmp_to_local(ctx, conf, &e, *gateway),
-            None => icmp_to_client(ctx, conf, &e),
-        };
-    }
-    let mut p = parse(ctx)?;
+    let mut p = match classify(ctx)? {
+        Parsed::Flow(p) => p,
+        Parsed::Icmp(e) => {
+            return match unsafe { IG_LOCAL.get(&e.outer.daddr) } {
+                Some(gateway) => icmp_to_local(ctx, conf, &e, *gateway),
+                None => icmp_to_client(ctx, conf, &e),
+            }
+        }
+    };
     if let Some(gateway) = unsafe { IG_LOCAL.get(&p.daddr) } {
         let gateway = *gateway;
         // Replies go back through the tunnel, shown as coming from the task's ingress
@@ -528,18 +540,10 @@ struct IcmpError {
     inner: FlowKey,
 }
 
+/// The quoted packet of an ICMP error (`outer`: the ICMP packet), if it quotes TCP or UDP.
 #[inline(always)]
-fn parse_icmp_error(ctx: &TcContext) -> Option<IcmpError> {
-    let ethertype: u16 = ctx.load(12).ok()?;
-    if u16::from_be(ethertype) != ETH_P_IP {
-        return None;
-    }
-    let vihl: u8 = ctx.load(IP).ok()?;
-    let ihl = ((vihl & 0x0f) as usize) * 4;
-    if vihl >> 4 != 4 || ihl < 20 || ctx.load::<u8>(IP + 9).ok()? != PROTO_ICMP {
-        return None;
-    }
-    let icmp = IP + ihl;
+fn icmp_error(ctx: &TcContext, outer: Packet) -> Option<IcmpError> {
+    let icmp = outer.l4;
     let kind: u8 = ctx.load(icmp).ok()?;
     if kind != ICMP_DEST_UNREACH && kind != ICMP_TIME_EXCEEDED {
         return None;
@@ -552,18 +556,8 @@ fn parse_icmp_error(ctx: &TcContext) -> Option<IcmpError> {
         return None;
     }
     let inner_l4 = inner_ip + iihl;
-    let len: u16 = ctx.load(IP + 2).ok()?;
     Some(IcmpError {
-        outer: Packet {
-            l4: icmp,
-            proto: PROTO_ICMP,
-            saddr: ctx.load(IP_SADDR).ok()?,
-            daddr: ctx.load(IP_DADDR).ok()?,
-            sport: 0,
-            dport: 0,
-            len: u16::from_be(len),
-            fragment: false,
-        },
+        outer,
         inner_ip,
         inner_l4,
         inner: FlowKey {

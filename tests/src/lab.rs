@@ -392,17 +392,7 @@ impl Lab {
             "netns",
             &self.underlay,
         ])?;
-        sh(&[
-            "ip",
-            "-n",
-            &self.underlay,
-            "link",
-            "set",
-            "lan-ul",
-            "master",
-            "br0",
-            "up",
-        ])?;
+        self.underlay_link(&["lan-ul", "master", "br0", "up"])?;
         sh(&[
             "ip",
             "-n",
@@ -421,16 +411,15 @@ impl Lab {
     /// Cuts (or restores) a node's underlay link: it loses every other node.
     pub fn set_link(&self, hostname: &str, up: bool) -> Result<()> {
         self.index(hostname)?;
-        sh(&[
-            "ip",
-            "-n",
-            &self.underlay,
-            "link",
-            "set",
-            hostname,
-            if up { "up" } else { "down" },
-        ])?;
+        self.underlay_link(&[hostname, if up { "up" } else { "down" }])?;
         Ok(())
+    }
+
+    /// `ip link set ARGS` in the underlay namespace.
+    fn underlay_link(&self, args: &[&str]) -> Result<String> {
+        let mut argv = vec!["ip", "-n", &self.underlay, "link", "set"];
+        argv.extend(args);
+        sh(&argv)
     }
 
     /// Swarm's view of the nodes, from the first manager: hostname → (id, role, state).

@@ -336,19 +336,24 @@ fn request_dump(fd: &OwnedFd) -> Result<()> {
     m.header.family = AddressFamily::Inet;
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    let mut req = NetlinkMessage::new(
+    let buf = encode(NetlinkMessage::new(
         header,
         NetlinkPayload::InnerMessage(RouteNetlinkMessage::GetNeighbour(m)),
-    );
-    req.finalize();
-    let mut buf = vec![0u8; req.buffer_len()];
-    req.serialize(&mut buf);
+    ));
     // SAFETY: sending a buffer we own on a descriptor we own.
     let rc = unsafe { libc::send(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), 0) };
     if rc < 0 {
         return Err(io::Error::last_os_error()).context("ask for the neighbour table");
     }
     Ok(())
+}
+
+/// One message as the kernel reads it.
+fn encode(mut msg: NetlinkMessage<RouteNetlinkMessage>) -> Vec<u8> {
+    msg.finalize();
+    let mut buf = vec![0u8; msg.buffer_len()];
+    msg.serialize(&mut buf);
+    buf
 }
 
 fn recv(fd: &OwnedFd, buf: &mut [u8]) -> io::Result<usize> {
@@ -377,31 +382,32 @@ mod tests {
         } else {
             RouteNetlinkMessage::DelNeighbour(m)
         };
-        let mut msg = NetlinkMessage::new(
+        encode(NetlinkMessage::new(
             NetlinkHeader::default(),
             NetlinkPayload::InnerMessage(inner),
-        );
-        msg.finalize();
-        let mut buf = vec![0u8; msg.buffer_len()];
-        msg.serialize(&mut buf);
-        buf
+        ))
     }
 
     fn done() -> Vec<u8> {
-        let mut msg = NetlinkMessage::<RouteNetlinkMessage>::new(
+        encode(NetlinkMessage::new(
             NetlinkHeader::default(),
             NetlinkPayload::Done(Default::default()),
-        );
-        msg.finalize();
-        let mut buf = vec![0u8; msg.buffer_len()];
-        msg.serialize(&mut buf);
-        buf
+        ))
+    }
+
+    fn change(whole: bool, added: &[u8], removed: &[u8]) -> Option<Change> {
+        let ip = |d: &u8| Ipv4Addr::new(10, 0, 0, *d);
+        Some(Change::OverlayPeers {
+            network_id: "n".into(),
+            whole,
+            added: added.iter().map(ip).collect(),
+            removed: removed.iter().map(ip).collect(),
+        })
     }
 
     #[test]
     fn a_dump_then_changes_become_whole_then_differences() {
         let mut p = Peers::default();
-        let ip = |d| Ipv4Addr::new(10, 0, 0, d);
         // Dump: two permanent peers and one of ARP's own entries, then an event in flight.
         let mut buf = neigh([10, 0, 0, 3], NeighbourState::Permanent, true);
         buf.extend(neigh([10, 0, 0, 4], NeighbourState::Permanent, true));
@@ -409,37 +415,13 @@ mod tests {
         assert_eq!(p.take(&buf, "n"), None, "nothing is said mid-dump");
         let mut buf = neigh([10, 0, 0, 4], NeighbourState::Permanent, false);
         buf.extend(done());
-        assert_eq!(
-            p.take(&buf, "n"),
-            Some(Change::OverlayPeers {
-                network_id: "n".into(),
-                whole: true,
-                added: vec![ip(3)],
-                removed: vec![],
-            })
-        );
+        assert_eq!(p.take(&buf, "n"), change(true, &[3], &[]));
         // After it: differences, and nothing for what changes nothing.
         let buf = neigh([10, 0, 0, 5], NeighbourState::Permanent, true);
-        assert_eq!(
-            p.take(&buf, "n"),
-            Some(Change::OverlayPeers {
-                network_id: "n".into(),
-                whole: false,
-                added: vec![ip(5)],
-                removed: vec![],
-            })
-        );
+        assert_eq!(p.take(&buf, "n"), change(false, &[5], &[]));
         assert_eq!(p.take(&buf, "n"), None);
         let buf = neigh([10, 0, 0, 3], NeighbourState::Permanent, false);
-        assert_eq!(
-            p.take(&buf, "n"),
-            Some(Change::OverlayPeers {
-                network_id: "n".into(),
-                whole: false,
-                added: vec![],
-                removed: vec![ip(3)],
-            })
-        );
+        assert_eq!(p.take(&buf, "n"), change(false, &[], &[3]));
         // A truncated message is left alone.
         let buf = neigh([10, 0, 0, 6], NeighbourState::Permanent, true);
         assert_eq!(p.take(&buf[..buf.len() - 4], "n"), None);
