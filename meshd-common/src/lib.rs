@@ -49,7 +49,7 @@ pub mod map_names {
     pub const IG_ADDRS: &str = "MESHD_IG_ADDRS";
     /// The swarm's node addresses: tunnelled packets are taken from these only.
     pub const IG_NODES: &str = "MESHD_IG_NODES";
-    /// A local task's ingress address → its `docker_gwbridge` address.
+    /// A local task's ingress address → its `docker_gwbridge` leg (`LocalLeg`).
     pub const IG_LOCAL: &str = "MESHD_IG_LOCAL";
     /// One entry: this node's ingress settings (`IngressConfig`).
     pub const IG_CONFIG: &str = "MESHD_IG_CONF";
@@ -219,7 +219,24 @@ pub struct IngressConfig {
     pub tunnel_port: u16,
     /// The largest IPv4 packet that can go into the tunnel (underlay MTU minus the tunnel).
     pub tunnel_mtu: u16,
-    pub _pad: u32,
+    /// `docker_gwbridge`'s MAC: the source of frames handed straight to a task.
+    pub bridge_mac: [u8; 6],
+    pub _pad: [u8; 6],
+}
+
+/// A task container of this node on the ingress network, one entry of `IG_LOCAL` (keyed
+/// by its ingress address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LocalLeg {
+    /// Its `docker_gwbridge` address.
+    pub gateway: u32,
+    /// The host end of its `docker_gwbridge` veth (0: not known; packets then go through
+    /// the bridge).
+    pub host_ifindex: u32,
+    /// Its MAC on that leg.
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
 }
 
 /// A flow, as the addresses and ports on the wire at that point.
@@ -422,6 +439,7 @@ mod pod {
     unsafe impl aya::Pod for MaglevKey {}
     unsafe impl aya::Pod for IngressBackend {}
     unsafe impl aya::Pod for IngressConfig {}
+    unsafe impl aya::Pod for LocalLeg {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowValue {}
     unsafe impl aya::Pod for RevValue {}

@@ -4,7 +4,8 @@
 //! conntrack. A packet to a published port on one of this node's addresses keeps the task
 //! its flow was given (`IG_FLOWS`), or a new flow takes the task its Maglev slot names.
 //! - A task on this node is reached on its `docker_gwbridge` leg: destination rewritten to
-//!   it, and sent out of the bridge.
+//!   it, and handed to the container's end of its veth (or, until meshd knows that veth,
+//!   sent out of the bridge).
 //! - A task elsewhere is reached through meshd's tunnel (IPv4 in UDP, `INGRESS_TUNNEL_PORT`,
 //!   between node addresses): destination rewritten to the task's ingress address, then
 //!   wrapped and routed to the task's node, whose `meshd_ingress_in` unwraps it and delivers
@@ -23,14 +24,14 @@ use aya_ebpf::{
         BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_INGRESS, BPF_F_MARK_MANGLED_0, BPF_F_NO_PREALLOC, BPF_F_PSEUDO_HDR,
         BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT,
     },
-    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    helpers::{bpf_fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
     macros::{classifier, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::TcContext,
 };
 use meshd_common::{
     capacity, ingress_stat, mix64, FlowKey, FlowValue, IngressBackend, IngressConfig,
-    IngressPortKey, IngressPortValue, MaglevKey, RevValue, IG_PRESERVE_CLIENT,
+    IngressPortKey, IngressPortValue, LocalLeg, MaglevKey, RevValue, IG_PRESERVE_CLIENT,
     TUNNEL_OVERHEAD,
 };
 
@@ -49,7 +50,7 @@ static IG_ADDRS: HashMap<u32, u32> = HashMap::pinned(capacity::IG_ADDRS, BPF_F_N
 static IG_NODES: HashMap<u32, u32> = HashMap::pinned(capacity::IG_NODES, BPF_F_NO_PREALLOC);
 
 #[map(name = "MESHD_IG_LOCAL")]
-static IG_LOCAL: HashMap<u32, u32> = HashMap::pinned(capacity::IG_LOCAL, BPF_F_NO_PREALLOC);
+static IG_LOCAL: HashMap<u32, LocalLeg> = HashMap::pinned(capacity::IG_LOCAL, BPF_F_NO_PREALLOC);
 
 #[map(name = "MESHD_IG_CONF")]
 static IG_CONFIG: Array<IngressConfig> = Array::pinned(1, 0);
@@ -327,7 +328,7 @@ fn to_published(ctx: &mut TcContext, p: &mut Packet, conf: &IngressConfig, origi
         rewrite(ctx, p, false, b.gateway, flow.dport)?;
         rewrite(ctx, p, true, flow.saddr, flow.sport)?;
         count(ingress_stat::LOCAL);
-        return Some(to_bridge(conf));
+        return Some(to_task(ctx, conf, b.addr));
     }
     rewrite(ctx, p, false, b.addr, flow.dport)?;
     rewrite(ctx, p, true, flow.saddr, flow.sport)?;
@@ -451,9 +452,21 @@ fn new_flow(
     Some(Ok(flow))
 }
 
-/// Out of `docker_gwbridge`, to the task whose address the packet now carries.
+/// To the local task with ingress address `task`, the packet already addressed to its
+/// bridge leg: straight into its namespace when its veth is known (what the bridge would
+/// do, without the bridge and the backlog queue in between), else out of `docker_gwbridge`.
 #[inline(always)]
-fn to_bridge(conf: &IngressConfig) -> i32 {
+fn to_task(ctx: &mut TcContext, conf: &IngressConfig, task: u32) -> i32 {
+    if let Some(leg) = unsafe { IG_LOCAL.get(&task) } {
+        if leg.host_ifindex != 0
+            && ctx.store(0, &leg.mac, 0).is_ok()
+            && ctx.store(6, &conf.bridge_mac, 0).is_ok()
+        {
+            // SAFETY: a helper call; all of meshd's programs run at tc ingress, where
+            // the kernel takes a redirect to a veth's peer.
+            return unsafe { bpf_redirect_peer(leg.host_ifindex, 0) as i32 };
+        }
+    }
     // SAFETY: a helper call; the kernel resolves the next hop from the destination address.
     unsafe { bpf_redirect_neigh(conf.bridge_ifindex, core::ptr::null_mut(), 0, 0) as i32 }
 }
@@ -492,13 +505,13 @@ fn from_tunnel(ctx: &mut TcContext, conf: &IngressConfig) -> Option<i32> {
         Parsed::Flow(p) => p,
         Parsed::Icmp(e) => {
             return match unsafe { IG_LOCAL.get(&e.outer.daddr) } {
-                Some(gateway) => icmp_to_local(ctx, conf, &e, *gateway),
+                Some(leg) => icmp_to_local(ctx, conf, &e, leg.gateway),
                 None => icmp_to_client(ctx, conf, &e),
             }
         }
     };
-    if let Some(gateway) = unsafe { IG_LOCAL.get(&p.daddr) } {
-        let gateway = *gateway;
+    if let Some(leg) = unsafe { IG_LOCAL.get(&p.daddr) } {
+        let (task, gateway) = (p.daddr, leg.gateway);
         // Replies go back through the tunnel, shown as coming from the task's ingress
         // address.
         let rkey = FlowKey {
@@ -520,7 +533,7 @@ fn from_tunnel(ctx: &mut TcContext, conf: &IngressConfig) -> Option<i32> {
         let dport = p.dport;
         rewrite(ctx, &mut p, false, gateway, dport)?;
         count(ingress_stat::LOCAL);
-        return Some(to_bridge(conf));
+        return Some(to_task(ctx, conf, task));
     }
     let rev = *unsafe { IG_REV.get(&p.key()) }?;
     rewrite(ctx, &mut p, true, rev.saddr, rev.sport)?;
@@ -645,7 +658,7 @@ fn icmp_to_task(ctx: &mut TcContext, conf: &IngressConfig, e: &IcmpError) -> Opt
     icmp_outer(ctx, &mut e, false, task)?;
     count(ingress_stat::ICMP);
     if b.node == 0 {
-        return Some(to_bridge(conf));
+        return Some(to_task(ctx, conf, b.addr));
     }
     Some(into_tunnel(ctx, &e.outer, conf, b.node, key_hash(&forward)))
 }
@@ -654,11 +667,12 @@ fn icmp_to_task(ctx: &mut TcContext, conf: &IngressConfig, e: &IcmpError) -> Opt
 #[inline(always)]
 fn icmp_to_local(ctx: &mut TcContext, conf: &IngressConfig, e: &IcmpError, gateway: u32) -> Option<i32> {
     let mut e = *e;
+    let task = e.outer.daddr;
     let sport = e.inner.sport;
     icmp_inner(ctx, &mut e, true, gateway, sport)?;
     icmp_outer(ctx, &mut e, false, gateway)?;
     count(ingress_stat::ICMP);
-    Some(to_bridge(conf))
+    Some(to_task(ctx, conf, task))
 }
 
 /// An ICMP error from a task about a packet of a flow (its port closed: "port

@@ -9,7 +9,7 @@ use std::{
     collections::BTreeSet,
     fs::File,
     net::Ipv4Addr,
-    os::fd::{AsRawFd, FromRawFd},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -100,21 +100,33 @@ pub fn current_addrs() -> Result<BTreeSet<Ipv4Addr>> {
 }
 
 /// A netlink socket that wakes on address and link changes in this thread's namespace.
-fn address_events() -> Result<std::os::fd::OwnedFd> {
+fn address_events() -> Result<OwnedFd> {
+    netlink_socket(
+        (libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_LINK) as u32,
+        false,
+        Some(std::time::Duration::from_millis(50)),
+    )
+}
+
+/// A route netlink socket in this thread's namespace, subscribed to `groups` (0: none,
+/// for requests only); a blocking one waits at most `timeout` in each `recv`.
+pub fn netlink_socket(
+    groups: u32,
+    nonblocking: bool,
+    timeout: Option<std::time::Duration>,
+) -> Result<OwnedFd> {
+    let kind =
+        libc::SOCK_RAW | libc::SOCK_CLOEXEC | if nonblocking { libc::SOCK_NONBLOCK } else { 0 };
     // SAFETY: plain socket syscalls; the descriptor is owned by the returned OwnedFd.
     unsafe {
-        let fd = libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        );
+        let fd = libc::socket(libc::AF_NETLINK, kind, libc::NETLINK_ROUTE);
         if fd < 0 {
             return Err(std::io::Error::last_os_error()).context("netlink socket");
         }
-        let owned = std::os::fd::OwnedFd::from_raw_fd(fd);
+        let owned = OwnedFd::from_raw_fd(fd);
         let mut sa: libc::sockaddr_nl = std::mem::zeroed();
         sa.nl_family = libc::AF_NETLINK as u16;
-        sa.nl_groups = (libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_LINK) as u32;
+        sa.nl_groups = groups;
         if libc::bind(
             fd,
             (&sa as *const libc::sockaddr_nl).cast(),
@@ -123,17 +135,19 @@ fn address_events() -> Result<std::os::fd::OwnedFd> {
         {
             return Err(std::io::Error::last_os_error()).context("bind netlink");
         }
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 50_000,
-        };
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        );
+        if let Some(t) = timeout {
+            let tv = libc::timeval {
+                tv_sec: t.as_secs() as libc::time_t,
+                tv_usec: t.subsec_micros() as libc::suseconds_t,
+            };
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+        }
         Ok(owned)
     }
 }

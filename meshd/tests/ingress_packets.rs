@@ -18,7 +18,7 @@ use aya::{
 };
 use meshd_common::{
     ingress_stat, map_names, prog_names, IngressBackend, IngressConfig, IngressPortKey,
-    IngressPortValue, MaglevKey, IG_PRESERVE_CLIENT, INGRESS_TUNNEL_PORT,
+    IngressPortValue, LocalLeg, MaglevKey, IG_PRESERVE_CLIENT, INGRESS_TUNNEL_PORT,
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -31,6 +31,7 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 200);
 const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xc8];
 const PEER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 3];
 const GATEWAY_NET: &str = "172.17.0.1/16";
+const BRIDGE_MAC: [u8; 6] = [2, 0x42, 0xac, 0x11, 0, 1];
 const TASK_GW: Ipv4Addr = Ipv4Addr::new(172, 17, 0, 3);
 const TASK_GW_MAC: [u8; 6] = [2, 0x42, 0xac, 0x11, 0, 3];
 const TASK: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 7);
@@ -116,7 +117,16 @@ fn node(flows: u32) -> Node {
             "permanent",
         ]);
     }
-    sh(&["ip", "link", "add", "gwbr", "type", "bridge"]);
+    sh(&[
+        "ip",
+        "link",
+        "add",
+        "gwbr",
+        "address",
+        &mac_str(BRIDGE_MAC),
+        "type",
+        "bridge",
+    ]);
     sh(&["ip", "addr", "add", GATEWAY_NET, "dev", "gwbr"]);
     sh(&["ip", "link", "set", "gwbr", "up"]);
     sh(&[
@@ -167,7 +177,8 @@ fn node(flows: u32) -> Node {
             node_addr: be(NODE),
             tunnel_port: INGRESS_TUNNEL_PORT.to_be(),
             tunnel_mtu: 1500 - 28,
-            _pad: 0,
+            bridge_mac: BRIDGE_MAC,
+            _pad: [0; 6],
         },
         0,
     )
@@ -226,8 +237,21 @@ impl Node {
         }
         self.live(lb_id, backend.addr);
         if backend.node == 0 && backend.addr != 0 {
-            self.put_u32(map_names::IG_LOCAL, backend.addr, backend.gateway);
+            self.put_leg(backend.addr, backend.gateway, None);
         }
+    }
+
+    /// A local task's bridge leg, with its veth (host end, container MAC) when known.
+    fn put_leg(&mut self, addr: u32, gateway: u32, veth: Option<(u32, [u8; 6])>) {
+        let mut m: HashMap<&mut MapData, u32, LocalLeg> =
+            HashMap::try_from(self.ebpf.map_mut(map_names::IG_LOCAL).unwrap()).unwrap();
+        let leg = LocalLeg {
+            gateway,
+            host_ifindex: veth.map_or(0, |v| v.0),
+            mac: veth.map_or([0; 6], |v| v.1),
+            _pad: [0; 2],
+        };
+        m.insert(addr, leg, 0).unwrap();
     }
 
     /// Marks a task as one that may have flows (serving or draining).
@@ -372,6 +396,21 @@ fn segment(src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), proto: u8, frag: u16, fla
     let at = if proto == TCP { 16 } else { 6 };
     l4[at..at + 2].copy_from_slice(&c.to_be_bytes());
     ip_packet(src.0, dst.0, proto, frag, &l4)
+}
+
+/// `inner` (a frame) as the peer node's meshd sends it through the tunnel to this node.
+fn from_peer(inner: &[u8]) -> Vec<u8> {
+    from_tunnel(PEER, inner)
+}
+
+fn from_tunnel(from: Ipv4Addr, inner: &[u8]) -> Vec<u8> {
+    let mut udp = Vec::new();
+    udp.extend(50000u16.to_be_bytes());
+    udp.extend(INGRESS_TUNNEL_PORT.to_be_bytes());
+    udp.extend(((8 + inner.len() - 14) as u16).to_be_bytes());
+    udp.extend([0, 0]);
+    udp.extend(&inner[14..]);
+    ip_packet(from, NODE, UDP, 0, &udp)
 }
 
 fn ip_packet(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, frag: u16, payload: &[u8]) -> Vec<u8> {
@@ -591,13 +630,7 @@ fn a_remote_task_is_reached_through_the_tunnel_and_its_node_unwraps_it() {
 
         // The peer's reply comes back through the tunnel: unwrapped, sent to the client.
         let reply = packet((REMOTE_TASK, 80), (NODE, 40000), TCP, 0);
-        let mut udp = Vec::new();
-        udp.extend(50000u16.to_be_bytes());
-        udp.extend(INGRESS_TUNNEL_PORT.to_be_bytes());
-        udp.extend(((8 + reply.len() - 14) as u16).to_be_bytes());
-        udp.extend([0, 0]);
-        udp.extend(&reply[14..]);
-        let wrapped = ip_packet(PEER, NODE, UDP, 0, &udp);
+        let wrapped = from_peer(&reply);
         let (verdict, back) = n.run(prog_names::INGRESS_IN, n.uplink, &wrapped);
         assert_eq!(verdict, TC_ACT_REDIRECT);
         let b = seen(&back);
@@ -614,19 +647,9 @@ fn a_tunnelled_flow_is_delivered_to_the_local_task_and_its_reply_goes_back_in_th
     in_fresh_netns(|| {
         let mut n = node(1024);
         // This node runs the task; PEER is the entry node that chose it.
-        n.put_u32(map_names::IG_LOCAL, be(TASK), be(TASK_GW));
+        n.put_leg(be(TASK), be(TASK_GW), None);
         let inner = packet((PEER, 40000), (TASK, 80), TCP, 0);
-        let mut udp = Vec::new();
-        udp.extend(50000u16.to_be_bytes());
-        udp.extend(INGRESS_TUNNEL_PORT.to_be_bytes());
-        udp.extend(((8 + inner.len() - 14) as u16).to_be_bytes());
-        udp.extend([0, 0]);
-        udp.extend(&inner[14..]);
-        let (verdict, out) = n.run(
-            prog_names::INGRESS_IN,
-            n.uplink,
-            &ip_packet(PEER, NODE, UDP, 0, &udp),
-        );
+        let (verdict, out) = n.run(prog_names::INGRESS_IN, n.uplink, &from_peer(&inner));
         assert_eq!(verdict, TC_ACT_REDIRECT);
         let s = seen(&out);
         assert_eq!((s.src, s.dst), ((PEER, 40000), (TASK_GW, 80)));
@@ -635,7 +658,7 @@ fn a_tunnelled_flow_is_delivered_to_the_local_task_and_its_reply_goes_back_in_th
         let (verdict, _) = n.run(
             prog_names::INGRESS_IN,
             n.uplink,
-            &ip_packet(stranger, NODE, UDP, 0, &udp),
+            &from_tunnel(stranger, &inner),
         );
         assert_eq!(verdict, TC_ACT_OK, "left to the stack");
         // The task's reply leaves by the tunnel, from its ingress address, to the entry node.
@@ -651,6 +674,62 @@ fn a_tunnelled_flow_is_delivered_to_the_local_task_and_its_reply_goes_back_in_th
         inner.extend(&back[14 + 28..]);
         let i = seen(&inner);
         assert_eq!((i.src, i.dst), ((TASK, 80), (PEER, 40000)));
+    });
+}
+
+#[test]
+fn a_local_task_whose_veth_is_known_gets_frames_straight_into_its_namespace() {
+    if !root_or_skip("a_local_task_whose_veth_is_known") {
+        return;
+    }
+    in_fresh_netns(|| {
+        let mut n = node(1024);
+        // The task's leg as meshd reads it from the container's namespace (here a veth in
+        // this one): the interface holding the leg's address, its MAC, its peer.
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            "tk0",
+            "address",
+            &mac_str(TASK_GW_MAC),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "tkh",
+        ]);
+        sh(&["ip", "addr", "add", &format!("{TASK_GW}/32"), "dev", "tk0"]);
+        let veth = meshd::source::bridge_leg::veth_here(TASK_GW).expect("read the leg's veth");
+        assert_eq!(veth.host_ifindex, ifindex("tkh"), "the veth's other end");
+        assert_eq!(veth.mac, TASK_GW_MAC);
+        n.publish(8080, TCP, local_task(), 0);
+        n.put_leg(be(TASK), be(TASK_GW), Some((veth.host_ifindex, veth.mac)));
+        let (verdict, out) = n.run(
+            prog_names::INGRESS_IN,
+            n.uplink,
+            &packet((CLIENT, 40000), (NODE, 8080), TCP, 0),
+        );
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let s = seen(&out);
+        assert_eq!((s.src, s.dst), ((NODE, 40000), (TASK_GW, 80)));
+        assert_eq!(s.dst_mac, TASK_GW_MAC, "addressed to the container's leg");
+        assert_eq!(
+            &out[6..12],
+            &BRIDGE_MAC,
+            "from the bridge, as the bridge would send it"
+        );
+        // Out of the tunnel, the same.
+        let inner = packet((PEER, 40001), (TASK, 80), TCP, 0);
+        let (verdict, out) = n.run(prog_names::INGRESS_IN, n.uplink, &from_peer(&inner));
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let s = seen(&out);
+        assert_eq!((s.src, s.dst), ((PEER, 40001), (TASK_GW, 80)));
+        assert_eq!((s.dst_mac, &out[6..12]), (TASK_GW_MAC, &BRIDGE_MAC[..]));
+        // Not a veth (the bridge's own address): an error, and meshd then delivers
+        // through the bridge.
+        let e = meshd::source::bridge_leg::veth_here(Ipv4Addr::new(172, 17, 0, 1)).unwrap_err();
+        assert!(format!("{e:#}").contains("not a veth"), "{e:#}");
     });
 }
 
@@ -726,11 +805,7 @@ fn a_full_flow_table_forgets_old_flows_and_maglev_gives_them_the_same_task() {
                 )
                 .unwrap();
         }
-        n.put_u32(
-            map_names::IG_LOCAL,
-            be(Ipv4Addr::new(10, 0, 0, 8)),
-            be(other_gw),
-        );
+        n.put_leg(be(Ipv4Addr::new(10, 0, 0, 8)), be(other_gw), None);
         let to = |port: u16| {
             let (_, out) = n.run(
                 prog_names::INGRESS_IN,

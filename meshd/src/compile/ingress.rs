@@ -8,7 +8,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{ClusterState, Id, Kind, Protocol, PublishMode, Rejected};
+use crate::model::{BridgeLeg, ClusterState, Id, Kind, Protocol, PublishMode, Rejected};
 
 /// The per-service opt-in that lets tasks see the external client's own address and port.
 /// A `meshd.` label, not `com.docker.lb.`: that prefix is Interlock's L7 vocabulary (the L7
@@ -145,7 +145,7 @@ fn backends(state: &ClusterState, service_id: &str, ingress: &str) -> Vec<Ingres
             let local = state
                 .sandboxes_on(ingress)
                 .find(|s| s.endpoints.get(ingress).and_then(|e| e.addr) == Some(addr))
-                .and_then(|s| s.gateway);
+                .and_then(|s| s.gateway.map(|g| g.addr));
             let node = state.nodes.get(&*t.node_id).and_then(|n| n.addr);
             // Neither here nor anywhere known: nowhere to send it.
             (local.is_some() || node.is_some()).then_some(IngressBackend { addr, node, local })
@@ -168,8 +168,8 @@ fn draining(state: &ClusterState, service_id: &str, ingress: &str) -> Vec<Ipv4Ad
 }
 
 /// This node's task containers on the ingress network, serving or not (a task shutting
-/// down keeps its flows while it lives): ingress address → `docker_gwbridge` address.
-pub fn local_legs(state: &ClusterState) -> BTreeMap<Ipv4Addr, Ipv4Addr> {
+/// down keeps its flows while it lives): ingress address → `docker_gwbridge` leg.
+pub fn local_legs(state: &ClusterState) -> BTreeMap<Ipv4Addr, BridgeLeg> {
     let Some(ingress) = ingress_network(state) else {
         return BTreeMap::new();
     };
@@ -243,7 +243,7 @@ mod tests {
         // t1's container runs here, with its docker_gwbridge leg.
         let mut c = sandbox("c1", 7, &["ing"]);
         c.task_id = Some("t1".into());
-        c.gateway = Some(ip("172.18.0.3"));
+        c.gateway = Some(leg());
         c.endpoints.insert(
             Id::from("ing"),
             SandboxEndpoint {
@@ -253,6 +253,17 @@ mod tests {
         );
         s.apply(Change::PutSandbox(c));
         s
+    }
+
+    /// t1's leg on docker_gwbridge.
+    fn leg() -> BridgeLeg {
+        BridgeLeg {
+            addr: ip("172.18.0.3"),
+            veth: Some(crate::model::VethEnds {
+                host_ifindex: 12,
+                mac: [2, 0x42, 0xac, 0x12, 0, 3],
+            }),
+        }
     }
 
     #[test]
@@ -288,7 +299,7 @@ mod tests {
                 },
             ]
         );
-        assert_eq!(d.ingress_local, [(ip("10.0.0.5"), ip("172.18.0.3"))].into());
+        assert_eq!(d.ingress_local, [(ip("10.0.0.5"), leg())].into());
         assert_eq!(
             d.ingress_nodes,
             [ip("192.168.0.1"), ip("192.168.0.2")].into()

@@ -80,7 +80,7 @@ pub struct Desired {
     /// The swarm's node addresses: the ingress mesh takes tunnelled packets from these.
     pub ingress_nodes: BTreeSet<Ipv4Addr>,
     /// This node's task containers on the ingress network: ingress address → bridge leg.
-    pub ingress_local: BTreeMap<Ipv4Addr, Ipv4Addr>,
+    pub ingress_local: BTreeMap<Ipv4Addr, crate::model::BridgeLeg>,
     /// What the source could not read, and what compile could not use.
     pub rejected: Vec<Rejected>,
 }

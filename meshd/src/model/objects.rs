@@ -348,10 +348,29 @@ pub struct Sandbox {
     /// period but gets no new connections.
     #[serde(default)]
     pub stopping: bool,
-    /// Its address on Docker's `docker_gwbridge` (a task with ingress-published ports has
+    /// Its leg on Docker's `docker_gwbridge` (a task with ingress-published ports has
     /// one): where this node's ingress mesh delivers to it.
     #[serde(default)]
-    pub gateway: Option<Ipv4Addr>,
+    pub gateway: Option<BridgeLeg>,
+}
+
+/// A container's leg on `docker_gwbridge`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BridgeLeg {
+    pub addr: Ipv4Addr,
+    /// Its veth, when meshd could read it from the container's namespace: packets are
+    /// then handed straight to the container rather than through the bridge.
+    #[serde(default)]
+    pub veth: Option<VethEnds>,
+}
+
+/// The two ends of a container's veth as the ingress mesh needs them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct VethEnds {
+    /// The host end's interface index.
+    pub host_ifindex: u32,
+    /// The container end's MAC.
+    pub mac: [u8; 6],
 }
 
 impl Sandbox {

@@ -1152,7 +1152,13 @@ pub(crate) mod tests {
                 } else {
                     Health::Healthy
                 };
-                sb.gateway = (cookie > 1).then(|| Ipv4Addr::new(172, 18, 0, cookie as u8));
+                sb.gateway = (cookie > 1).then(|| BridgeLeg {
+                    addr: Ipv4Addr::new(172, 18, 0, cookie as u8),
+                    veth: (cookie % 2 == 0).then_some(VethEnds {
+                        host_ifindex: cookie as u32,
+                        mac: [2, 0, 0, 0, 0, cookie as u8],
+                    }),
+                });
                 for n in &nets {
                     sb.endpoints.insert(
                         Id::from(n.as_str()),

@@ -28,13 +28,14 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::{
+    bridge_leg,
     decode::{self, Event, Inspected},
     docker_api::{ApiError, DockerApi},
     overlay_peers::OverlayPeers,
     HintTx, Origin, TaskHint, Update, UpdateTx,
 };
 use crate::{
-    model::{Change, Health, Id, Kind, Rejected, Resync, Sandbox, SandboxEndpoint},
+    model::{BridgeLeg, Change, Health, Id, Kind, Rejected, Resync, Sandbox, SandboxEndpoint},
     netns::{self, Seen},
 };
 
@@ -729,14 +730,25 @@ async fn sandbox(
         container_id: i.id.clone(),
         name: i.name.clone(),
         netns_cookie: cookie,
-        netns_path: key,
+        netns_path: key.clone(),
         networks: i.networks.clone(),
         endpoints: i.endpoints.clone(),
         hostname: i.hostname.clone(),
         task_id: i.task_id().map(str::to_string),
         health: i.health,
         stopping: false,
-        gateway: i.gateway,
+        gateway: match i.gateway {
+            Some(addr) => Some(BridgeLeg {
+                addr,
+                veth: bridge_leg::veth_of(Path::new(&key), addr)
+                    .await
+                    .map_err(|e| {
+                        debug!(container = %i.id, error = %format!("{e:#}"), "its bridge leg's veth is not known: the ingress mesh reaches it through the bridge");
+                    })
+                    .ok(),
+            }),
+            None => None,
+        },
     }))
 }
 

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::model::Change;
 
+pub mod bridge_leg;
 pub mod decode;
 pub mod docker_api;
 pub mod local;

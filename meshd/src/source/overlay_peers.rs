@@ -14,7 +14,7 @@ use std::{
     collections::{HashMap, HashSet},
     io,
     net::Ipv4Addr,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -305,30 +305,7 @@ fn peer_of(m: &NeighbourMessage) -> Option<(Ipv4Addr, bool)> {
 /// A non-blocking netlink socket in this thread's namespace, subscribed to neighbour
 /// changes.
 fn neighbour_socket() -> Result<OwnedFd> {
-    // SAFETY: plain socket syscalls; the descriptor is owned by the returned OwnedFd.
-    unsafe {
-        let fd = libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-            libc::NETLINK_ROUTE,
-        );
-        if fd < 0 {
-            return Err(io::Error::last_os_error()).context("netlink socket");
-        }
-        let owned = OwnedFd::from_raw_fd(fd);
-        let mut sa: libc::sockaddr_nl = std::mem::zeroed();
-        sa.nl_family = libc::AF_NETLINK as u16;
-        sa.nl_groups = libc::RTMGRP_NEIGH as u32;
-        if libc::bind(
-            fd,
-            (&sa as *const libc::sockaddr_nl).cast(),
-            std::mem::size_of::<libc::sockaddr_nl>() as u32,
-        ) != 0
-        {
-            return Err(io::Error::last_os_error()).context("bind netlink");
-        }
-        Ok(owned)
-    }
+    netns::netlink_socket(libc::RTMGRP_NEIGH as u32, true, None)
 }
 
 fn request_dump(fd: &OwnedFd) -> Result<()> {

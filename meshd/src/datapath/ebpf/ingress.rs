@@ -21,8 +21,8 @@ use aya::{
 };
 use meshd_common::{
     capacity, ingress_stat, map_names, prog_names, FlowKey, FlowValue, IngressBackend,
-    IngressConfig, IngressPortKey, IngressPortValue, MaglevKey, RevValue, IG_PRESERVE_CLIENT,
-    TUNNEL_OVERHEAD,
+    IngressConfig, IngressPortKey, IngressPortValue, LocalLeg, MaglevKey, RevValue,
+    IG_PRESERVE_CLIENT, TUNNEL_OVERHEAD,
 };
 use serde::Serialize;
 use tracing::{info, warn};
@@ -53,7 +53,7 @@ struct Maps {
     maglev: HashMap<MapData, MaglevKey, IngressBackend>,
     addrs: HashMap<MapData, u32, u32>,
     nodes: HashMap<MapData, u32, u32>,
-    local: HashMap<MapData, u32, u32>,
+    local: HashMap<MapData, u32, LocalLeg>,
     config: Array<MapData, IngressConfig>,
     stats: PerCpuArray<MapData, u64>,
     port_flows: HashMap<MapData, u32, u64>,
@@ -84,7 +84,7 @@ pub struct Ingress {
     ports: BTreeMap<IngressPortKey, PortTable>,
     addrs: BTreeSet<u32>,
     nodes: BTreeSet<u32>,
-    local: BTreeMap<u32, u32>,
+    local: BTreeMap<u32, LocalLeg>,
     config: IngressConfig,
     /// Why the last apply failed, if it did.
     pub last_error: Option<String>,
@@ -293,7 +293,16 @@ impl Ingress {
                         backends.push(BackendView {
                             addr: from_be(b.addr),
                             via: if b.node == 0 {
-                                format!("local, bridge leg {}", from_be(b.gateway))
+                                match self.local.get(&b.addr).map(|l| l.host_ifindex) {
+                                    Some(i) if i != 0 => format!(
+                                        "local, bridge leg {} (straight into its veth, host end {i})",
+                                        from_be(b.gateway)
+                                    ),
+                                    _ => format!(
+                                        "local, bridge leg {} (through the bridge)",
+                                        from_be(b.gateway)
+                                    ),
+                                }
                             } else {
                                 format!("tunnel to {}", from_be(b.node))
                             },
@@ -357,7 +366,8 @@ impl Ingress {
             node_addr,
             tunnel_port: self.settings.tunnel_port.to_be(),
             tunnel_mtu: node.mtu.saturating_sub(TUNNEL_OVERHEAD),
-            _pad: 0,
+            bridge_mac: node.bridge_mac,
+            _pad: [0; 6],
         };
         if config != self.config {
             self.maps
@@ -377,11 +387,22 @@ impl Ingress {
         stats.add(sync_set(&mut self.maps.nodes, &mut self.nodes, nodes)?);
         // Local tasks' bridge legs, serving or not: the tunnel's deliveries, and a task
         // shutting down keeps its flows while it lives.
-        let local: BTreeMap<u32, u32> = if self.bridge.is_some() {
+        let local: BTreeMap<u32, LocalLeg> = if self.bridge.is_some() {
             desired
                 .ingress_local
                 .iter()
-                .map(|(a, gw)| (be(*a), be(*gw)))
+                .map(|(a, leg)| {
+                    let veth = leg.veth.filter(|_| node.bridge_mac != [0; 6]);
+                    (
+                        be(*a),
+                        LocalLeg {
+                            gateway: be(leg.addr),
+                            host_ifindex: veth.map_or(0, |v| v.host_ifindex),
+                            mac: veth.map_or([0; 6], |v| v.mac),
+                            _pad: [0; 2],
+                        },
+                    )
+                })
                 .collect()
         } else {
             BTreeMap::new()
@@ -642,13 +663,24 @@ struct NodeView {
     /// The smallest uplink MTU.
     mtu: u16,
     bridge: Option<(String, u32)>,
+    /// `docker_gwbridge`'s MAC (zero while it has none).
+    bridge_mac: [u8; 6],
 }
 
 impl NodeView {
     fn read(named: &[String]) -> Result<NodeView> {
         let mut uplinks = BTreeMap::new();
         let mut addrs = Vec::new();
+        let mut bridge_mac = [0; 6];
         for ifa in nix::ifaddrs::getifaddrs().context("list interfaces")? {
+            if ifa.interface_name == GATEWAY_BRIDGE {
+                if let Some(mac) = ifa
+                    .address
+                    .and_then(|a| a.as_link_addr().and_then(|l| l.addr()))
+                {
+                    bridge_mac = mac;
+                }
+            }
             let Some(ip) = ifa.address.and_then(|a| a.as_sockaddr_in().map(|s| s.ip())) else {
                 continue;
             };
@@ -685,6 +717,7 @@ impl NodeView {
             addrs,
             mtu,
             bridge,
+            bridge_mac,
         })
     }
 }
@@ -733,10 +766,10 @@ fn sync_set(
     Ok(stats)
 }
 
-fn sync_map(
-    map: &mut HashMap<MapData, u32, u32>,
-    held: &mut BTreeMap<u32, u32>,
-    want: BTreeMap<u32, u32>,
+fn sync_map<V: aya::Pod + PartialEq>(
+    map: &mut HashMap<MapData, u32, V>,
+    held: &mut BTreeMap<u32, V>,
+    want: BTreeMap<u32, V>,
 ) -> Result<ApplyStats> {
     let mut stats = ApplyStats::default();
     for (k, v) in &want {
