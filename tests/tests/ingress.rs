@@ -2,8 +2,9 @@
 //! namespace on the underlay bridge): every node answers a published port, TCP and UDP,
 //! whether it runs a task or not; connections spread over the tasks; the task sees the entry
 //! node (default) or the client itself (`meshd.ingress.client-address=preserve`);
-//! `--publish-add`/`--publish-rm` and removal take effect at once; an established connection
-//! survives `kill -9` of meshd on its entry node; a host-mode port stays Docker's.
+//! `--publish-add`/`--publish-rm` and removal take effect at once; established connections
+//! keep their task while others come and go (3 → 6 → 2) and across `kill -9` of meshd on
+//! their entry node; a host-mode port stays Docker's.
 use std::{
     collections::BTreeMap,
     io::{Read, Write},
@@ -61,6 +62,39 @@ fn connect_from(lan: &str, to: SocketAddr) -> Result<TcpStream> {
     })
     .join()
     .map_err(|_| anyhow::anyhow!("connect thread panicked"))?
+}
+
+/// Which task holds the connection (labtool's tcp-echo answers a block of `?` with its
+/// container's hostname: the container id's first 12 characters).
+fn ask(s: &mut TcpStream) -> Result<String> {
+    s.write_all(&[b'?'; 64]).context("ask through the mesh")?;
+    let mut back = [0u8; 64];
+    s.read_exact(&mut back).context("answer through the mesh")?;
+    let name = String::from_utf8_lossy(&back).trim().to_string();
+    ensure!(!name.is_empty() && !name.contains('?'), "answered {name:?}");
+    Ok(name)
+}
+
+/// An established connection through the mesh and the task it was given.
+struct Held {
+    conn: TcpStream,
+    via: &'static str,
+    task: String,
+}
+
+impl Held {
+    /// Still open, still echoing, still on its task.
+    fn same_task(&mut self) -> Result<()> {
+        echo(&mut self.conn, 5).with_context(|| format!("the connection via {}", self.via))?;
+        let now = ask(&mut self.conn)?;
+        ensure!(
+            now == self.task,
+            "the connection via {} moved from task {} to {now}",
+            self.via,
+            self.task
+        );
+        Ok(())
+    }
 }
 
 fn echo(s: &mut TcpStream, byte: u8) -> Result<()> {
@@ -288,53 +322,116 @@ fn scenario(lab: &mut Lab) -> Result<()> {
         "meshd must leave a host-mode port alone"
     );
 
-    // 4. An established connection through node1 (the tunnel) survives kill -9 of node1's
-    //    meshd and its restart.
+    // 4. Established connections keep their task while other tasks come and go (3 → 6 → 2),
+    //    through a node without a task (the tunnel) and through one with tasks, and while
+    //    node1's meshd is killed with -9 and restarted.
     on_workers(
         m,
         "echo",
-        2,
+        3,
         &["-p", "7001:7001"],
         &["labtool", "tcp-echo", "7001"],
     )?;
-    m.wait_running("echo", 2)?;
-    wait_for("node1 to program 7001", Duration::from_secs(10), || {
-        (ingress_ports(lab, "node1") == Some(3)).then_some(())
-    })?;
-    let mut conn = wait_for(
-        "a connection to 7001 via node1",
-        Duration::from_secs(10),
-        || {
-            let mut c = connect_from(&lan, "192.168.100.1:7001".parse().unwrap()).ok()?;
-            echo(&mut c, 1).ok()?;
-            Some(c)
-        },
-    )?;
-    // Other tasks come: the flow keeps its task.
+    m.wait_running("echo", 3)?;
+    let backends_on = |node: &str, n: usize| -> Option<()> {
+        let v = lab.meshd(node).ok()?.ctl(&["ingress"]).ok()?;
+        let have = v["ports"].as_array()?.iter().find(|p| p["port"] == 7001)?["backends"]
+            .as_array()?
+            .len();
+        (have == n).then_some(())
+    };
+    for node in ["node1", "node2"] {
+        wait_for(
+            &format!("{node} to program echo's 3 tasks"),
+            Duration::from_secs(10),
+            || backends_on(node, 3),
+        )?;
+    }
+    let entries = ["192.168.100.1:7001", "192.168.100.2:7001"];
+    let open = |n: usize| -> Result<Vec<Held>> {
+        (0..n)
+            .map(|i| {
+                let via = entries[i % entries.len()];
+                let mut conn = connect_from(&lan, via.parse().unwrap())?;
+                let task = ask(&mut conn).with_context(|| format!("a new connection via {via}"))?;
+                Ok(Held { conn, via, task })
+            })
+            .collect()
+    };
+    let mut held = open(12)?;
     m.docker(&["service", "scale", "-d", "echo=6"])?;
     m.wait_running("echo", 6)?;
-    wait_for(
-        "node1 to program echo's 6 tasks",
-        Duration::from_secs(10),
-        || {
-            let v = lab.meshd("node1").ok()?.ctl(&["ingress"]).ok()?;
-            let n = v["ports"].as_array()?.iter().find(|p| p["port"] == 7001)?["backends"]
-                .as_array()?
-                .len();
-            (n == 6).then_some(())
-        },
-    )?;
-    echo(&mut conn, 9).context("after echo scaled 2 → 6")?;
+    for node in ["node1", "node2"] {
+        wait_for(
+            &format!("{node} to program echo's 6 tasks"),
+            Duration::from_secs(10),
+            || backends_on(node, 6),
+        )?;
+    }
+    for h in &mut held {
+        h.same_task().context("after echo scaled 3 → 6")?;
+    }
+    // Connections made at 6 tasks: some land on the tasks that stay at 2.
+    held.extend(open(36)?);
+    m.docker(&["service", "scale", "-d", "echo=2"])?;
+    let survivors = wait_for("echo at 2 tasks", Duration::from_secs(30), || {
+        let tasks = m.running_tasks("echo").ok()?;
+        (tasks.len() == 2).then(|| tasks.into_iter().map(|(_, c)| c).collect::<Vec<_>>())
+    })?;
+    for node in ["node1", "node2"] {
+        wait_for(
+            &format!("{node} to program echo's 2 tasks"),
+            Duration::from_secs(10),
+            || backends_on(node, 2),
+        )?;
+    }
+    let on_survivor = |h: &Held| survivors.iter().any(|c| c.starts_with(&h.task));
+    let (mut kept, gone): (Vec<Held>, Vec<Held>) = held.into_iter().partition(on_survivor);
+    ensure!(
+        !kept.is_empty(),
+        "no connection landed on a task that stayed"
+    );
+    // A container that is gone closed its connections: they end, and never reach
+    // another task mid-stream. (Its last moments may still be in progress.)
+    for mut h in gone {
+        wait_for(
+            &format!(
+                "the connection via {} to removed task {} to end",
+                h.via, h.task
+            ),
+            Duration::from_secs(20),
+            || match ask(&mut h.conn) {
+                Err(_) => Some(Ok(())),
+                Ok(now) if now != h.task => Some(Err(anyhow::anyhow!(
+                    "the connection via {} moved from removed task {} to {now}",
+                    h.via,
+                    h.task
+                ))),
+                Ok(_) => None,
+            },
+        )??;
+    }
+    for h in &mut kept {
+        h.same_task().context("after echo scaled 6 → 2")?;
+    }
+    eprintln!(
+        "3 → 6 → 2: {} connections on the 2 tasks that stayed kept them",
+        kept.len()
+    );
     lab.meshds[0].kill9();
-    echo(&mut conn, 2).context("while meshd on node1 is down")?;
+    for h in &mut kept {
+        h.same_task().context("while meshd on node1 is down")?;
+    }
     let fresh = from_lan(&lan, &["tcp-read", "192.168.100.1:8080"])?;
     ensure!(!fresh.is_empty(), "new connections while meshd is down");
     lab.meshds[0].restart()?;
     wait_for("meshd on node1 back", Duration::from_secs(20), || {
         ingress_ports(lab, "node1")
     })?;
-    echo(&mut conn, 3).context("after meshd on node1 restarted")?;
-    drop(conn);
+    for h in &mut kept {
+        h.same_task().context("after meshd on node1 restarted")?;
+    }
+    drop(kept);
     let m = lab.manager();
 
     // 5. --publish-add and --publish-rm take effect as soon as swarm has them (Docker also

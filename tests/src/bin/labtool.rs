@@ -129,15 +129,22 @@ fn udp_ask(target: SocketAddr, connected: bool) {
 
 /// Echoes 64-byte requests, one thread per connection; a connection that sends "Q" after
 /// connecting gets one reply and is closed by the client.
+/// Echoes 64-byte blocks; a block of 64 `?` is answered with this container's hostname
+/// instead (space-padded), so a test can ask which task holds a connection.
 fn tcp_echo(port: u16) {
     let l = TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| fail(&e.to_string()));
+    let mut name = [b' '; 64];
+    let h = hostname();
+    let n = h.len().min(64);
+    name[..n].copy_from_slice(&h.as_bytes()[..n]);
     for s in l.incoming().flatten() {
         std::thread::spawn(move || {
             let mut s = s;
             let _ = s.set_nodelay(true);
             let mut buf = [0u8; 64];
             while s.read_exact(&mut buf).is_ok() {
-                if s.write_all(&buf).is_err() {
+                let answer = if buf == [b'?'; 64] { &name } else { &buf };
+                if s.write_all(answer).is_err() {
                     break;
                 }
             }
