@@ -333,20 +333,22 @@ fn scenario(lab: &mut Lab) -> Result<()> {
         &["labtool", "tcp-echo", "7001"],
     )?;
     m.wait_running("echo", 3)?;
-    let backends_on = |node: &str, n: usize| -> Option<()> {
-        let v = lab.meshd(node).ok()?.ctl(&["ingress"]).ok()?;
-        let have = v["ports"].as_array()?.iter().find(|p| p["port"] == 7001)?["backends"]
-            .as_array()?
-            .len();
-        (have == n).then_some(())
+    // Node1 (no task) and node2 (tasks) reach `n` tasks of echo.
+    let programmed = |n: usize| -> Result<()> {
+        for node in ["node1", "node2"] {
+            wait_for(
+                &format!("{node} to program echo's {n} tasks"),
+                Duration::from_secs(10),
+                || {
+                    let v = lab.meshd(node).ok()?.ctl(&["ingress"]).ok()?;
+                    let port = v["ports"].as_array()?.iter().find(|p| p["port"] == 7001)?;
+                    (port["backends"].as_array()?.len() == n).then_some(())
+                },
+            )?;
+        }
+        Ok(())
     };
-    for node in ["node1", "node2"] {
-        wait_for(
-            &format!("{node} to program echo's 3 tasks"),
-            Duration::from_secs(10),
-            || backends_on(node, 3),
-        )?;
-    }
+    programmed(3)?;
     let entries = ["192.168.100.1:7001", "192.168.100.2:7001"];
     let open = |n: usize| -> Result<Vec<Held>> {
         (0..n)
@@ -361,13 +363,7 @@ fn scenario(lab: &mut Lab) -> Result<()> {
     let mut held = open(12)?;
     m.docker(&["service", "scale", "-d", "echo=6"])?;
     m.wait_running("echo", 6)?;
-    for node in ["node1", "node2"] {
-        wait_for(
-            &format!("{node} to program echo's 6 tasks"),
-            Duration::from_secs(10),
-            || backends_on(node, 6),
-        )?;
-    }
+    programmed(6)?;
     for h in &mut held {
         h.same_task().context("after echo scaled 3 → 6")?;
     }
@@ -378,13 +374,7 @@ fn scenario(lab: &mut Lab) -> Result<()> {
         let tasks = m.running_tasks("echo").ok()?;
         (tasks.len() == 2).then(|| tasks.into_iter().map(|(_, c)| c).collect::<Vec<_>>())
     })?;
-    for node in ["node1", "node2"] {
-        wait_for(
-            &format!("{node} to program echo's 2 tasks"),
-            Duration::from_secs(10),
-            || backends_on(node, 2),
-        )?;
-    }
+    programmed(2)?;
     let on_survivor = |h: &Held| survivors.iter().any(|c| c.starts_with(&h.task));
     let (mut kept, gone): (Vec<Held>, Vec<Held>) = held.into_iter().partition(on_survivor);
     ensure!(
