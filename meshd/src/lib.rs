@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod dns;
 pub mod feed;
+pub mod l7;
 pub mod model;
 pub mod netns;
 pub mod source;

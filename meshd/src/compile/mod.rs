@@ -19,8 +19,10 @@ use meshd_dns::{NetworkRecords, Zones};
 use serde::{Deserialize, Serialize};
 
 pub mod ingress;
+pub mod l7;
 
 use ingress::{IngressLb, IngressPort};
+use l7::L7Route;
 
 use crate::{
     dns::zones::network_records,
@@ -81,6 +83,9 @@ pub struct Desired {
     pub ingress_nodes: BTreeSet<Ipv4Addr>,
     /// This node's task containers on the ingress network: ingress address → bridge leg.
     pub ingress_local: BTreeMap<Ipv4Addr, crate::model::BridgeLeg>,
+    /// The L7 front end's routes, by service id: only services that hold every host and
+    /// path they claim.
+    pub l7: BTreeMap<Id, Arc<L7Route>>,
     /// What the source could not read, and what compile could not use.
     pub rejected: Vec<Rejected>,
 }
@@ -112,6 +117,8 @@ pub struct Changed {
     pub ingress: BTreeSet<IngressPort>,
     pub ingress_nodes: bool,
     pub ingress_local: bool,
+    /// Services whose L7 route came, went or changed.
+    pub l7: BTreeSet<Id>,
 }
 
 impl Changed {
@@ -123,6 +130,7 @@ impl Changed {
             && self.ingress.is_empty()
             && !self.ingress_nodes
             && !self.ingress_local
+            && self.l7.is_empty()
     }
 
     pub fn merge(&mut self, other: &Changed) {
@@ -133,6 +141,7 @@ impl Changed {
         self.ingress.extend(other.ingress.iter().copied());
         self.ingress_nodes |= other.ingress_nodes;
         self.ingress_local |= other.ingress_local;
+        self.l7.extend(other.l7.iter().cloned());
     }
 
     /// Everything in `desired`, as if it were all new (an applier starting afresh).
@@ -145,6 +154,7 @@ impl Changed {
             ingress: desired.ingress.keys().copied().collect(),
             ingress_nodes: true,
             ingress_local: true,
+            l7: desired.l7.keys().cloned().collect(),
         }
     }
 }
@@ -246,6 +256,7 @@ pub struct Compiler {
     ingress_claims: BTreeMap<IngressPort, BTreeSet<Id>>,
     /// What of a service's ports cannot be used, by service id.
     ingress_notes: BTreeMap<Id, Rejected>,
+    l7: l7::L7Claims,
 }
 
 impl Compiler {
@@ -267,6 +278,7 @@ impl Compiler {
             .services
             .extend(self.desired.lbs.keys().map(|r| r.service_id.clone()));
         dirty.services.extend(self.ingress_of.keys().cloned());
+        dirty.services.extend(self.l7.services().cloned());
         dirty.networks.extend(
             self.desired
                 .zones
@@ -301,6 +313,19 @@ impl Compiler {
             }
         }
         self.update_ingress(state, dirty, &mut changed);
+        // A route names its network by name and reaches host-mode tasks by their nodes'
+        // addresses: those moving recompile every labelled service (a handful, not the
+        // cluster).
+        let mut l7_services = dirty.services.clone();
+        if dirty.nodes || !dirty.networks.is_empty() {
+            l7_services.extend(self.l7.services().cloned());
+        }
+        if self
+            .l7
+            .update(state, &l7_services, &mut self.desired.l7, &mut changed.l7)
+        {
+            changed.rejected = true;
+        }
         // Sandboxes are keyed by namespace. Two containers never share one in practice,
         // but if they claim the same cookie the lowest container id answers, whatever the
         // order they came in.
@@ -381,6 +406,7 @@ impl Compiler {
             let mut list = state.rejected_list();
             list.extend(self.notes.values().cloned());
             list.extend(self.ingress_notes.values().cloned());
+            list.extend(self.l7.notes().cloned());
             if list != self.desired.rejected {
                 self.desired.rejected = list;
                 changed.rejected = true;
@@ -708,6 +734,18 @@ mod tests {
                 }
                 if before.ingress_local != after.ingress_local {
                     prop_assert!(changed.ingress_local);
+                }
+                for k in before.l7.keys().chain(after.l7.keys()) {
+                    if before.l7.get(k) != after.l7.get(k) {
+                        prop_assert!(changed.l7.contains(k), "route of {:?} moved unannounced", k);
+                    }
+                }
+                // No two routes answer one host and path.
+                let mut seen = BTreeSet::new();
+                for r in after.l7.values() {
+                    for k in r.keys() {
+                        prop_assert!(seen.insert(k.clone()), "{} routed twice", k);
+                    }
                 }
             }
         }

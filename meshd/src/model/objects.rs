@@ -164,6 +164,10 @@ pub struct Service {
     /// `Version.Index`: unchanged means the object is unchanged.
     #[serde(default)]
     pub version: u64,
+    /// `CreatedAt`, written so that string order is time order: of two services claiming
+    /// one L7 host and path, the older keeps it.
+    #[serde(default)]
+    pub created: String,
 }
 
 /// A container's short id (its first 12 characters, all meshd ever shows), held inline: at

@@ -938,6 +938,7 @@ pub(crate) mod tests {
             labels: BTreeMap::new(),
             updating: false,
             version: 1,
+            created: format!("2026-01-01T00:00:00.{:0>9}Z", id.len()),
         }
     }
 
@@ -1115,9 +1116,32 @@ pub(crate) mod tests {
                 t
             });
         // n0 is the ingress network; services publish one of two ports, or none.
-        let service = (id("s"), id("n"), ip.clone(), any::<bool>(), 0..3u16).prop_map(
-            |(s, n, ip, dnsrr, port)| {
+        // Some services ask for L7 routes (hosts that overlap, another path, a typo), and
+        // were created at one of three moments.
+        let l7 = (0..6u8, 0..3u8);
+        let service = (id("s"), id("n"), ip.clone(), any::<bool>(), 0..3u16, l7).prop_map(
+            |(s, n, ip, dnsrr, port, (l7, created))| {
                 let mut s = svc(&s, &[(&n, ip)]);
+                s.created = format!("2026-01-01T00:00:0{created}.000000000Z");
+                let lb: &[(&str, &str)] = match l7 {
+                    1 => &[("hosts", "a.example.com"), ("port", "80")],
+                    2 => &[("hosts", "a.example.com,b.example.com"), ("port", "80")],
+                    3 => &[
+                        ("hosts", "b.example.com"),
+                        ("port", "80"),
+                        ("context_root", "/x"),
+                    ],
+                    4 => &[("hosts", "b.example.com"), ("ports", "80")],
+                    5 => &[
+                        ("default_backend", "true"),
+                        ("port", "80"),
+                        ("backend_mode", "vip"),
+                    ],
+                    _ => &[],
+                };
+                for (k, v) in lb {
+                    s.labels.insert(format!("com.docker.lb.{k}"), v.to_string());
+                }
                 if dnsrr {
                     s.mode = EndpointMode::Dnsrr;
                     s.vips.clear();

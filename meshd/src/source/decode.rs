@@ -35,6 +35,8 @@ struct RawService {
     endpoint: RawEndpoint,
     #[serde(default, deserialize_with = "nullable")]
     update_status: Option<RawUpdateStatus>,
+    #[serde(default)]
+    created_at: String,
 }
 
 #[derive(Deserialize, Default)]
@@ -179,7 +181,22 @@ pub fn service(raw: &RawValue) -> Result<Service, String> {
         labels: r.spec.labels,
         updating,
         version: r.version.index,
+        created: comparable_time(&r.created_at),
     })
+}
+
+/// An RFC 3339 time as Docker writes it (`2024-05-01T10:00:00.12Z`, the fraction of
+/// variable length), rewritten so that comparing the strings compares the times: the
+/// fraction padded to nanoseconds. Anything else is kept as it is.
+fn comparable_time(t: &str) -> String {
+    let Some(body) = t.strip_suffix('Z') else {
+        return t.to_string();
+    };
+    let (secs, frac) = body.split_once('.').unwrap_or((body, ""));
+    if frac.len() > 9 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return t.to_string();
+    }
+    format!("{secs}.{frac:0<9}Z")
 }
 
 /// A JSON string, borrowed from the answer unless it has escapes (ids and states never do):
@@ -695,6 +712,16 @@ mod tests {
 
     fn raw(v: serde_json::Value) -> Box<RawValue> {
         RawValue::from_string(v.to_string()).unwrap()
+    }
+
+    #[test]
+    fn creation_times_compare_as_strings_in_time_order() {
+        let a = comparable_time("2024-05-01T10:00:00.1Z");
+        let b = comparable_time("2024-05-01T10:00:00.117276406Z");
+        let c = comparable_time("2024-05-01T10:00:01Z");
+        assert!(a < b && b < c, "{a} {b} {c}");
+        assert_eq!(a, "2024-05-01T10:00:00.100000000Z");
+        assert_eq!(comparable_time("garbage"), "garbage");
     }
 
     #[test]
