@@ -211,7 +211,8 @@ impl Lab {
         };
         for (i, node) in self.nodes.iter().enumerate() {
             let manager = (i >= self.spec.managers && self.spec.manager_api).then_some(&remote);
-            let m = Meshd::start_with(node, &pin_dir(&node.spec), manager)
+            // Every lab node serves L7 routes (port 80 of its own namespace).
+            let m = Meshd::start_with_args(node, &pin_dir(&node.spec), manager, &["--l7".into()])
                 .with_context(|| format!("meshd on {}", self.hostname(i)))?;
             self.meshds.push(m);
         }

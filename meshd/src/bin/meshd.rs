@@ -121,6 +121,49 @@ struct RunArgs {
     dns: DnsArgs,
     #[command(flatten)]
     ingress: IngressArgs,
+    #[command(flatten)]
+    l7: L7Args,
+}
+
+/// The L7 front end: HTTP routed by host name from `com.docker.lb.*` service labels.
+#[derive(Args)]
+struct L7Args {
+    /// Serve L7 routes on this node (off by default).
+    #[arg(long)]
+    l7: bool,
+    /// Where plain HTTP is served (with --l7).
+    #[arg(long, default_value = "0.0.0.0:80")]
+    l7_http: SocketAddr,
+    /// Serve only services labelled com.docker.lb.service_cluster=NAME (Interlock's service
+    /// clusters); without it, only services with no service cluster.
+    #[arg(long)]
+    service_cluster: Option<String>,
+    /// Leave out the x-proxy-id and x-server-info response headers.
+    #[arg(long)]
+    l7_hide_info: bool,
+    /// Upstream connect timeout (seconds).
+    #[arg(long, default_value_t = 5)]
+    l7_connect_timeout_s: u64,
+    /// How long an idle upstream connection is kept for reuse (seconds).
+    #[arg(long, default_value_t = 75)]
+    l7_keepalive_s: u64,
+}
+
+impl L7Args {
+    fn config(&self) -> Option<daemon::L7Config> {
+        self.l7.then(|| daemon::L7Config {
+            http: self.l7_http,
+            cluster: self.service_cluster.clone(),
+            proxy: meshd::l7::proxy::ProxySettings {
+                proxy_id: nix::unistd::gethostname()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                hide_info: self.l7_hide_info,
+                connect_timeout: Duration::from_secs(self.l7_connect_timeout_s.max(1)),
+                keepalive: Duration::from_secs(self.l7_keepalive_s),
+            },
+        })
+    }
 }
 
 /// The ingress routing mesh: ports published in ingress mode answer on every node.
@@ -415,6 +458,7 @@ fn real_main() -> Result<()> {
         sweep_every: Duration::from_secs(a.sweep_s.max(1)),
         dns: a.dns.config()?,
         ingress: a.ingress.settings(),
+        l7: a.l7.config(),
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -260,6 +260,30 @@ fn upstreams(
     Ok(out)
 }
 
+/// For each network the routes reach tasks on: the namespace this node opens upstream
+/// connections from (a local container's on that network; the lowest container id, so the
+/// choice stays put while it lives). A network with no local container has none.
+pub fn dial_namespaces(
+    state: &ClusterState,
+    routes: &BTreeMap<Id, std::sync::Arc<L7Route>>,
+) -> BTreeMap<Id, String> {
+    let mut out = BTreeMap::new();
+    for r in routes.values() {
+        let Via::Network(net) = &r.via else { continue };
+        if out.contains_key(net) {
+            continue;
+        }
+        let best = state
+            .sandboxes_on(net)
+            .filter(|s| !s.netns_path.is_empty())
+            .min_by(|a, b| a.container_id.cmp(&b.container_id));
+        if let Some(s) = best {
+            out.insert(net.clone(), s.netns_path.clone());
+        }
+    }
+    out
+}
+
 /// A claim on a route key: the older (`created`) wins, then the lower id.
 type Claim = (String, Id);
 

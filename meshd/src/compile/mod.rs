@@ -86,6 +86,8 @@ pub struct Desired {
     /// The L7 front end's routes, by service id: only services that hold every host and
     /// path they claim.
     pub l7: BTreeMap<Id, Arc<L7Route>>,
+    /// Network → the namespace upstream connections to its tasks are opened from.
+    pub l7_netns: BTreeMap<Id, String>,
     /// What the source could not read, and what compile could not use.
     pub rejected: Vec<Rejected>,
 }
@@ -119,6 +121,7 @@ pub struct Changed {
     pub ingress_local: bool,
     /// Services whose L7 route came, went or changed.
     pub l7: BTreeSet<Id>,
+    pub l7_netns: bool,
 }
 
 impl Changed {
@@ -131,6 +134,7 @@ impl Changed {
             && !self.ingress_nodes
             && !self.ingress_local
             && self.l7.is_empty()
+            && !self.l7_netns
     }
 
     pub fn merge(&mut self, other: &Changed) {
@@ -142,6 +146,7 @@ impl Changed {
         self.ingress_nodes |= other.ingress_nodes;
         self.ingress_local |= other.ingress_local;
         self.l7.extend(other.l7.iter().cloned());
+        self.l7_netns |= other.l7_netns;
     }
 
     /// Everything in `desired`, as if it were all new (an applier starting afresh).
@@ -155,6 +160,7 @@ impl Changed {
             ingress_nodes: true,
             ingress_local: true,
             l7: desired.l7.keys().cloned().collect(),
+            l7_netns: true,
         }
     }
 }
@@ -325,6 +331,13 @@ impl Compiler {
             .update(state, &l7_services, &mut self.desired.l7, &mut changed.l7)
         {
             changed.rejected = true;
+        }
+        if !dirty.sandboxes.is_empty() || !changed.l7.is_empty() {
+            let netns = l7::dial_namespaces(state, &self.desired.l7);
+            if netns != self.desired.l7_netns {
+                self.desired.l7_netns = netns;
+                changed.l7_netns = true;
+            }
         }
         // Sandboxes are keyed by namespace. Two containers never share one in practice,
         // but if they claim the same cookie the lowest container id answers, whatever the
@@ -734,6 +747,9 @@ mod tests {
                 }
                 if before.ingress_local != after.ingress_local {
                     prop_assert!(changed.ingress_local);
+                }
+                if before.l7_netns != after.l7_netns {
+                    prop_assert!(changed.l7_netns);
                 }
                 for k in before.l7.keys().chain(after.l7.keys()) {
                     if before.l7.get(k) != after.l7.get(k) {

@@ -75,6 +75,16 @@ pub struct Config {
     pub dns: Option<DnsConfig>,
     /// The ingress mesh; `None` leaves published ports to Docker.
     pub ingress: Option<crate::datapath::ebpf::ingress::IngressSettings>,
+    /// The L7 front end; `None`: this node serves no L7 routes.
+    pub l7: Option<L7Config>,
+}
+
+pub struct L7Config {
+    /// Where plain HTTP is served.
+    pub http: SocketAddr,
+    /// `--service-cluster`: serve only routes labelled with it.
+    pub cluster: Option<String>,
+    pub proxy: crate::l7::proxy::ProxySettings,
 }
 
 pub struct DnsConfig {
@@ -455,10 +465,22 @@ pub async fn run(cfg: Config) -> Result<()> {
     });
     let api = crate::api::serve(&cfg.api_socket, shared.clone())?;
 
-    // Appliers: the VIP datapath, then DNS (names, sockets, redirect).
+    // Appliers: the VIP datapath, then DNS (names, sockets, redirect), then L7 routes.
     let mut slots = vec![Slot::new(shared.ebpf.clone() as Arc<Mutex<dyn Applier>>)];
     if let Some(dns) = &shared.dns {
         slots.push(Slot::new(dns.clone() as Arc<Mutex<dyn Applier>>));
+    }
+    if let Some(l7) = &cfg.l7 {
+        let proxy = crate::l7::proxy::Proxy::new(l7.proxy.clone())?;
+        let listener = tokio::net::TcpListener::bind(l7.http)
+            .await
+            .with_context(|| format!("L7: listen for HTTP on {}", l7.http))?;
+        info!(http = %l7.http, cluster = ?l7.cluster, "L7 front end listening");
+        tokio::spawn(proxy.clone().serve_http(listener));
+        let applier = crate::l7::L7Applier::new(proxy, l7.cluster.clone());
+        slots.push(Slot::new(
+            Arc::new(Mutex::new(applier)) as Arc<Mutex<dyn Applier>>
+        ));
     }
 
     let (updates_tx, updates_rx) = mpsc::unbounded_channel();

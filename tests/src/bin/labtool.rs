@@ -13,7 +13,7 @@ fn usage() -> ! {
          \x20      serve-peer PORT | tcp-read ADDR:PORT |\n\
          \x20      tcp-echo PORT | rr ADDR:PORT SECONDS | crr ADDR:PORT SECONDS |\n\
          \x20      rr-alt|crr-alt SECONDS ADDR:PORT... |\n\
-         \x20      http-serve PORT | http-loop HOST:PORT STOPFILE OUTFILE"
+         \x20      http-serve PORT | http-echo PORT | http-loop HOST:PORT STOPFILE OUTFILE"
     );
     std::process::exit(2)
 }
@@ -58,6 +58,7 @@ fn main() {
             &targets.iter().map(|t| addr(t)).collect::<Vec<_>>(),
         ),
         ["http-serve", port] => http_serve(port.parse().unwrap_or_else(|_| usage())),
+        ["http-echo", port] => http_echo(port.parse().unwrap_or_else(|_| usage())),
         ["http-loop", target, stop, out] => http_loop(target, stop, out),
         _ => usage(),
     }
@@ -287,6 +288,54 @@ fn http_serve(port: u16) {
                 "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
+        });
+    }
+}
+
+/// An HTTP/1.1 server with keep-alive that answers every request with what it saw: its
+/// hostname, the request line and the headers, one per line (for the L7 tests: paths,
+/// forwarded headers; and a keep-alive upstream for the L7 benchmark).
+fn http_echo(port: u16) {
+    let l = TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| fail(&e.to_string()));
+    let name = hostname();
+    for s in l.incoming().flatten() {
+        let name = name.clone();
+        std::thread::spawn(move || {
+            let _ = s.set_nodelay(true);
+            let mut r = std::io::BufReader::new(s);
+            loop {
+                let mut head = Vec::new();
+                loop {
+                    let mut line = String::new();
+                    match std::io::BufRead::read_line(&mut r, &mut line) {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                    let line = line.trim_end().to_string();
+                    if line.is_empty() {
+                        break;
+                    }
+                    head.push(line);
+                }
+                let length: usize = head
+                    .iter()
+                    .filter_map(|h| h.split_once(':'))
+                    .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                    .and_then(|(_, v)| v.trim().parse().ok())
+                    .unwrap_or(0);
+                let mut body = vec![0u8; length];
+                if r.read_exact(&mut body).is_err() {
+                    return;
+                }
+                let answer = format!("{name}\n{}\n", head.join("\n"));
+                let out = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{answer}",
+                    answer.len()
+                );
+                if r.get_mut().write_all(out.as_bytes()).is_err() {
+                    return;
+                }
+            }
         });
     }
 }

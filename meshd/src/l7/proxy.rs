@@ -1,0 +1,437 @@
+//! The HTTP front end: hyper's server (HTTP/1.1 and h2 on one listener), each request
+//! matched against the current `RouteTable` and sent to one of its route's upstreams
+//! through hyper's pooling client, over connections opened from the upstream's network
+//! (`connector`).
+use std::{
+    collections::hash_map::RandomState,
+    convert::Infallible,
+    hash::{BuildHasher, Hash, Hasher},
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
+use hyper::{
+    body::Incoming,
+    header::{self, HeaderMap, HeaderName, HeaderValue},
+    Method, Request, Response, StatusCode, Uri, Version,
+};
+use hyper_util::{
+    client::legacy::Client,
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+};
+use tokio::net::TcpListener;
+use tracing::{debug, warn};
+
+use super::{
+    connector::{Connector, Namespaces, SocketMaker, Target},
+    table::{normalize_host, RouteTable, Served},
+};
+use crate::compile::l7::Upstream;
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Limits and identity, with Interlock's defaults where it has one.
+#[derive(Clone, Debug)]
+pub struct ProxySettings {
+    /// Sent as `x-proxy-id` (this node's name).
+    pub proxy_id: String,
+    /// Leave out `x-proxy-id` and `x-server-info`.
+    pub hide_info: bool,
+    pub connect_timeout: Duration,
+    /// An idle pooled upstream connection is closed after this (Interlock's keep-alive).
+    pub keepalive: Duration,
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        ProxySettings {
+            proxy_id: String::new(),
+            hide_info: false,
+            connect_timeout: Duration::from_secs(5),
+            keepalive: Duration::from_secs(75),
+        }
+    }
+}
+
+pub struct Proxy {
+    pub table: ArcSwap<RouteTable>,
+    pub namespaces: Namespaces,
+    client: Client<Connector, Body>,
+    settings: ProxySettings,
+    ids: RequestIds,
+}
+
+impl Proxy {
+    pub fn new(settings: ProxySettings) -> Result<Arc<Proxy>> {
+        let namespaces = Namespaces::default();
+        let connector = Connector {
+            maker: SocketMaker::start()?,
+            namespaces: namespaces.clone(),
+            timeout: settings.connect_timeout,
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(settings.keepalive)
+            .build(connector);
+        Ok(Arc::new(Proxy {
+            table: ArcSwap::from_pointee(RouteTable::default()),
+            namespaces,
+            client,
+            settings,
+            ids: RequestIds::default(),
+        }))
+    }
+
+    /// Serves plain HTTP on `listener` until the task is dropped.
+    pub async fn serve_http(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "L7: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let this = self.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let this = this.clone();
+                    async move { Ok::<_, Infallible>(this.handle(req, peer, false).await) }
+                });
+                let r = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .await;
+                if let Err(e) = r {
+                    debug!(%peer, error = %e, "L7: client connection ended");
+                }
+            });
+        }
+    }
+
+    /// One request: its route, one of the route's upstreams, the response with Interlock's
+    /// headers.
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        https: bool,
+    ) -> Response<Body> {
+        let started = Instant::now();
+        let id = req
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= 200)
+            .map(str::to_string)
+            .unwrap_or_else(|| self.ids.next());
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| req.uri().authority().map(|a| a.to_string()))
+            .unwrap_or_default();
+        let table = self.table.load();
+        let path = req.uri().path().to_string();
+        let mut resp = match table.lookup(&host, &path) {
+            None => text(
+                StatusCode::NOT_FOUND,
+                format!("meshd: no route for {}{path}\n", normalize_host(&host)),
+            ),
+            Some((served, prefix)) => {
+                let prefix = prefix.to_string();
+                self.to_route(req, served, &host, &prefix, peer, https, &id)
+                    .await
+            }
+        };
+        let h = resp.headers_mut();
+        if let Ok(v) = HeaderValue::from_str(&id) {
+            h.insert("x-request-id", v);
+        }
+        if !self.settings.hide_info {
+            if let Ok(v) = HeaderValue::from_str(&self.settings.proxy_id) {
+                h.insert("x-proxy-id", v);
+            }
+            h.insert(
+                "x-server-info",
+                HeaderValue::from_static(concat!("meshd/", env!("CARGO_PKG_VERSION"))),
+            );
+        }
+        debug!(%peer, host = %host, path = %path, status = resp.status().as_u16(), ms = started.elapsed().as_secs_f64() * 1000.0, "L7 request");
+        resp
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn to_route(
+        &self,
+        req: Request<Incoming>,
+        served: &Arc<Served>,
+        host: &str,
+        prefix: &str,
+        peer: SocketAddr,
+        https: bool,
+        id: &str,
+    ) -> Response<Body> {
+        let spec = &served.route.spec;
+        let bare_host = normalize_host(host);
+        if let Some(r) = spec
+            .redirects
+            .iter()
+            .find(|r| r.from_host == bare_host && r.from_https == https)
+        {
+            let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            return redirect(
+                StatusCode::FOUND,
+                &format!("{}{pq}", r.to.trim_end_matches('/')),
+            );
+        }
+        if spec.ssl_only && !https {
+            let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            return redirect(
+                StatusCode::MOVED_PERMANENTLY,
+                &format!("https://{bare_host}{pq}"),
+            );
+        }
+        let ups = &served.route.upstreams;
+        if ups.is_empty() {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("meshd: {} has no task serving\n", served.route.service_name),
+            );
+        }
+        let first = if spec.ip_hash {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            peer.ip().hash(&mut h);
+            (h.finish() % ups.len() as u64) as usize
+        } else {
+            served.next.fetch_add(1, Ordering::Relaxed) % ups.len()
+        };
+        let (mut parts, body) = req.into_parts();
+        let path = rewritten_path(&parts.uri, prefix, spec.context_root_rewrite);
+        forwarded_headers(&mut parts.headers, host, peer, https);
+        // A request without a body can be sent again if its upstream cannot be connected
+        // to: the next task gets it (a task that just went away loses nothing).
+        let retry = has_no_body(&parts.headers, &parts.method).then(|| parts.clone());
+        let mut body = Some(body.boxed());
+        let tries = if retry.is_some() { ups.len().min(3) } else { 1 };
+        let mut last = String::new();
+        for i in 0..tries {
+            let up = &ups[(first + i) % ups.len()];
+            let mut p = match (&retry, i) {
+                (Some(r), _) if i > 0 => r.clone(),
+                _ => parts.clone(),
+            };
+            let b = body
+                .take()
+                .unwrap_or_else(|| Empty::new().map_err(|e| match e {}).boxed());
+            let Ok(uri) = self.upstream_uri(served, up, &path) else {
+                return text(
+                    StatusCode::BAD_GATEWAY,
+                    "meshd: bad upstream address\n".into(),
+                );
+            };
+            p.uri = uri;
+            p.version = Version::HTTP_11;
+            let sent = Instant::now();
+            match self.client.request(Request::from_parts(p, b)).await {
+                Ok(resp) => {
+                    let (mut rp, rb) = resp.into_parts();
+                    strip_hop_by_hop(&mut rp.headers);
+                    if let Ok(v) = HeaderValue::from_str(&up.addr.to_string()) {
+                        rp.headers.insert("x-upstream-addr", v);
+                    }
+                    let secs = format!("{:.3}", sent.elapsed().as_secs_f64());
+                    if let Ok(v) = HeaderValue::from_str(&secs) {
+                        rp.headers.insert("x-upstream-response-time", v);
+                    }
+                    return Response::from_parts(rp, rb.boxed());
+                }
+                Err(e) if e.is_connect() => {
+                    last = format!("{}: {e:?}", up.addr);
+                    debug!(request = id, upstream = %up.addr, error = ?e, "L7: upstream connect failed");
+                }
+                Err(e) => {
+                    return text(
+                        StatusCode::BAD_GATEWAY,
+                        format!("meshd: upstream {} failed: {e}\n", up.addr),
+                    )
+                }
+            }
+        }
+        text(
+            StatusCode::BAD_GATEWAY,
+            format!("meshd: could not connect to an upstream ({last})\n"),
+        )
+    }
+
+    fn upstream_uri(&self, served: &Served, up: &Upstream, path: &str) -> Result<Uri> {
+        let authority = self.namespaces.authority(&Target {
+            addr: up.addr,
+            netns: served.netns.clone(),
+        });
+        format!("http://{authority}{path}")
+            .parse()
+            .context("upstream URI")
+    }
+}
+
+/// The path and query sent upstream: with the context root taken off when the route says.
+fn rewritten_path(uri: &Uri, prefix: &str, rewrite: bool) -> String {
+    let pq = uri.path_and_query().map_or("/", |p| p.as_str());
+    if !rewrite || prefix == "/" {
+        return pq.to_string();
+    }
+    match pq.strip_prefix(prefix) {
+        Some(rest) if rest.starts_with('/') => rest.to_string(),
+        Some(rest) => format!("/{rest}"),
+        None => pq.to_string(),
+    }
+}
+
+/// `X-Forwarded-For` (appended to), `-Proto`, `-Host`, as Interlock's proxy sends them; and
+/// the headers that belong to the client's connection alone taken off.
+fn forwarded_headers(h: &mut HeaderMap, host: &str, peer: SocketAddr, https: bool) {
+    strip_hop_by_hop(h);
+    let client = peer.ip().to_string();
+    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.is_empty() => format!("{prev}, {client}"),
+        _ => client,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert("x-forwarded-for", v);
+    }
+    h.insert(
+        "x-forwarded-proto",
+        HeaderValue::from_static(if https { "https" } else { "http" }),
+    );
+    if let Ok(v) = HeaderValue::from_str(host) {
+        h.insert("x-forwarded-host", v.clone());
+        // h2 has no Host header; the upstream speaks HTTP/1.1 and needs one.
+        h.entry(header::HOST).or_insert(v);
+    }
+}
+
+const HOP_BY_HOP: [&str; 7] = [
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    h.remove(header::CONNECTION);
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+}
+
+fn has_no_body(h: &HeaderMap, m: &Method) -> bool {
+    let length_zero = h
+        .get(header::CONTENT_LENGTH)
+        .is_none_or(|v| v.as_bytes() == b"0");
+    length_zero && !h.contains_key(header::TRANSFER_ENCODING) && m != Method::CONNECT
+}
+
+fn text(status: StatusCode, body: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn redirect(status: StatusCode, to: &str) -> Response<Body> {
+    let mut r = text(status, format!("{to}\n"));
+    if let Ok(v) = HeaderValue::from_str(to) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}
+
+/// 128-bit request ids: a counter through a randomly keyed hash (unique, not guessable
+/// from the previous one; not a secret).
+#[derive(Default)]
+struct RequestIds {
+    keys: RandomState,
+    n: AtomicU64,
+}
+
+impl RequestIds {
+    fn next(&self) -> String {
+        let n = self.n.fetch_add(1, Ordering::Relaxed);
+        let half = |salt: u8| self.keys.hash_one((n, salt));
+        format!("{:016x}{:016x}", half(0), half(1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn context_roots_are_taken_off_only_when_asked() {
+        let u: Uri = "/app/x?q=1".parse().unwrap();
+        assert_eq!(rewritten_path(&u, "/app", true), "/x?q=1");
+        assert_eq!(rewritten_path(&u, "/app", false), "/app/x?q=1");
+        let u: Uri = "/app?q=1".parse().unwrap();
+        assert_eq!(rewritten_path(&u, "/app", true), "/?q=1");
+        assert_eq!(rewritten_path(&"/".parse().unwrap(), "/", true), "/");
+    }
+
+    #[test]
+    fn forwarded_headers_append_and_connection_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        forwarded_headers(
+            &mut h,
+            "shop.example.com",
+            "192.168.100.200:5000".parse().unwrap(),
+            false,
+        );
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 192.168.100.200");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "shop.example.com");
+        assert_eq!(h[header::HOST], "shop.example.com");
+        assert!(!h.contains_key("x-secret") && !h.contains_key("keep-alive"));
+        assert!(!h.contains_key(header::CONNECTION));
+    }
+
+    #[test]
+    fn request_ids_are_unique() {
+        let ids = RequestIds::default();
+        let a = ids.next();
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, ids.next());
+    }
+}
