@@ -37,6 +37,8 @@ pub enum Request {
     Maps,
     /// The ingress mesh: published ports, their tasks, counters, flow tables.
     Ingress,
+    /// The L7 front end: routes, their backends and counters, rejected labels.
+    Routes,
     /// What container `from` would get for `name` (type `qtype`), and why.
     Dns {
         name: String,
@@ -512,6 +514,16 @@ fn handle(shared: &Shared, req: Request) -> Result<Value> {
                 .unwrap()
                 .ingress_view(&desired)
                 .context("meshd runs with --no-ingress: published ports are Docker's")?;
+            Ok(serde_json::to_value(view)?)
+        }
+        Request::Routes => {
+            let core = shared.core.read().unwrap();
+            let view = crate::l7::RoutesView::build(
+                shared.l7.as_ref(),
+                core.compiler.desired(),
+                &core.state,
+                core.compiler.l7_rejected(),
+            );
             Ok(serde_json::to_value(view)?)
         }
     }

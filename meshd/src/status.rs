@@ -187,4 +187,6 @@ pub struct Shared {
     pub hub: Arc<Mutex<HubStatus>>,
     pub reconcile: Arc<Mutex<ReconcileStatus>>,
     pub dns_status: Mutex<DnsStatus>,
+    /// The L7 front end, when this node serves it.
+    pub l7: Option<crate::l7::L7Handle>,
 }

@@ -211,8 +211,16 @@ impl Lab {
         };
         for (i, node) in self.nodes.iter().enumerate() {
             let manager = (i >= self.spec.managers && self.spec.manager_api).then_some(&remote);
-            // Every lab node serves L7 routes (port 80 of its own namespace).
-            let m = Meshd::start_with_args(node, &pin_dir(&node.spec), manager, &["--l7".into()])
+            // Every lab node serves L7 routes (ports 80 and 8443 of its own namespace), with
+            // the certificates of one directory for the whole lab.
+            let certs = self.l7_certs();
+            std::fs::create_dir_all(&certs)?;
+            let l7 = [
+                "--l7".into(),
+                "--l7-certs".into(),
+                certs.display().to_string(),
+            ];
+            let m = Meshd::start_with_args(node, &pin_dir(&node.spec), manager, &l7)
                 .with_context(|| format!("meshd on {}", self.hostname(i)))?;
             self.meshds.push(m);
         }
@@ -367,6 +375,12 @@ impl Lab {
     /// The first manager: where swarm commands go.
     pub fn manager(&self) -> &Node {
         &self.nodes[0]
+    }
+
+    /// The directory of PEM files every node's meshd serves HTTPS certificates from
+    /// (`--l7-certs`): what `com.docker.lb.ssl_cert` and `ssl_key` name.
+    pub fn l7_certs(&self) -> PathBuf {
+        lab_dir(&self.spec.name).join("l7-certs")
     }
 
     /// A machine on the nodes' LAN: a namespace with a veth on the underlay bridge and

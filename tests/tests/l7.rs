@@ -7,6 +7,7 @@
 //! default backend.
 use std::{
     collections::BTreeSet,
+    path::Path,
     process::Command,
     time::{Duration, Instant},
 };
@@ -315,6 +316,28 @@ fn scenario(lab: &Lab) -> Result<()> {
     }
     let g = get(&lan, NODES[0], "typo.example.com", "/")?;
     ensure!(g.status == 404, "the typo's host answered {}", g.status);
+    // meshctl routes: the route with its backends and counters, and the rejections.
+    let v = lab.meshd("node1")?.ctl(&["routes"])?;
+    let shop = v["routes"]
+        .as_array()
+        .and_then(|r| {
+            r.iter()
+                .find(|r| r["host"] == "shop.example.com" && r["path"] == "/")
+        })
+        .with_context(|| format!("no shop.example.com/ in meshctl routes: {v}"))?;
+    ensure!(
+        shop["service"] == "shop"
+            && shop["backends"].as_array().map(Vec::len) == Some(3)
+            && shop["requests"].as_u64() > Some(0)
+            && shop["mode"] == "task"
+            && shop["network"] == "shopnet",
+        "meshctl routes shows {shop}"
+    );
+    let rejected = v["rejected"].to_string();
+    ensure!(
+        rejected.contains("typo:") && rejected.contains("copy:"),
+        "meshctl routes rejected: {rejected}"
+    );
 
     // 7. The holder gone, the copy takes the host over.
     m.docker(&["service", "rm", "shop"])?;
@@ -344,4 +367,275 @@ fn scenario(lab: &Lab) -> Result<()> {
         },
     )?;
     Ok(())
+}
+
+/// A self-signed certificate for `host` as `<name>.crt` and `<name>.key` in `dir`; its
+/// serial number.
+fn certificate(dir: &Path, name: &str, host: &str) -> Result<String> {
+    let (crt, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    // Written beside and renamed: meshd never reads half a file.
+    let (tmp_crt, tmp_key) = (
+        dir.join(format!(".{name}.crt")),
+        dir.join(format!(".{name}.key")),
+    );
+    run(Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={host}"),
+            "-addext",
+            &format!("subjectAltName=DNS:{host}"),
+            "-keyout",
+        ])
+        .arg(&tmp_key)
+        .arg("-out")
+        .arg(&tmp_crt))?;
+    std::fs::rename(&tmp_key, &key)?;
+    std::fs::rename(&tmp_crt, &crt)?;
+    let serial = run(Command::new("openssl")
+        .args(["x509", "-noout", "-serial", "-in"])
+        .arg(&crt))?;
+    Ok(serial.trim().to_string())
+}
+
+/// What `openssl s_client` from the LAN machine sees of `node`:8443 for SNI `host`: the
+/// certificate's subject and serial, and the protocol, or the handshake's failure.
+fn handshake(lan: &str, node: &str, host: &str, extra: &str) -> Result<String> {
+    run(Command::new("ip").args([
+        "netns",
+        "exec",
+        lan,
+        "sh",
+        "-c",
+        &format!(
+            "out=$(openssl s_client -connect {node}:8443 -servername {host} {extra} </dev/null 2>/dev/null); \
+             echo \"$out\" | grep -E '^(New|    Protocol)'; \
+             echo \"$out\" | openssl x509 -noout -subject -serial 2>/dev/null; true"
+        ),
+    ]))
+}
+
+#[test]
+fn https_is_terminated_with_the_certificate_sni_names() {
+    if !require_root("https_is_terminated_with_the_certificate_sni_names") {
+        return;
+    }
+    let lab = Lab::up(LabSpec::new(&format!("{}tls", run_tag()), 2, 1)).expect("lab up");
+    if let Err(e) = tls_scenario(&lab) {
+        eprintln!("FAILED: {e:#}");
+        for (i, m) in lab.meshds.iter().enumerate() {
+            eprintln!("--- meshd on node{} ---\n{}", i + 1, m.log_tail());
+        }
+        panic!("{e:#}");
+    }
+}
+
+fn tls_scenario(lab: &Lab) -> Result<()> {
+    let m = lab.manager();
+    let lan = lab.lan_client()?;
+    let dir = lab.l7_certs();
+    let shop_serial = certificate(&dir, "shop", "shop.example.com")?;
+    certificate(&dir, "api", "api.example.com")?;
+    m.create_overlay("tlsnet")?;
+    for node in &lab.nodes {
+        node.run_idle_container("anchor", "tlsnet")?;
+    }
+    for (name, host, only) in [
+        ("shop", "shop.example.com", "false"),
+        ("api", "api.example.com", "true"),
+    ] {
+        let flags = lb(&[
+            ("hosts", host),
+            ("port", "7000"),
+            ("ssl_cert", &format!("{name}.crt")),
+            ("ssl_key", &format!("{name}.key")),
+            ("ssl_only", only),
+        ]);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        m.create_service_with(
+            name,
+            "tlsnet",
+            1,
+            "1s",
+            &flags,
+            &["labtool", "http-echo", "7000"],
+        )?;
+        m.wait_running(name, 1)?;
+    }
+    let curl = |args: &[&str]| -> Result<String> {
+        run(Command::new("ip")
+            .args(["netns", "exec", &lan, "curl", "-si", "-m", "5"])
+            .args(args))
+    };
+    // 1. curl over TLS (h2 by ALPN), the certificate verified against its own CA.
+    let ca = dir.join("shop.crt").display().to_string();
+    let out = wait_for(
+        "https://shop.example.com:8443 to answer",
+        Duration::from_secs(20),
+        || {
+            curl(&[
+                "--cacert",
+                &ca,
+                "--resolve",
+                "shop.example.com:8443:192.168.100.2",
+                "https://shop.example.com:8443/",
+            ])
+            .ok()
+            .filter(|o| o.starts_with("HTTP/2 200"))
+        },
+    )?;
+    ensure!(
+        out.lines()
+            .any(|l| l.trim().eq_ignore_ascii_case("X-Forwarded-Proto: https")),
+        "the task did not see https: {out}"
+    );
+    // 2. SNI picks the certificate; TLS 1.2 and 1.3 are served, 1.1 is refused.
+    let api = handshake(&lan, "192.168.100.1", "api.example.com", "")?;
+    ensure!(
+        api.contains("CN = api.example.com") && api.contains("TLSv1.3"),
+        "SNI api.example.com: {api}"
+    );
+    let shop = handshake(&lan, "192.168.100.1", "shop.example.com", "-tls1_2")?;
+    ensure!(
+        shop.contains("CN = shop.example.com")
+            && shop.contains(&shop_serial)
+            && shop.contains("TLSv1.2"),
+        "SNI shop.example.com over TLS 1.2: {shop}"
+    );
+    let old = handshake(
+        &lan,
+        "192.168.100.1",
+        "shop.example.com",
+        "-tls1_1 -cipher DEFAULT@SECLEVEL=0",
+    )?;
+    ensure!(!old.contains("serial="), "TLS 1.1 was served: {old}");
+    // 3. ssl_only: plain HTTP is sent to HTTPS.
+    let out = curl(&["-H", "Host: api.example.com", "http://192.168.100.1/x?y=1"])?;
+    ensure!(
+        out.starts_with("HTTP/1.1 301")
+            && out
+                .lines()
+                .any(|l| l.trim() == "location: https://api.example.com:8443/x?y=1"),
+        "ssl_only answered {out}"
+    );
+    // 4. A renewed certificate is served without a restart.
+    let renewed = certificate(&dir, "shop", "shop.example.com")?;
+    ensure!(renewed != shop_serial, "openssl made the same serial twice");
+    wait_for(
+        "the renewed certificate to be served",
+        Duration::from_secs(10),
+        || {
+            handshake(&lan, "192.168.100.2", "shop.example.com", "")
+                .ok()
+                .filter(|o| o.contains(&renewed))
+        },
+    )?;
+    // 5. A broken file keeps the last good certificate in service, and says why.
+    std::fs::write(dir.join("shop.crt"), "not a certificate")?;
+    wait_for(
+        "meshctl routes to show the broken file",
+        Duration::from_secs(10),
+        || {
+            let v = lab.meshd("node1").ok()?.ctl(&["routes"]).ok()?;
+            let tls = v["routes"]
+                .as_array()?
+                .iter()
+                .find(|r| r["host"] == "shop.example.com")?["tls"]
+                .as_str()?
+                .to_string();
+            tls.contains("the last good one").then_some(())
+        },
+    )?;
+    let still = handshake(&lan, "192.168.100.1", "shop.example.com", "")?;
+    ensure!(
+        still.contains(&renewed),
+        "a broken file took the certificate away: {still}"
+    );
+
+    // 6. ssl_passthrough: the connection goes to the task as it came, routed by SNI alone
+    //    (the task here answers any connection with its name and its peer: it shows the
+    //    bytes were spliced, never terminated by meshd).
+    let flags = lb(&[
+        ("hosts", "pass.example.com"),
+        ("port", "7443"),
+        ("ssl_passthrough", "true"),
+    ]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    m.create_service_with(
+        "pass",
+        "tlsnet",
+        1,
+        "1s",
+        &flags,
+        &["labtool", "serve-peer", "7443"],
+    )?;
+    let containers = m.wait_running("pass", 1)?;
+    let answer = wait_for(
+        "pass.example.com to be spliced",
+        Duration::from_secs(20),
+        || client_hello_from(&lan, "192.168.100.1:8443", "pass.example.com").ok(),
+    )?;
+    let name = answer.split_whitespace().next().unwrap_or_default();
+    ensure!(
+        !name.is_empty() && containers.iter().any(|c| c.starts_with(name)),
+        "pass.example.com answered {answer:?}, not from task container {containers:?}"
+    );
+    Ok(())
+}
+
+/// A TLS ClientHello naming `host`, sent from the LAN machine to `to`; what comes back.
+fn client_hello_from(lan: &str, to: &str, host: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let path = format!("/var/run/netns/{lan}");
+    let to: std::net::SocketAddr = to.parse()?;
+    let hello = client_hello(host);
+    std::thread::spawn(move || -> Result<String> {
+        let f = std::fs::File::open(&path)?;
+        nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        s.write_all(&hello)?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        ensure!(!out.is_empty(), "nothing came back");
+        Ok(out)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("client thread panicked"))?
+}
+
+/// A minimal TLS 1.2 ClientHello record with the server name `host`.
+fn client_hello(host: &str) -> Vec<u8> {
+    let mut list = vec![0u8];
+    list.extend((host.len() as u16).to_be_bytes());
+    list.extend(host.as_bytes());
+    let mut sni = (list.len() as u16).to_be_bytes().to_vec();
+    sni.extend(list);
+    let mut exts = vec![0x00, 0x00];
+    exts.extend((sni.len() as u16).to_be_bytes());
+    exts.extend(sni);
+    let mut body = vec![0x03, 0x03];
+    body.extend([7u8; 32]);
+    body.push(0);
+    body.extend([0x00, 0x02, 0xc0, 0x2f, 0x01, 0x00]);
+    body.extend((exts.len() as u16).to_be_bytes());
+    body.extend(exts);
+    let mut hs = vec![1u8];
+    hs.extend(&(body.len() as u32).to_be_bytes()[1..]);
+    hs.extend(body);
+    let mut rec = vec![0x16, 0x03, 0x01];
+    rec.extend((hs.len() as u16).to_be_bytes());
+    rec.extend(hs);
+    rec
 }

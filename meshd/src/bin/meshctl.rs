@@ -35,6 +35,9 @@ enum Command {
     /// The ingress mesh: each published port, its tasks and how this node reaches them,
     /// new flows per port, the flow tables' fill and the drop counters.
     Ingress,
+    /// The L7 front end: each host and path, its service, how it is reached, its backends,
+    /// TLS, service cluster and counters; and every service whose labels were rejected.
+    Routes,
     /// What a local container gets when it resolves NAME through 127.0.0.11, and why:
     /// the network that answered, the kind of name, the TTL, or the upstream it went to.
     Dns {
@@ -64,6 +67,7 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Service { name } => Request::Service { name: name.clone() },
         Command::Maps => Request::Maps,
         Command::Ingress => Request::Ingress,
+        Command::Routes => Request::Routes,
         Command::Dns { name, from, qtype } => Request::Dns {
             name: name.clone(),
             from: from.clone(),
@@ -138,6 +142,7 @@ fn run(cli: &Cli) -> Result<()> {
         }
         Command::Maps => println!("{}", serde_json::to_string_pretty(&data)?),
         Command::Ingress => print_ingress(serde_json::from_value(data)?),
+        Command::Routes => print_routes(serde_json::from_value(data)?),
         Command::Dns { .. } => print_dns(&data),
     }
     Ok(())
@@ -194,6 +199,66 @@ fn print_ingress(v: IngressView) {
         c("passed_no_route"),
         c("icmp_errors")
     );
+}
+
+fn print_routes(v: meshd::l7::RoutesView) {
+    match (&v.http, v.enabled) {
+        (Some(http), true) => println!(
+            "L7 front end on http://{http}{}{}",
+            v.https
+                .as_ref()
+                .map_or(String::new(), |a| format!(" and https://{a}")),
+            v.cluster
+                .as_ref()
+                .map_or(String::new(), |c| format!(", service cluster {c}"))
+        ),
+        _ => println!(
+            "this node serves no L7 routes (start meshd with --l7); the routes it would serve:"
+        ),
+    }
+    println!(
+        "{:<28} {:<12} {:<16} {:<5} {:<12} {:<8} {:>8} {:>7} {:>8}  BACKENDS",
+        "HOST", "PATH", "SERVICE", "MODE", "NETWORK", "TLS", "REQUESTS", "ERRORS", "MEAN MS"
+    );
+    for r in &v.routes {
+        let host = if r.host.is_empty() {
+            "(default backend)"
+        } else {
+            &r.host
+        };
+        let mut backends = if r.backends.is_empty() {
+            "none serving".to_string()
+        } else {
+            r.backends.join(" ")
+        };
+        if !r.served_here {
+            backends.push_str(&format!(
+                "  (service cluster {}: not served here)",
+                r.cluster.as_deref().unwrap_or("none")
+            ));
+        }
+        println!(
+            "{:<28} {:<12} {:<16} {:<5} {:<12} {:<8} {:>8} {:>7} {:>8.2}  {backends}",
+            host,
+            r.path,
+            r.service,
+            r.mode,
+            r.network.as_deref().unwrap_or("-"),
+            r.tls.split(' ').next().unwrap_or("none"),
+            r.requests,
+            r.errors,
+            r.mean_ms,
+        );
+    }
+    for r in v.routes.iter().filter(|r| r.tls.contains(':')) {
+        println!("TLS of {}{}: {}", r.host, r.path, r.tls);
+    }
+    if !v.rejected.is_empty() {
+        println!("rejected ({}):", v.rejected.len());
+        for r in &v.rejected {
+            println!("  {}", r.reason);
+        }
+    }
 }
 
 fn print_dns(d: &Value) {

@@ -134,6 +134,15 @@ struct L7Args {
     /// Where plain HTTP is served (with --l7).
     #[arg(long, default_value = "0.0.0.0:80")]
     l7_http: SocketAddr,
+    /// Where HTTPS is served (with --l7; Interlock's default port).
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    l7_https: SocketAddr,
+    /// Serve no HTTPS.
+    #[arg(long)]
+    l7_no_https: bool,
+    /// The directory of PEM files that com.docker.lb.ssl_cert and ssl_key name.
+    #[arg(long, default_value = "/etc/meshd/certs")]
+    l7_certs: PathBuf,
     /// Serve only services labelled com.docker.lb.service_cluster=NAME (Interlock's service
     /// clusters); without it, only services with no service cluster.
     #[arg(long)]
@@ -153,6 +162,8 @@ impl L7Args {
     fn config(&self) -> Option<daemon::L7Config> {
         self.l7.then(|| daemon::L7Config {
             http: self.l7_http,
+            https: (!self.l7_no_https).then_some(self.l7_https),
+            certs: self.l7_certs.clone(),
             cluster: self.service_cluster.clone(),
             proxy: meshd::l7::proxy::ProxySettings {
                 proxy_id: nix::unistd::gethostname()
@@ -161,6 +172,7 @@ impl L7Args {
                 hide_info: self.l7_hide_info,
                 connect_timeout: Duration::from_secs(self.l7_connect_timeout_s.max(1)),
                 keepalive: Duration::from_secs(self.l7_keepalive_s),
+                https_port: None,
             },
         })
     }

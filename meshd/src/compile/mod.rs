@@ -270,6 +270,11 @@ impl Compiler {
         &self.desired
     }
 
+    /// Services whose `com.docker.lb.*` labels give them no route, and why.
+    pub fn l7_rejected(&self) -> Vec<Rejected> {
+        self.l7.notes().cloned().collect()
+    }
+
     /// Recompiles everything (start, or a full resync) and says what differs.
     pub fn rebuild(&mut self, state: &ClusterState) -> Changed {
         let mut dirty = Dirty {

@@ -82,6 +82,9 @@ pub struct Config {
 pub struct L7Config {
     /// Where plain HTTP is served.
     pub http: SocketAddr,
+    /// Where HTTPS is served, with certificates from `certs`.
+    pub https: Option<SocketAddr>,
+    pub certs: PathBuf,
     /// `--service-cluster`: serve only routes labelled with it.
     pub cluster: Option<String>,
     pub proxy: crate::l7::proxy::ProxySettings,
@@ -445,6 +448,44 @@ pub async fn run(cfg: Config) -> Result<()> {
         },
         None => DnsStatus::default(),
     };
+    let l7 = match &cfg.l7 {
+        Some(l7) => {
+            let store = l7
+                .https
+                .map(|_| Arc::new(crate::l7::tls::CertStore::new(l7.certs.clone())));
+            let mut settings = l7.proxy.clone();
+            settings.https_port = l7.https.map(|a| a.port());
+            let proxy = crate::l7::proxy::Proxy::new(settings, store.clone())?;
+            let listener = tokio::net::TcpListener::bind(l7.http)
+                .await
+                .with_context(|| format!("L7: listen for HTTP on {}", l7.http))?;
+            tokio::spawn(proxy.clone().serve_http(listener));
+            if let (Some(addr), Some(store)) = (l7.https, store) {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("L7: listen for HTTPS on {addr}"))?;
+                tokio::spawn(proxy.clone().serve_https(listener));
+                // Renewed certificate files are served from the next handshake.
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(Duration::from_secs(1));
+                    loop {
+                        tick.tick().await;
+                        if store.refresh() {
+                            info!("L7: certificate files changed; serving them");
+                        }
+                    }
+                });
+            }
+            info!(http = %l7.http, https = ?l7.https, certs = %l7.certs.display(), cluster = ?l7.cluster, "L7 front end listening");
+            Some(crate::l7::L7Handle {
+                proxy,
+                http: l7.http,
+                https: l7.https,
+                cluster: l7.cluster.clone(),
+            })
+        }
+        None => None,
+    };
     let shared = Arc::new(Shared {
         core: Arc::new(RwLock::new(Core::default())),
         ebpf: Arc::new(Mutex::new(ebpf)),
@@ -462,6 +503,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         hub: Arc::default(),
         reconcile: Arc::default(),
         dns_status: Mutex::new(dns_status),
+        l7,
     });
     let api = crate::api::serve(&cfg.api_socket, shared.clone())?;
 
@@ -470,14 +512,8 @@ pub async fn run(cfg: Config) -> Result<()> {
     if let Some(dns) = &shared.dns {
         slots.push(Slot::new(dns.clone() as Arc<Mutex<dyn Applier>>));
     }
-    if let Some(l7) = &cfg.l7 {
-        let proxy = crate::l7::proxy::Proxy::new(l7.proxy.clone())?;
-        let listener = tokio::net::TcpListener::bind(l7.http)
-            .await
-            .with_context(|| format!("L7: listen for HTTP on {}", l7.http))?;
-        info!(http = %l7.http, cluster = ?l7.cluster, "L7 front end listening");
-        tokio::spawn(proxy.clone().serve_http(listener));
-        let applier = crate::l7::L7Applier::new(proxy, l7.cluster.clone());
+    if let Some(h) = &shared.l7 {
+        let applier = crate::l7::L7Applier::new(h.proxy.clone(), h.cluster.clone());
         slots.push(Slot::new(
             Arc::new(Mutex::new(applier)) as Arc<Mutex<dyn Applier>>
         ));

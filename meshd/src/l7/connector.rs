@@ -177,6 +177,28 @@ pub struct Connector {
     pub timeout: Duration,
 }
 
+impl Connector {
+    /// A TCP connection to `t`, opened from its namespace, within the connect timeout.
+    pub async fn connect(&self, t: &Target) -> std::io::Result<TcpStream> {
+        let fd = self
+            .maker
+            .socket(t.netns.clone())
+            .await
+            .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+        let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
+        let stream = tokio::time::timeout(self.timeout, socket.connect(SocketAddr::V4(t.addr)))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("connect to {} timed out after {:?}", t.addr, self.timeout),
+                )
+            })??;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+}
+
 impl tower_service::Service<Uri> for Connector {
     type Response = TokioIo<TcpStream>;
     type Error = std::io::Error;
@@ -189,20 +211,11 @@ impl tower_service::Service<Uri> for Connector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let io = |e: anyhow::Error| std::io::Error::other(format!("{e:#}"));
-            let t = this.namespaces.target(&uri).map_err(io)?;
-            let fd = this.maker.socket(t.netns.clone()).await.map_err(io)?;
-            let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
-            let stream = tokio::time::timeout(this.timeout, socket.connect(SocketAddr::V4(t.addr)))
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("connect to {} timed out after {:?}", t.addr, this.timeout),
-                    )
-                })??;
-            let _ = stream.set_nodelay(true);
-            Ok(TokioIo::new(stream))
+            let t = this
+                .namespaces
+                .target(&uri)
+                .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+            Ok(TokioIo::new(this.connect(&t).await?))
         })
     }
 }

@@ -9,7 +9,9 @@
 pub mod connector;
 pub mod labels;
 pub mod proxy;
+pub mod sni;
 pub mod table;
+pub mod tls;
 
 use std::{collections::BTreeSet, sync::Arc};
 
@@ -20,6 +22,139 @@ use crate::{
     compile::{Changed, Desired},
     datapath::{Applier, ApplyStats},
 };
+
+/// The running front end, as `meshctl routes` reads it.
+pub struct L7Handle {
+    pub proxy: Arc<proxy::Proxy>,
+    pub http: std::net::SocketAddr,
+    pub https: Option<std::net::SocketAddr>,
+    pub cluster: Option<String>,
+}
+
+/// `meshctl routes`.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct RoutesView {
+    /// This node serves L7 routes (`--l7`).
+    pub enabled: bool,
+    pub http: Option<String>,
+    #[serde(default)]
+    pub https: Option<String>,
+    pub cluster: Option<String>,
+    pub routes: Vec<RouteView>,
+    /// Services whose labels give them no route, with the reason.
+    pub rejected: Vec<crate::model::Rejected>,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct RouteView {
+    /// Empty for the default backend.
+    pub host: String,
+    pub path: String,
+    pub service: String,
+    /// task, vip, or host (a host-mode published port).
+    pub mode: String,
+    pub network: Option<String>,
+    pub backends: Vec<String>,
+    pub tls: String,
+    pub cluster: Option<String>,
+    /// In this node's table (its service cluster is this node's).
+    pub served_here: bool,
+    pub requests: u64,
+    pub errors: u64,
+    pub mean_ms: f64,
+}
+
+impl RoutesView {
+    pub fn build(
+        handle: Option<&L7Handle>,
+        desired: &Desired,
+        state: &crate::model::ClusterState,
+        rejected: Vec<crate::model::Rejected>,
+    ) -> RoutesView {
+        use std::sync::atomic::Ordering;
+        let table = handle.map(|h| h.proxy.table.load_full());
+        let stats: std::collections::HashMap<&str, &Arc<table::Served>> = table
+            .as_ref()
+            .map(|t| t.routes().map(|s| (&*s.route.service_id, s)).collect())
+            .unwrap_or_default();
+        let mut routes = Vec::new();
+        for r in desired.l7.values() {
+            let served = stats.get(&*r.service_id);
+            let (requests, errors, us) = served.map_or((0, 0, 0), |s| {
+                (
+                    s.stats.requests.load(Ordering::Relaxed),
+                    s.stats.errors.load(Ordering::Relaxed),
+                    s.stats.latency_us.load(Ordering::Relaxed),
+                )
+            });
+            let spec = &r.spec;
+            let (mode, network) = match &r.via {
+                crate::compile::l7::Via::Host => ("host".to_string(), None),
+                crate::compile::l7::Via::Network(n) => (
+                    match spec.backend_mode {
+                        labels::BackendMode::Task => "task".to_string(),
+                        labels::BackendMode::Vip => "vip".to_string(),
+                    },
+                    Some(
+                        state
+                            .networks
+                            .get(n)
+                            .map_or(n.to_string(), |x| x.name.clone()),
+                    ),
+                ),
+            };
+            let store = handle.and_then(|h| h.proxy.tls.as_ref());
+            let tls = match (&spec.ssl_cert, &spec.ssl_key, store) {
+                _ if spec.ssl_passthrough => "passthrough".to_string(),
+                (Some(c), Some(k), Some(store)) => {
+                    let pair = tls::Pair {
+                        cert: c.clone(),
+                        key: k.clone(),
+                    };
+                    match store.problem(&pair) {
+                        None if store.serves(&pair) => format!("terminated ({c})"),
+                        None => format!("terminated ({c}; not loaded yet)"),
+                        Some((e, true)) => format!("terminated ({c}; the last good one: {e})"),
+                        Some((e, false)) => format!("none: {e}"),
+                    }
+                }
+                (Some(c), _, None) => {
+                    format!("none: {c} named, but this node has no HTTPS listener")
+                }
+                _ => "none".to_string(),
+            };
+            for k in r.keys() {
+                routes.push(RouteView {
+                    host: k.host,
+                    path: k.path,
+                    service: r.service_name.clone(),
+                    mode: mode.clone(),
+                    network: network.clone(),
+                    backends: r.upstreams.iter().map(|u| u.addr.to_string()).collect(),
+                    tls: tls.clone(),
+                    cluster: spec.service_cluster.clone(),
+                    served_here: served.is_some(),
+                    requests,
+                    errors,
+                    mean_ms: if requests == 0 {
+                        0.0
+                    } else {
+                        us as f64 / requests as f64 / 1000.0
+                    },
+                });
+            }
+        }
+        routes.sort_by(|a, b| (&a.host, &a.path).cmp(&(&b.host, &b.path)));
+        RoutesView {
+            enabled: handle.is_some(),
+            http: handle.map(|h| h.http.to_string()),
+            https: handle.and_then(|h| h.https.map(|a| a.to_string())),
+            cluster: handle.and_then(|h| h.cluster.clone()),
+            routes,
+            rejected,
+        }
+    }
+}
 
 /// Keeps the proxy's route table in line with `Desired`.
 pub struct L7Applier {
@@ -56,6 +191,23 @@ impl Applier for L7Applier {
             &old,
         );
         let routes = table.len();
+        if let Some(store) = &self.proxy.tls {
+            let mut wanted: std::collections::BTreeMap<tls::Pair, BTreeSet<String>> =
+                Default::default();
+            for s in table.routes() {
+                let spec = &s.route.spec;
+                if let (Some(cert), Some(key)) = (&spec.ssl_cert, &spec.ssl_key) {
+                    wanted
+                        .entry(tls::Pair {
+                            cert: cert.clone(),
+                            key: key.clone(),
+                        })
+                        .or_default()
+                        .extend(spec.hosts.iter().cloned());
+                }
+            }
+            store.set_wanted(wanted);
+        }
         self.proxy.table.store(Arc::new(table));
         let used: BTreeSet<String> = desired.l7_netns.values().cloned().collect();
         self.proxy.namespaces.retain(&used);

@@ -28,11 +28,12 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use super::{
     connector::{Connector, Namespaces, SocketMaker, Target},
+    sni,
     table::{normalize_host, RouteTable, Served},
 };
 use crate::compile::l7::Upstream;
@@ -49,6 +50,8 @@ pub struct ProxySettings {
     pub connect_timeout: Duration,
     /// An idle pooled upstream connection is closed after this (Interlock's keep-alive).
     pub keepalive: Duration,
+    /// The HTTPS listener's port (`ssl_only` redirects there); None: no HTTPS.
+    pub https_port: Option<u16>,
 }
 
 impl Default for ProxySettings {
@@ -58,20 +61,28 @@ impl Default for ProxySettings {
             hide_info: false,
             connect_timeout: Duration::from_secs(5),
             keepalive: Duration::from_secs(75),
+            https_port: None,
         }
     }
 }
 
 pub struct Proxy {
     pub table: ArcSwap<RouteTable>,
+    /// Certificates for HTTPS (None: no HTTPS listener).
+    pub tls: Option<Arc<super::tls::CertStore>>,
     pub namespaces: Namespaces,
     client: Client<Connector, Body>,
+    /// The client's connector, for passthrough connections (no HTTP on them).
+    connector: Connector,
     settings: ProxySettings,
     ids: RequestIds,
 }
 
 impl Proxy {
-    pub fn new(settings: ProxySettings) -> Result<Arc<Proxy>> {
+    pub fn new(
+        settings: ProxySettings,
+        tls: Option<Arc<super::tls::CertStore>>,
+    ) -> Result<Arc<Proxy>> {
         let namespaces = Namespaces::default();
         let connector = Connector {
             maker: SocketMaker::start()?,
@@ -80,14 +91,125 @@ impl Proxy {
         };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(settings.keepalive)
-            .build(connector);
+            .build(connector.clone());
         Ok(Arc::new(Proxy {
             table: ArcSwap::from_pointee(RouteTable::default()),
+            tls,
             namespaces,
             client,
+            connector,
             settings,
             ids: RequestIds::default(),
         }))
+    }
+
+    /// Serves HTTPS on `listener`: TLS by SNI (`tls`), then HTTP/1.1 or h2 by ALPN.
+    pub async fn serve_https(self: Arc<Self>, listener: TcpListener) {
+        let Some(store) = self.tls.clone() else {
+            return;
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(store.server_config());
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "L7: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let this = self.clone();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                // A host routed with ssl_passthrough gets the TLS bytes as they are.
+                let Some(stream) = this.passthrough(stream, peer).await else {
+                    return;
+                };
+                let tls =
+                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(t)) => t,
+                        Ok(Err(e)) => {
+                            debug!(%peer, error = %e, "L7: TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            debug!(%peer, "L7: TLS handshake timed out");
+                            return;
+                        }
+                    };
+                let svc = hyper::service::service_fn(move |req| {
+                    let this = this.clone();
+                    async move { Ok::<_, Infallible>(this.handle(req, peer, true).await) }
+                });
+                let r = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(tls), svc)
+                    .await;
+                if let Err(e) = r {
+                    debug!(%peer, error = %e, "L7: client connection ended");
+                }
+            });
+        }
+    }
+
+    /// Reads the ClientHello's server name without consuming it; a host whose route says
+    /// `ssl_passthrough` is spliced to one of its tasks as raw TCP (None: handled here).
+    /// Any other connection is handed back for meshd's own TLS.
+    async fn passthrough(&self, stream: TcpStream, peer: SocketAddr) -> Option<TcpStream> {
+        let mut buf = vec![0u8; 16 * 1024 + 5];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let name = loop {
+            let n = match stream.peek(&mut buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => n,
+            };
+            match sni::server_name(&buf[..n]) {
+                sni::Hello::Name(name) => break name,
+                sni::Hello::NotTls => return Some(stream),
+                // The rest of the hello is on its way: peek returns what is there at once.
+                sni::Hello::Partial if n < buf.len() && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                sni::Hello::Partial => return Some(stream),
+            }
+        };
+        let Some(name) = name else {
+            return Some(stream);
+        };
+        let served = match self.table.load().lookup(&name, "/") {
+            Some((s, _)) if s.route.spec.ssl_passthrough => s.clone(),
+            _ => return Some(stream),
+        };
+        let ups = &served.route.upstreams;
+        if ups.is_empty() {
+            debug!(%peer, host = %name, "L7: passthrough route has no task serving");
+            return None;
+        }
+        let started = Instant::now();
+        let first = served.stats.next.fetch_add(1, Ordering::Relaxed);
+        for i in 0..ups.len().min(3) {
+            let up = &ups[(first + i) % ups.len()];
+            let target = Target {
+                addr: up.addr,
+                netns: served.netns.clone(),
+            };
+            match self.connector.connect(&target).await {
+                Ok(mut upstream) => {
+                    served.stats.record(200, started.elapsed());
+                    let mut client = stream;
+                    let r = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    debug!(%peer, host = %name, upstream = %up.addr, result = ?r, "L7: passthrough connection ended");
+                    return None;
+                }
+                Err(e) => {
+                    debug!(%peer, upstream = %up.addr, error = %e, "L7: passthrough connect failed")
+                }
+            }
+        }
+        served.stats.record(502, started.elapsed());
+        None
     }
 
     /// Serves plain HTTP on `listener` until the task is dropped.
@@ -150,8 +272,11 @@ impl Proxy {
             ),
             Some((served, prefix)) => {
                 let prefix = prefix.to_string();
-                self.to_route(req, served, &host, &prefix, peer, https, &id)
-                    .await
+                let r = self
+                    .to_route(req, served, &host, &prefix, peer, https, &id)
+                    .await;
+                served.stats.record(r.status().as_u16(), started.elapsed());
+                r
             }
         };
         let h = resp.headers_mut();
@@ -197,9 +322,13 @@ impl Proxy {
         }
         if spec.ssl_only && !https {
             let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            let port = match self.settings.https_port {
+                Some(443) | None => String::new(),
+                Some(p) => format!(":{p}"),
+            };
             return redirect(
                 StatusCode::MOVED_PERMANENTLY,
-                &format!("https://{bare_host}{pq}"),
+                &format!("https://{bare_host}{port}{pq}"),
             );
         }
         let ups = &served.route.upstreams;
@@ -214,7 +343,7 @@ impl Proxy {
             peer.ip().hash(&mut h);
             (h.finish() % ups.len() as u64) as usize
         } else {
-            served.next.fetch_add(1, Ordering::Relaxed) % ups.len()
+            served.stats.next.fetch_add(1, Ordering::Relaxed) % ups.len()
         };
         let (mut parts, body) = req.into_parts();
         let path = rewritten_path(&parts.uri, prefix, spec.context_root_rewrite);

@@ -2,7 +2,10 @@
 //! swapped in (`ArcSwap`); a request in flight keeps the table it started with.
 use std::{
     collections::HashMap,
-    sync::{atomic::AtomicUsize, Arc},
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
 };
 
 use crate::{
@@ -17,8 +20,30 @@ pub struct Served {
     /// The namespace upstream connections are opened from (None: from the node itself, or
     /// no local container on the network yet).
     pub netns: Option<String>,
-    /// Round-robin position, kept across table swaps while the route's upstreams stay.
-    pub next: Arc<AtomicUsize>,
+    /// Kept across table swaps while the service keeps its route.
+    pub stats: Arc<RouteStats>,
+}
+
+/// A route's counters (and its round-robin position).
+#[derive(Debug, Default)]
+pub struct RouteStats {
+    pub next: AtomicUsize,
+    pub requests: AtomicU64,
+    /// Answers of 500 and above (meshd's own 502/503 included).
+    pub errors: AtomicU64,
+    /// Time to the response head, summed (microseconds).
+    pub latency_us: AtomicU64,
+}
+
+impl RouteStats {
+    pub fn record(&self, status: u16, took: std::time::Duration) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if status >= 500 {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.latency_us
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug, Default)]
@@ -50,10 +75,10 @@ impl RouteTable {
                     Via::Network(n) => netns.get(n).cloned(),
                     Via::Host => None,
                 },
-                next: old
+                stats: old
                     .by_service
                     .get(sid)
-                    .map(|o| o.next.clone())
+                    .map(|o| o.stats.clone())
                     .unwrap_or_default(),
             });
             for k in r.keys() {
@@ -86,6 +111,11 @@ impl RouteTable {
             }
         }
         self.default.as_ref().map(|s| (s, "/"))
+    }
+
+    /// Every route served, by service id.
+    pub fn routes(&self) -> impl Iterator<Item = &Arc<Served>> {
+        self.by_service.values()
     }
 
     pub fn len(&self) -> usize {
@@ -184,14 +214,10 @@ mod tests {
         assert_eq!(east.len(), 1);
         assert!(east.lookup("shop.example.com", "/").is_none());
         // A rebuilt table keeps a route's round-robin position.
-        t.by_service["shop"]
-            .next
-            .store(7, std::sync::atomic::Ordering::Relaxed);
+        t.by_service["shop"].stats.next.store(7, Ordering::Relaxed);
         let again = RouteTable::build(&routes, &netns, None, &t);
         assert_eq!(
-            again.by_service["shop"]
-                .next
-                .load(std::sync::atomic::Ordering::Relaxed),
+            again.by_service["shop"].stats.next.load(Ordering::Relaxed),
             7
         );
     }
