@@ -40,18 +40,16 @@ impl Got {
 
 /// `curl -i` from the LAN machine to `node` with `Host: host`.
 fn get(lan: &str, node: &str, host: &str, path: &str) -> Result<Got> {
-    let out = run(Command::new("ip").args([
-        "netns",
-        "exec",
-        lan,
-        "curl",
-        "-si",
-        "-m",
-        "5",
-        "-H",
-        &format!("Host: {host}"),
-        &format!("http://{node}{path}"),
-    ]))?;
+    get_with(lan, node, host, path, &[])
+}
+
+/// `get`, with more curl arguments.
+fn get_with(lan: &str, node: &str, host: &str, path: &str, extra: &[&str]) -> Result<Got> {
+    let out = run(Command::new("ip")
+        .args(["netns", "exec", lan, "curl", "-si", "-m", "10", "-H"])
+        .arg(format!("Host: {host}"))
+        .args(extra)
+        .arg(format!("http://{node}{path}")))?;
     let (head, body) = out
         .split_once("\r\n\r\n")
         .with_context(|| format!("curl answered {out:?}"))?;
@@ -270,6 +268,63 @@ fn scenario(lab: &Lab) -> Result<()> {
             g.task()
         );
     }
+
+    // 5b. A session cookie keeps its task, through any node; without it requests spread.
+    create(
+        "cart",
+        3,
+        &[
+            ("hosts", "cart.example.com"),
+            ("port", "7000"),
+            ("sticky_session_cookie", "app_session"),
+        ],
+    )?;
+    m.wait_running("cart", 3)?;
+    wait_for(
+        "cart.example.com to answer",
+        Duration::from_secs(20),
+        || {
+            get(&lan, NODES[0], "cart.example.com", "/")
+                .ok()
+                .filter(|g| g.status == 200)
+        },
+    )?;
+    let mut with = BTreeSet::new();
+    let mut without = BTreeSet::new();
+    for i in 0..20 {
+        let node = NODES[i % 3];
+        let g = get_with(
+            &lan,
+            node,
+            "cart.example.com",
+            "/",
+            &["-b", "app_session=s-42"],
+        )?;
+        with.insert(g.task().to_string());
+        without.insert(get(&lan, node, "cart.example.com", "/")?.task().to_string());
+    }
+    ensure!(
+        with.len() == 1,
+        "20 requests with the cookie reached {with:?}"
+    );
+    ensure!(
+        without.len() > 1,
+        "20 requests without it all reached {without:?}"
+    );
+    // A body over the limit (32 MiB) is refused before it goes upstream.
+    let big = std::env::temp_dir().join(format!("meshd-l7-body-{}", std::process::id()));
+    std::fs::write(&big, vec![b'x'; (32 << 20) + 1])?;
+    let at = format!("@{}", big.display());
+    let g = get_with(
+        &lan,
+        NODES[0],
+        "cart.example.com",
+        "/",
+        &["--data-binary", &at],
+    );
+    let _ = std::fs::remove_file(&big);
+    let g = g?;
+    ensure!(g.status == 413, "a 32 MiB + 1 body answered {}", g.status);
 
     // 6. A typo and a copied host: rejected alone, with the reason; shop keeps serving.
     create(

@@ -156,6 +156,18 @@ struct L7Args {
     /// How long an idle upstream connection is kept for reuse (seconds).
     #[arg(long, default_value_t = 75)]
     l7_keepalive_s: u64,
+    /// How long to wait for an upstream's response head (seconds).
+    #[arg(long, default_value_t = 600)]
+    l7_read_timeout_s: u64,
+    /// Largest request body (bytes; Interlock's 32 MiB).
+    #[arg(long, default_value_t = 32 << 20)]
+    l7_max_body: u64,
+    /// Largest request head (bytes).
+    #[arg(long, default_value_t = 32 << 10)]
+    l7_max_header_bytes: usize,
+    /// Log one line per request (target meshd::l7::access).
+    #[arg(long)]
+    l7_access_log: bool,
 }
 
 impl L7Args {
@@ -173,6 +185,10 @@ impl L7Args {
                 connect_timeout: Duration::from_secs(self.l7_connect_timeout_s.max(1)),
                 keepalive: Duration::from_secs(self.l7_keepalive_s),
                 https_port: None,
+                max_body: self.l7_max_body,
+                read_timeout: Duration::from_secs(self.l7_read_timeout_s.max(1)),
+                max_header_bytes: self.l7_max_header_bytes,
+                access_log: self.l7_access_log,
             },
         })
     }

@@ -5,7 +5,7 @@
 use std::{
     collections::hash_map::RandomState,
     convert::Infallible,
-    hash::{BuildHasher, Hash, Hasher},
+    hash::BuildHasher,
     net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -39,6 +39,8 @@ use super::{
 use crate::compile::l7::Upstream;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
+/// A request body on its way upstream (limited: its error may be the limit's).
+type UpBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 /// Limits and identity, with Interlock's defaults where it has one.
 #[derive(Clone, Debug)]
@@ -52,6 +54,14 @@ pub struct ProxySettings {
     pub keepalive: Duration,
     /// The HTTPS listener's port (`ssl_only` redirects there); None: no HTTPS.
     pub https_port: Option<u16>,
+    /// Largest request body (Interlock's `client_max_body_size`, 32 MiB).
+    pub max_body: u64,
+    /// Longest wait for an upstream's response head (Interlock's read timeout, 600 s).
+    pub read_timeout: Duration,
+    /// Largest request head a client may send.
+    pub max_header_bytes: usize,
+    /// A log line per request (`meshd::l7::access`, info).
+    pub access_log: bool,
 }
 
 impl Default for ProxySettings {
@@ -62,6 +72,10 @@ impl Default for ProxySettings {
             connect_timeout: Duration::from_secs(5),
             keepalive: Duration::from_secs(75),
             https_port: None,
+            max_body: 32 << 20,
+            read_timeout: Duration::from_secs(600),
+            max_header_bytes: 32 << 10,
+            access_log: false,
         }
     }
 }
@@ -71,7 +85,7 @@ pub struct Proxy {
     /// Certificates for HTTPS (None: no HTTPS listener).
     pub tls: Option<Arc<super::tls::CertStore>>,
     pub namespaces: Namespaces,
-    client: Client<Connector, Body>,
+    client: Client<Connector, UpBody>,
     /// The client's connector, for passthrough connections (no HTTP on them).
     connector: Connector,
     settings: ProxySettings,
@@ -101,6 +115,20 @@ impl Proxy {
             settings,
             ids: RequestIds::default(),
         }))
+    }
+
+    /// One client connection's server: HTTP/1.1 or h2, with the head limits and a timeout
+    /// on a slow request head.
+    fn conn_builder(&self) -> auto::Builder<TokioExecutor> {
+        let mut b = auto::Builder::new(TokioExecutor::new());
+        b.http1()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(60))
+            .max_buf_size(self.settings.max_header_bytes.max(8192));
+        b.http2()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .max_header_list_size(self.settings.max_header_bytes as u32);
+        b
     }
 
     /// Serves HTTPS on `listener`: TLS by SNI (`tls`), then HTTP/1.1 or h2 by ALPN.
@@ -140,11 +168,13 @@ impl Proxy {
                             return;
                         }
                     };
+                let this2 = this.clone();
                 let svc = hyper::service::service_fn(move |req| {
                     let this = this.clone();
                     async move { Ok::<_, Infallible>(this.handle(req, peer, true).await) }
                 });
-                let r = auto::Builder::new(TokioExecutor::new())
+                let r = this2
+                    .conn_builder()
                     .serve_connection_with_upgrades(TokioIo::new(tls), svc)
                     .await;
                 if let Err(e) = r {
@@ -226,11 +256,13 @@ impl Proxy {
             let _ = stream.set_nodelay(true);
             let this = self.clone();
             tokio::spawn(async move {
+                let this2 = this.clone();
                 let svc = hyper::service::service_fn(move |req| {
                     let this = this.clone();
                     async move { Ok::<_, Infallible>(this.handle(req, peer, false).await) }
                 });
-                let r = auto::Builder::new(TokioExecutor::new())
+                let r = this2
+                    .conn_builder()
                     .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                     .await;
                 if let Err(e) = r {
@@ -292,7 +324,14 @@ impl Proxy {
                 HeaderValue::from_static(concat!("meshd/", env!("CARGO_PKG_VERSION"))),
             );
         }
-        debug!(%peer, host = %host, path = %path, status = resp.status().as_u16(), ms = started.elapsed().as_secs_f64() * 1000.0, "L7 request");
+        if self.settings.access_log {
+            let upstream = resp
+                .headers()
+                .get("x-upstream-addr")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-");
+            tracing::info!(target: "meshd::l7::access", client = %peer, host = %host, path = %path, status = resp.status().as_u16(), upstream, ms = started.elapsed().as_secs_f64() * 1000.0, request_id = %id, "request");
+        }
         resp
     }
 
@@ -338,20 +377,36 @@ impl Proxy {
                 format!("meshd: {} has no task serving\n", served.route.service_name),
             );
         }
-        let first = if spec.ip_hash {
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            peer.ip().hash(&mut h);
-            (h.finish() % ups.len() as u64) as usize
-        } else {
-            served.stats.next.fetch_add(1, Ordering::Relaxed) % ups.len()
+        // The cookie's value, or the client's address, keeps its task: by rendezvous
+        // hashing, so every node picks the same one and a task coming or going moves only
+        // the keys that were on it.
+        let sticky = spec
+            .sticky_session_cookie
+            .as_deref()
+            .and_then(|name| cookie(req.headers(), name));
+        let first = match (sticky, spec.ip_hash) {
+            (Some(v), _) => rendezvous(v.as_bytes(), ups),
+            (None, true) => rendezvous(peer.ip().to_string().as_bytes(), ups),
+            (None, false) => served.stats.next.fetch_add(1, Ordering::Relaxed) % ups.len(),
         };
         let (mut parts, body) = req.into_parts();
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.settings.max_body) {
+            return text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("meshd: the body is over {} bytes\n", self.settings.max_body),
+            );
+        }
         let path = rewritten_path(&parts.uri, prefix, spec.context_root_rewrite);
         forwarded_headers(&mut parts.headers, host, peer, https);
         // A request without a body can be sent again if its upstream cannot be connected
         // to: the next task gets it (a task that just went away loses nothing).
         let retry = has_no_body(&parts.headers, &parts.method).then(|| parts.clone());
-        let mut body = Some(body.boxed());
+        let mut body =
+            Some(http_body_util::Limited::new(body, self.settings.max_body as usize).boxed());
         let tries = if retry.is_some() { ups.len().min(3) } else { 1 };
         let mut last = String::new();
         for i in 0..tries {
@@ -360,7 +415,7 @@ impl Proxy {
                 (Some(r), _) if i > 0 => r.clone(),
                 _ => parts.clone(),
             };
-            let b = body
+            let b: UpBody = body
                 .take()
                 .unwrap_or_else(|| Empty::new().map_err(|e| match e {}).boxed());
             let Ok(uri) = self.upstream_uri(served, up, &path) else {
@@ -372,7 +427,18 @@ impl Proxy {
             p.uri = uri;
             p.version = Version::HTTP_11;
             let sent = Instant::now();
-            match self.client.request(Request::from_parts(p, b)).await {
+            let sent_req = self.client.request(Request::from_parts(p, b));
+            let Ok(answer) = tokio::time::timeout(self.settings.read_timeout, sent_req).await
+            else {
+                return text(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "meshd: upstream {} sent no answer in {:?}\n",
+                        up.addr, self.settings.read_timeout
+                    ),
+                );
+            };
+            match answer {
                 Ok(resp) => {
                     let (mut rp, rb) = resp.into_parts();
                     strip_hop_by_hop(&mut rp.headers);
@@ -390,10 +456,18 @@ impl Proxy {
                     debug!(request = id, upstream = %up.addr, error = ?e, "L7: upstream connect failed");
                 }
                 Err(e) => {
+                    let too_big = std::error::Error::source(&e)
+                        .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+                    if too_big {
+                        return text(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            format!("meshd: the body is over {} bytes\n", self.settings.max_body),
+                        );
+                    }
                     return text(
                         StatusCode::BAD_GATEWAY,
                         format!("meshd: upstream {} failed: {e}\n", up.addr),
-                    )
+                    );
                 }
             }
         }
@@ -412,6 +486,37 @@ impl Proxy {
             .parse()
             .context("upstream URI")
     }
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+fn cookie(h: &HeaderMap, name: &str) -> Option<String> {
+    h.get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim_matches('"').to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// The upstream with the highest score for `key` (highest random weight): stable across
+/// nodes and restarts (FNV-1a, not a keyed hash), and only the keys of a task that leaves
+/// move.
+fn rendezvous(key: &[u8], ups: &[Upstream]) -> usize {
+    let score = |u: &Upstream| {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in key
+            .iter()
+            .chain(&u.addr.ip().octets())
+            .chain(&u.addr.port().to_be_bytes())
+        {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        meshd_common::mix64(h)
+    };
+    (0..ups.len()).max_by_key(|&i| score(&ups[i])).unwrap_or(0)
 }
 
 /// The path and query sent upstream: with the context root taken off when the route says.
@@ -554,6 +659,41 @@ mod tests {
         assert_eq!(h[header::HOST], "shop.example.com");
         assert!(!h.contains_key("x-secret") && !h.contains_key("keep-alive"));
         assert!(!h.contains_key(header::CONNECTION));
+    }
+
+    #[test]
+    fn a_cookie_keeps_its_task_and_a_task_leaving_moves_only_its_own() {
+        let mut h = HeaderMap::new();
+        h.append(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; app_session=\"s42\""),
+        );
+        assert_eq!(cookie(&h, "app_session").as_deref(), Some("s42"));
+        assert_eq!(cookie(&h, "other"), None);
+        let ups: Vec<Upstream> = (1..=5)
+            .map(|i| Upstream {
+                addr: format!("10.0.0.{i}:80").parse().unwrap(),
+                task: None,
+            })
+            .collect();
+        let keys: Vec<String> = (0..200).map(|i| format!("session-{i}")).collect();
+        let before: Vec<std::net::SocketAddrV4> = keys
+            .iter()
+            .map(|k| ups[rendezvous(k.as_bytes(), &ups)].addr)
+            .collect();
+        let spread: std::collections::BTreeSet<_> = before.iter().collect();
+        assert_eq!(spread.len(), 5, "200 sessions use every task");
+        let fewer: Vec<Upstream> = ups
+            .iter()
+            .filter(|u| u.addr != ups[2].addr)
+            .cloned()
+            .collect();
+        for (k, was) in keys.iter().zip(&before) {
+            let now = fewer[rendezvous(k.as_bytes(), &fewer)].addr;
+            if *was != ups[2].addr {
+                assert_eq!(now, *was, "{k} moved though its task stayed");
+            }
+        }
     }
 
     #[test]
