@@ -405,7 +405,44 @@ fn scenario(lab: &Lab) -> Result<()> {
         },
     )?;
 
-    // 8. A default backend answers hosts no route names.
+    // 8. A node with no namespace on a service's network relays to a node that runs one
+    //    of its tasks; the task still sees the client's address, not the relay's.
+    m.create_overlay("farnet")?;
+    let far = lb(&[("hosts", "far.example.com"), ("port", "7000")]);
+    let mut flags: Vec<&str> = far.iter().map(String::as_str).collect();
+    flags.extend(["--constraint", "node.hostname==node3"]);
+    m.create_service_with(
+        "far",
+        "farnet",
+        1,
+        "1s",
+        &flags,
+        &["labtool", "http-echo", "7000"],
+    )?;
+    m.wait_running("far", 1)?;
+    let g = wait_for(
+        "far.example.com through node1",
+        Duration::from_secs(20),
+        || {
+            get(&lan, NODES[0], "far.example.com", "/x")
+                .ok()
+                .filter(|g| g.status == 200)
+        },
+    )?;
+    ensure!(
+        g.body
+            .lines()
+            .any(|l| l.eq_ignore_ascii_case("X-Forwarded-For: 192.168.100.200")),
+        "the task behind a relay saw: {}",
+        g.body
+    );
+    ensure!(
+        g.header("x-proxy-id") == Some("node1") && g.header("x-upstream-addr").is_some(),
+        "relayed answer headers: {:?}",
+        g.headers
+    );
+
+    // 9. A default backend answers hosts no route names.
     create(
         "fallback",
         1,

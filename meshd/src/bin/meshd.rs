@@ -185,6 +185,7 @@ impl L7Args {
                 connect_timeout: Duration::from_secs(self.l7_connect_timeout_s.max(1)),
                 keepalive: Duration::from_secs(self.l7_keepalive_s),
                 https_port: None,
+                http_port: self.l7_http.port(),
                 max_body: self.l7_max_body,
                 read_timeout: Duration::from_secs(self.l7_read_timeout_s.max(1)),
                 max_header_bytes: self.l7_max_header_bytes,

@@ -62,6 +62,10 @@ pub struct L7Route {
     pub via: Via,
     /// Sorted; empty while no task serves (requests get 503).
     pub upstreams: Vec<Upstream>,
+    /// The addresses of the nodes that run its serving tasks, sorted: a node with no
+    /// namespace on the route's network relays requests to one of these (each has one).
+    #[serde(default)]
+    pub relays: Vec<Ipv4Addr>,
     /// The service's creation time (comparable): the older claim wins.
     pub created: String,
 }
@@ -119,12 +123,23 @@ pub fn service_route(state: &ClusterState, service_id: &str) -> Option<Result<L7
         Ok(u) => u,
         Err(why) => return Some(Err(reject(vec![why]))),
     };
+    let mut relays: Vec<Ipv4Addr> = match via {
+        Via::Network(_) => state
+            .tasks_of(service_id)
+            .filter(|t| state.serves(t))
+            .filter_map(|t| state.nodes.get(&*t.node_id).and_then(|n| n.addr))
+            .collect(),
+        Via::Host => Vec::new(),
+    };
+    relays.sort_unstable();
+    relays.dedup();
     Some(Ok(L7Route {
         service_id: service.id.clone(),
         service_name: service.name.clone(),
         spec,
         via,
         upstreams,
+        relays,
         created: service.created.clone(),
     }))
 }

@@ -180,6 +180,11 @@ impl Applier for L7Applier {
         changed: &Changed,
         everything: bool,
     ) -> Result<ApplyStats> {
+        if everything || changed.ingress_nodes {
+            self.proxy
+                .nodes
+                .store(Arc::new(desired.ingress_nodes.clone()));
+        }
         if !everything && changed.l7.is_empty() && !changed.l7_netns {
             return Ok(ApplyStats::default());
         }

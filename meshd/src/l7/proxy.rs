@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
@@ -54,6 +54,8 @@ pub struct ProxySettings {
     pub keepalive: Duration,
     /// The HTTPS listener's port (`ssl_only` redirects there); None: no HTTPS.
     pub https_port: Option<u16>,
+    /// The HTTP listener's port: where other nodes' meshd listen too (relays go there).
+    pub http_port: u16,
     /// Largest request body (Interlock's `client_max_body_size`, 32 MiB).
     pub max_body: u64,
     /// Longest wait for an upstream's response head (Interlock's read timeout, 600 s).
@@ -72,6 +74,7 @@ impl Default for ProxySettings {
             connect_timeout: Duration::from_secs(5),
             keepalive: Duration::from_secs(75),
             https_port: None,
+            http_port: 80,
             max_body: 32 << 20,
             read_timeout: Duration::from_secs(600),
             max_header_bytes: 32 << 10,
@@ -82,6 +85,8 @@ impl Default for ProxySettings {
 
 pub struct Proxy {
     pub table: ArcSwap<RouteTable>,
+    /// The swarm's node addresses: relayed requests are taken from these only.
+    pub nodes: ArcSwap<std::collections::BTreeSet<std::net::Ipv4Addr>>,
     /// Certificates for HTTPS (None: no HTTPS listener).
     pub tls: Option<Arc<super::tls::CertStore>>,
     pub namespaces: Namespaces,
@@ -108,6 +113,7 @@ impl Proxy {
             .build(connector.clone());
         Ok(Arc::new(Proxy {
             table: ArcSwap::from_pointee(RouteTable::default()),
+            nodes: ArcSwap::default(),
             tls,
             namespaces,
             client,
@@ -348,27 +354,42 @@ impl Proxy {
     ) -> Response<Body> {
         let spec = &served.route.spec;
         let bare_host = normalize_host(host);
-        if let Some(r) = spec
-            .redirects
-            .iter()
-            .find(|r| r.from_host == bare_host && r.from_https == https)
-        {
-            let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-            return redirect(
-                StatusCode::FOUND,
-                &format!("{}{pq}", r.to.trim_end_matches('/')),
-            );
-        }
-        if spec.ssl_only && !https {
-            let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
-            let port = match self.settings.https_port {
-                Some(443) | None => String::new(),
-                Some(p) => format!(":{p}"),
+        // From another node's meshd relaying for a network it has no namespace on: that
+        // node already answered redirects and set X-Forwarded-*; its client is the first
+        // X-Forwarded-For. Only swarm nodes are believed.
+        let relayed = req.headers().contains_key(RELAY_HEADER)
+            && match peer.ip() {
+                std::net::IpAddr::V4(ip) => self.nodes.load().contains(&ip),
+                _ => false,
             };
-            return redirect(
-                StatusCode::MOVED_PERMANENTLY,
-                &format!("https://{bare_host}{port}{pq}"),
-            );
+        let client = if relayed {
+            first_forwarded(req.headers()).unwrap_or_else(|| peer.ip().to_string())
+        } else {
+            peer.ip().to_string()
+        };
+        if !relayed {
+            if let Some(r) = spec
+                .redirects
+                .iter()
+                .find(|r| r.from_host == bare_host && r.from_https == https)
+            {
+                let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                return redirect(
+                    StatusCode::FOUND,
+                    &format!("{}{pq}", r.to.trim_end_matches('/')),
+                );
+            }
+            if spec.ssl_only && !https {
+                let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                let port = match self.settings.https_port {
+                    Some(443) | None => String::new(),
+                    Some(p) => format!(":{p}"),
+                };
+                return redirect(
+                    StatusCode::MOVED_PERMANENTLY,
+                    &format!("https://{bare_host}{port}{pq}"),
+                );
+            }
         }
         let ups = &served.route.upstreams;
         if ups.is_empty() {
@@ -386,8 +407,8 @@ impl Proxy {
             .and_then(|name| cookie(req.headers(), name));
         let first = match (sticky, spec.ip_hash) {
             (Some(v), _) => rendezvous(v.as_bytes(), ups),
-            (None, true) => rendezvous(peer.ip().to_string().as_bytes(), ups),
-            (None, false) => served.stats.next.fetch_add(1, Ordering::Relaxed) % ups.len(),
+            (None, true) => rendezvous(client.as_bytes(), ups),
+            (None, false) => served.stats.next.fetch_add(1, Ordering::Relaxed),
         };
         let (mut parts, body) = req.into_parts();
         let declared = parts
@@ -400,25 +421,87 @@ impl Proxy {
                 format!("meshd: the body is over {} bytes\n", self.settings.max_body),
             );
         }
-        let path = rewritten_path(&parts.uri, prefix, spec.context_root_rewrite);
-        forwarded_headers(&mut parts.headers, host, peer, https);
+        if relayed {
+            strip_hop_by_hop(&mut parts.headers);
+            parts.headers.remove(RELAY_HEADER);
+        } else {
+            forwarded_headers(&mut parts.headers, host, peer, https);
+        }
+        if let Ok(v) = HeaderValue::from_str(id) {
+            parts.headers.insert("x-request-id", v);
+        }
+        // Where to send it: the tasks, from the namespace this node has on their network;
+        // else a node that runs one of them, which has.
+        let no_namespace = served.netns.is_none()
+            && matches!(served.route.via, crate::compile::l7::Via::Network(_));
+        let targets: Vec<(Target, String)> = if no_namespace {
+            if relayed {
+                return text(
+                    StatusCode::BAD_GATEWAY,
+                    format!(
+                        "meshd: {} has no namespace on the network of {} either\n",
+                        self.settings.proxy_id, served.route.service_name
+                    ),
+                );
+            }
+            let relays = &served.route.relays;
+            if relays.is_empty() {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("meshd: no node to relay {} to\n", served.route.service_name),
+                );
+            }
+            if let Ok(v) = HeaderValue::from_str(&self.settings.proxy_id) {
+                parts.headers.insert(RELAY_HEADER, v);
+            }
+            let pq = parts
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string();
+            (0..relays.len())
+                .map(|i| {
+                    let addr = std::net::SocketAddrV4::new(
+                        relays[(first + i) % relays.len()],
+                        self.settings.http_port,
+                    );
+                    (Target { addr, netns: None }, pq.clone())
+                })
+                .collect()
+        } else {
+            let path = rewritten_path(&parts.uri, prefix, spec.context_root_rewrite);
+            (0..ups.len())
+                .map(|i| {
+                    let up = &ups[(first + i) % ups.len()];
+                    let t = Target {
+                        addr: up.addr,
+                        netns: served.netns.clone(),
+                    };
+                    (t, path.clone())
+                })
+                .collect()
+        };
         // A request without a body can be sent again if its upstream cannot be connected
         // to: the next task gets it (a task that just went away loses nothing).
         let retry = has_no_body(&parts.headers, &parts.method).then(|| parts.clone());
         let mut body =
             Some(http_body_util::Limited::new(body, self.settings.max_body as usize).boxed());
-        let tries = if retry.is_some() { ups.len().min(3) } else { 1 };
+        let tries = if retry.is_some() {
+            targets.len().min(3)
+        } else {
+            1
+        };
         let mut last = String::new();
-        for i in 0..tries {
-            let up = &ups[(first + i) % ups.len()];
-            let mut p = match (&retry, i) {
-                (Some(r), _) if i > 0 => r.clone(),
+        for (target, path) in targets.iter().take(tries) {
+            let mut p = match &retry {
+                Some(r) if body.is_none() => r.clone(),
                 _ => parts.clone(),
             };
             let b: UpBody = body
                 .take()
                 .unwrap_or_else(|| Empty::new().map_err(|e| match e {}).boxed());
-            let Ok(uri) = self.upstream_uri(served, up, &path) else {
+            let Ok(uri) = format!("http://{}{path}", self.namespaces.authority(target)).parse()
+            else {
                 return text(
                     StatusCode::BAD_GATEWAY,
                     "meshd: bad upstream address\n".into(),
@@ -434,7 +517,7 @@ impl Proxy {
                     StatusCode::GATEWAY_TIMEOUT,
                     format!(
                         "meshd: upstream {} sent no answer in {:?}\n",
-                        up.addr, self.settings.read_timeout
+                        target.addr, self.settings.read_timeout
                     ),
                 );
             };
@@ -442,18 +525,21 @@ impl Proxy {
                 Ok(resp) => {
                     let (mut rp, rb) = resp.into_parts();
                     strip_hop_by_hop(&mut rp.headers);
-                    if let Ok(v) = HeaderValue::from_str(&up.addr.to_string()) {
-                        rp.headers.insert("x-upstream-addr", v);
-                    }
-                    let secs = format!("{:.3}", sent.elapsed().as_secs_f64());
-                    if let Ok(v) = HeaderValue::from_str(&secs) {
-                        rp.headers.insert("x-upstream-response-time", v);
+                    // A relaying node passes on what the node that had the task said.
+                    if !no_namespace {
+                        if let Ok(v) = HeaderValue::from_str(&target.addr.to_string()) {
+                            rp.headers.insert("x-upstream-addr", v);
+                        }
+                        let secs = format!("{:.3}", sent.elapsed().as_secs_f64());
+                        if let Ok(v) = HeaderValue::from_str(&secs) {
+                            rp.headers.insert("x-upstream-response-time", v);
+                        }
                     }
                     return Response::from_parts(rp, rb.boxed());
                 }
                 Err(e) if e.is_connect() => {
-                    last = format!("{}: {e:?}", up.addr);
-                    debug!(request = id, upstream = %up.addr, error = ?e, "L7: upstream connect failed");
+                    last = format!("{}: {e:?}", target.addr);
+                    debug!(request = id, upstream = %target.addr, error = ?e, "L7: upstream connect failed");
                 }
                 Err(e) => {
                     let too_big = std::error::Error::source(&e)
@@ -466,7 +552,7 @@ impl Proxy {
                     }
                     return text(
                         StatusCode::BAD_GATEWAY,
-                        format!("meshd: upstream {} failed: {e}\n", up.addr),
+                        format!("meshd: upstream {} failed: {e}\n", target.addr),
                     );
                 }
             }
@@ -476,16 +562,19 @@ impl Proxy {
             format!("meshd: could not connect to an upstream ({last})\n"),
         )
     }
+}
 
-    fn upstream_uri(&self, served: &Served, up: &Upstream, path: &str) -> Result<Uri> {
-        let authority = self.namespaces.authority(&Target {
-            addr: up.addr,
-            netns: served.netns.clone(),
-        });
-        format!("http://{authority}{path}")
-            .parse()
-            .context("upstream URI")
-    }
+/// Marks a request relayed by another node's meshd (its value: that node's name).
+const RELAY_HEADER: &str = "x-meshd-relayed-by";
+
+/// The first address of `X-Forwarded-For`: the client, as the first proxy saw it.
+fn first_forwarded(h: &HeaderMap) -> Option<String> {
+    let v = h.get("x-forwarded-for")?.to_str().ok()?;
+    let first = v.split(',').next()?.trim();
+    first
+        .parse::<std::net::IpAddr>()
+        .ok()
+        .map(|ip| ip.to_string())
 }
 
 /// The value of cookie `name` in the request's `Cookie` headers.

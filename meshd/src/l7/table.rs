@@ -164,6 +164,7 @@ mod tests {
             },
             via: Via::Network("n1".into()),
             upstreams: vec![],
+            relays: vec![],
             created: String::new(),
         })
     }
