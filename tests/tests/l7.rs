@@ -13,7 +13,7 @@ use std::{
 };
 
 use anyhow::{ensure, Context, Result};
-use meshd_tests::{require_root, run, run_tag, wait_for, Lab, LabSpec};
+use meshd_tests::{bin, require_root, run, run_tag, wait_for, Lab, LabSpec};
 
 const NODES: [&str; 3] = ["192.168.100.1", "192.168.100.2", "192.168.100.3"];
 
@@ -102,18 +102,15 @@ fn scenario(lab: &Lab) -> Result<()> {
     for node in &lab.nodes {
         node.run_idle_container("anchor", "shopnet")?;
     }
+    let create_running =
+        |name: &str, replicas: usize, labels: &[(&str, &str)], cmd: &[&str]| -> Result<()> {
+            let mut flags: Vec<String> = lb(labels);
+            flags.extend(["--replicas-max-per-node".into(), "1".into()]);
+            let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+            m.create_service_with(name, "shopnet", replicas, "1s", &flags, cmd)
+        };
     let create = |name: &str, replicas: usize, labels: &[(&str, &str)]| -> Result<()> {
-        let mut flags: Vec<String> = lb(labels);
-        flags.extend(["--replicas-max-per-node".into(), "1".into()]);
-        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-        m.create_service_with(
-            name,
-            "shopnet",
-            replicas,
-            "1s",
-            &flags,
-            &["labtool", "http-echo", "7000"],
-        )
+        create_running(name, replicas, labels, &["labtool", "http-echo", "7000"])
     };
     create(
         "shop",
@@ -442,7 +439,53 @@ fn scenario(lab: &Lab) -> Result<()> {
         g.headers
     );
 
-    // 9. A default backend answers hosts no route names.
+    // 9. A websocket upgrade on a listed endpoint goes through, frames both ways; on
+    //    another path the upgrade is not passed on (the task answers 426).
+    create_running(
+        "live",
+        1,
+        &[
+            ("hosts", "live.example.com"),
+            ("port", "7000"),
+            ("websocket_endpoints", "/ws"),
+        ],
+        &["labtool", "ws-serve", "7000"],
+    )?;
+    m.wait_running("live", 1)?;
+    let ws = |path: &str| -> Result<String> {
+        run(Command::new("ip")
+            .args(["netns", "exec", &lan])
+            .arg(bin("labtool"))
+            .args([
+                "ws-ask",
+                "192.168.100.2:80",
+                "live.example.com",
+                path,
+                "hello",
+            ]))
+    };
+    let _ = m.docker(&[
+        "service",
+        "update",
+        "-d",
+        "--args",
+        "labtool ws-serve 7000",
+        "live",
+    ])?;
+    let answer = wait_for("a websocket through node2", Duration::from_secs(30), || {
+        ws("/ws/chat").ok()
+    })?;
+    ensure!(
+        answer.trim().ends_with(" hello"),
+        "the websocket answered {answer:?}"
+    );
+    let refused = ws("/other").unwrap_err().to_string();
+    ensure!(
+        refused.contains("426"),
+        "an upgrade off the endpoints: {refused}"
+    );
+
+    // 10. A default backend answers hosts no route names.
     create(
         "fallback",
         1,

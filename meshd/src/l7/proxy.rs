@@ -421,11 +421,32 @@ impl Proxy {
                 format!("meshd: the body is over {} bytes\n", self.settings.max_body),
             );
         }
+        // A websocket upgrade on a path the route lists goes through; elsewhere its
+        // headers are dropped like any connection header (Interlock's websocket_endpoints).
+        let upgrade = parts
+            .headers
+            .get(header::UPGRADE)
+            .cloned()
+            .filter(|_| wants_upgrade(&parts.headers, parts.version))
+            .filter(|_| {
+                spec.websocket_endpoints
+                    .iter()
+                    .any(|p| super::table::under(parts.uri.path(), p))
+            });
+        let client_upgrade = upgrade
+            .as_ref()
+            .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
         if relayed {
             strip_hop_by_hop(&mut parts.headers);
             parts.headers.remove(RELAY_HEADER);
         } else {
             forwarded_headers(&mut parts.headers, host, peer, https);
+        }
+        if let Some(u) = &upgrade {
+            parts.headers.insert(header::UPGRADE, u.clone());
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
         if let Ok(v) = HeaderValue::from_str(id) {
             parts.headers.insert("x-request-id", v);
@@ -522,9 +543,33 @@ impl Proxy {
                 );
             };
             match answer {
-                Ok(resp) => {
+                Ok(mut resp) => {
+                    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+                    let tunnel = match (&client_upgrade, switching) {
+                        (Some(_), true) => Some(hyper::upgrade::on(&mut resp)),
+                        _ => None,
+                    };
                     let (mut rp, rb) = resp.into_parts();
+                    let theirs = rp.headers.get(header::UPGRADE).cloned();
                     strip_hop_by_hop(&mut rp.headers);
+                    if let (Some(up_side), Some(client_side)) = (tunnel, client_upgrade) {
+                        if let Some(u) = theirs {
+                            rp.headers.insert(header::UPGRADE, u);
+                        }
+                        rp.headers
+                            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                        let id = id.to_string();
+                        tokio::spawn(async move {
+                            match tokio::try_join!(client_side, up_side) {
+                                Ok((c, u)) => {
+                                    let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+                                    let r = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                                    debug!(request = %id, result = ?r, "L7: upgraded connection ended");
+                                }
+                                Err(e) => debug!(request = %id, error = %e, "L7: upgrade failed"),
+                            }
+                        });
+                    }
                     // A relaying node passes on what the node that had the task said.
                     if !no_namespace {
                         if let Ok(v) = HeaderValue::from_str(&target.addr.to_string()) {
@@ -562,6 +607,17 @@ impl Proxy {
             format!("meshd: could not connect to an upstream ({last})\n"),
         )
     }
+}
+
+/// An HTTP/1.1 request asking to switch protocols (`Connection: upgrade` and `Upgrade`).
+fn wants_upgrade(h: &HeaderMap, v: Version) -> bool {
+    v == Version::HTTP_11
+        && h.contains_key(header::UPGRADE)
+        && h.get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
 /// Marks a request relayed by another node's meshd (its value: that node's name).
@@ -644,8 +700,9 @@ fn forwarded_headers(h: &mut HeaderMap, host: &str, peer: SocketAddr, https: boo
     }
 }
 
-const HOP_BY_HOP: [&str; 7] = [
+const HOP_BY_HOP: [&str; 8] = [
     "keep-alive",
+    "upgrade",
     "proxy-connection",
     "proxy-authenticate",
     "proxy-authorization",

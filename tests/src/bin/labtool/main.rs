@@ -1,6 +1,8 @@
 //! A small tool that lives in the lab image next to busybox, for what busybox lacks here:
 //! a UDP server, UDP and peer-address probes, and the benchmark's echo server and clients.
 //! std only, so it runs in a bare image with just the C library beside it.
+mod ws;
+
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
@@ -13,7 +15,8 @@ fn usage() -> ! {
          \x20      serve-peer PORT | tcp-read ADDR:PORT |\n\
          \x20      tcp-echo PORT | rr ADDR:PORT SECONDS | crr ADDR:PORT SECONDS |\n\
          \x20      rr-alt|crr-alt SECONDS ADDR:PORT... |\n\
-         \x20      http-serve PORT | http-echo PORT | http-loop HOST:PORT STOPFILE OUTFILE"
+         \x20      http-serve PORT | http-echo PORT | http-loop HOST:PORT STOPFILE OUTFILE |\n\
+         \x20      ws-serve PORT | ws-ask ADDR:PORT HOST PATH TEXT"
     );
     std::process::exit(2)
 }
@@ -59,6 +62,11 @@ fn main() {
         ),
         ["http-serve", port] => http_serve(port.parse().unwrap_or_else(|_| usage())),
         ["http-echo", port] => http_echo(port.parse().unwrap_or_else(|_| usage())),
+        ["ws-serve", port] => ws::serve(port.parse().unwrap_or_else(|_| usage()), hostname()),
+        ["ws-ask", target, host, path, text] => match ws::ask(addr(target), host, path, text) {
+            Ok(answer) => println!("{answer}"),
+            Err(e) => fail(&e),
+        },
         ["http-loop", target, stop, out] => http_loop(target, stop, out),
         _ => usage(),
     }
