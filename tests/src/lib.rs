@@ -140,3 +140,43 @@ pub fn pinned_map_len(pin_dir: &Path, map: &str) -> Result<usize> {
     let v: Value = serde_json::from_str(&out).context("bpftool output")?;
     Ok(v.as_array().map_or(0, Vec::len))
 }
+
+/// A self-signed certificate for `host` as `<name>.crt` and `<name>.key` in `dir`; its
+/// serial number.
+pub fn self_signed(dir: &Path, name: &str, host: &str) -> Result<String> {
+    let (crt, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    // Written beside and renamed: meshd never reads half a file.
+    let (tmp_crt, tmp_key) = (
+        dir.join(format!(".{name}.crt")),
+        dir.join(format!(".{name}.key")),
+    );
+    run(Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={host}"),
+            "-addext",
+            &format!("subjectAltName=DNS:{host}"),
+            "-keyout",
+        ])
+        .arg(&tmp_key)
+        .arg("-out")
+        .arg(&tmp_crt))?;
+    std::fs::rename(&tmp_key, &key)?;
+    std::fs::rename(&tmp_crt, &crt)?;
+    let serial = run(Command::new("openssl")
+        .args(["x509", "-noout", "-serial", "-in"])
+        .arg(&crt))?;
+    Ok(serial.trim().to_string())
+}

@@ -265,6 +265,19 @@ impl Node {
         image::import(self, &root)
     }
 
+    /// A container's address on this node's `docker_gwbridge` (`container`: an id or its
+    /// prefix).
+    pub fn gwbridge_addr(&self, container: &str) -> Result<String> {
+        let gw = self.docker_json(&["network", "inspect", "docker_gwbridge"])?;
+        gw[0]["Containers"]
+            .as_object()
+            .and_then(|c| c.iter().find(|(id, _)| id.starts_with(container)))
+            .and_then(|(_, v)| v["IPv4Address"].as_str())
+            .and_then(|a| a.split('/').next())
+            .map(str::to_string)
+            .with_context(|| format!("{container} has no docker_gwbridge address"))
+    }
+
     /// Creates an attachable overlay network, so plain containers can join it too.
     pub fn create_overlay(&self, name: &str) -> Result<()> {
         self.docker(&["network", "create", "-d", "overlay", "--attachable", name])?;

@@ -48,6 +48,19 @@ pub enum Which {
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
     },
+    /// The L7 front end against nginx as a reverse proxy for the same route, and a direct
+    /// connection to the backend (wrk, plain and TLS).
+    L7 {
+        /// Interleaved rounds.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+        /// wrk connections.
+        #[arg(long, default_value_t = 32)]
+        connections: u32,
+    },
     /// meshd's DNS server against unbound serving the same names (dnsperf).
     Dns {
         /// Interleaved rounds per server.
@@ -75,6 +88,11 @@ pub fn run(which: Which) -> Result<()> {
             rate,
         } => crate::bench_dns::dns(rounds, seconds, rate),
         Which::Ingress { rounds, seconds } => crate::bench_ingress::ingress(rounds, seconds),
+        Which::L7 {
+            rounds,
+            seconds,
+            connections,
+        } => crate::bench_l7::l7(rounds, seconds, connections),
         Which::Control {
             services,
             changes,

@@ -46,14 +46,7 @@ pub fn ingress(rounds: usize, seconds: f64) -> Result<()> {
     };
     let echo = task("echo")?;
     // The task's docker_gwbridge address: where "direct" goes, routed by node2.
-    let gw: Value = node2.docker_json(&["network", "inspect", "docker_gwbridge"])?;
-    let direct = gw[0]["Containers"]
-        .as_object()
-        .and_then(|c| c.iter().find(|(id, _)| id.starts_with(&echo)))
-        .and_then(|(_, v)| v["IPv4Address"].as_str())
-        .and_then(|a| a.split('/').next())
-        .context("the task's docker_gwbridge address")?
-        .to_string();
+    let direct = node2.gwbridge_addr(&echo)?;
     let in_lan = |args: &[&str]| -> Result<String> {
         run(Command::new("ip").args(["netns", "exec", &lan]).args(args))
     };

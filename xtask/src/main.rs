@@ -8,6 +8,7 @@ mod bench;
 mod bench_control;
 mod bench_dns;
 mod bench_ingress;
+mod bench_l7;
 mod lab;
 
 #[derive(Parser)]
@@ -54,6 +55,7 @@ const PACKAGES: &[&str] = &[
     "sockperf",
     "dnsperf",
     "unbound",
+    "nginx",
     "curl",
     "jq",
     "openssl",
@@ -155,12 +157,46 @@ pub(crate) fn setup() -> Result<()> {
     if !missing.is_empty() {
         eprintln!("xtask setup: installing {}", missing.join(" "));
         status(Command::new("apt-get").args(["update", "-qq"]))?;
-        status(
-            Command::new("apt-get")
-                .args(["install", "-y", "-qq", "--no-install-recommends"])
-                .args(&missing)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
+        // Services the benchmarks run themselves (nginx, unbound) must not start on install
+        // (nginx would take the machine's port 80): installed apart, with a policy-rc.d that
+        // tells every init system so. Everything else installs as usual.
+        const BASELINES: [&str; 2] = ["nginx", "unbound"];
+        let (quiet, usual): (Vec<&str>, Vec<&str>) =
+            missing.iter().partition(|p| BASELINES.contains(p));
+        let install = |pkgs: &[&str]| -> Result<()> {
+            if pkgs.is_empty() {
+                return Ok(());
+            }
+            status(
+                Command::new("apt-get")
+                    .args(["install", "-y", "-qq", "--no-install-recommends"])
+                    .args(pkgs)
+                    .env("DEBIAN_FRONTEND", "noninteractive"),
+            )
+        };
+        install(&usual)?;
+        let policy = std::path::Path::new("/usr/sbin/policy-rc.d");
+        let ours = !quiet.is_empty()
+            && !policy.exists()
+            && std::fs::write(policy, "#!/bin/sh\nexit 101\n").is_ok()
+            && std::fs::set_permissions(
+                policy,
+                std::os::unix::fs::PermissionsExt::from_mode(0o755),
+            )
+            .is_ok();
+        let installed = install(&quiet);
+        if ours {
+            let _ = std::fs::remove_file(policy);
+        }
+        installed?;
+        if missing.contains(&"nginx") {
+            // nginx is only `bench l7`'s baseline, run by the benchmark itself.
+            eprintln!("xtask setup: nginx installed for `bench l7`; disabling its service");
+            let _ = Command::new("systemctl")
+                .args(["disable", "--now", "nginx.service"])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
         if missing.contains(&"unbound") {
             // unbound is only the DNS benchmark's baseline, run by the benchmark itself:
             // don't leave a resolver the machine's owner never asked for running on :53.

@@ -456,15 +456,9 @@ pub async fn run(cfg: Config) -> Result<()> {
             let mut settings = l7.proxy.clone();
             settings.https_port = l7.https.map(|a| a.port());
             let proxy = crate::l7::proxy::Proxy::new(settings, store.clone())?;
-            let listener = tokio::net::TcpListener::bind(l7.http)
-                .await
-                .with_context(|| format!("L7: listen for HTTP on {}", l7.http))?;
-            tokio::spawn(proxy.clone().serve_http(listener));
-            if let (Some(addr), Some(store)) = (l7.https, store) {
-                let listener = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("L7: listen for HTTPS on {addr}"))?;
-                tokio::spawn(proxy.clone().serve_https(listener));
+            let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+            proxy.start(l7.http, l7.https, workers)?;
+            if let Some(store) = store {
                 // Renewed certificate files are served from the next handshake.
                 tokio::spawn(async move {
                     let mut tick = tokio::time::interval(Duration::from_secs(1));

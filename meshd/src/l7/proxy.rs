@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
@@ -90,8 +90,7 @@ pub struct Proxy {
     /// Certificates for HTTPS (None: no HTTPS listener).
     pub tls: Option<Arc<super::tls::CertStore>>,
     pub namespaces: Namespaces,
-    client: Client<Connector, UpBody>,
-    /// The client's connector, for passthrough connections (no HTTP on them).
+    /// Makes the upstream sockets of every worker's client, and passthrough connections.
     connector: Connector,
     settings: ProxySettings,
     ids: RequestIds,
@@ -108,15 +107,11 @@ impl Proxy {
             namespaces: namespaces.clone(),
             timeout: settings.connect_timeout,
         };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(settings.keepalive)
-            .build(connector.clone());
         Ok(Arc::new(Proxy {
             table: ArcSwap::from_pointee(RouteTable::default()),
             nodes: ArcSwap::default(),
             tls,
             namespaces,
-            client,
             connector,
             settings,
             ids: RequestIds::default(),
@@ -137,8 +132,78 @@ impl Proxy {
         b
     }
 
+    /// A pooling upstream client for one worker: its connections live on that worker's
+    /// runtime, next to the requests that use them.
+    fn client(&self) -> Client<Connector, UpBody> {
+        Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(self.settings.keepalive)
+            .build(self.connector.clone())
+    }
+
+    /// Starts `threads` workers, each a single-threaded runtime with its own listeners
+    /// (`SO_REUSEPORT`: the kernel spreads connections over them) and its own upstream
+    /// pool: a request, its upstream connection and their wakeups stay on one thread, as
+    /// in nginx's worker processes. Listening errors are returned here, before any starts.
+    pub fn start(
+        self: &Arc<Self>,
+        http: SocketAddr,
+        https: Option<SocketAddr>,
+        threads: usize,
+    ) -> Result<()> {
+        let mut bound = Vec::new();
+        for _ in 0..threads.max(1) {
+            let h = reuseport_listener(http)
+                .with_context(|| format!("L7: listen for HTTP on {http}"))?;
+            let s = match https {
+                Some(a) => Some(
+                    reuseport_listener(a)
+                        .with_context(|| format!("L7: listen for HTTPS on {a}"))?,
+                ),
+                None => None,
+            };
+            bound.push((h, s));
+        }
+        for (i, (h, s)) in bound.into_iter().enumerate() {
+            let this = self.clone();
+            std::thread::Builder::new()
+                .name(format!("meshd-l7-{i}"))
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            warn!(error = %e, "L7: cannot start a worker runtime");
+                            return;
+                        }
+                    };
+                    rt.block_on(async move {
+                        let client = this.client();
+                        let (Ok(h), s) = (
+                            TcpListener::from_std(h),
+                            s.map(TcpListener::from_std).transpose(),
+                        ) else {
+                            warn!("L7: cannot register a listener");
+                            return;
+                        };
+                        if let Ok(Some(s)) = s {
+                            tokio::spawn(this.clone().serve_https(s, client.clone()));
+                        }
+                        this.serve_http(h, client).await;
+                    });
+                })
+                .context("spawn an L7 worker")?;
+        }
+        Ok(())
+    }
+
     /// Serves HTTPS on `listener`: TLS by SNI (`tls`), then HTTP/1.1 or h2 by ALPN.
-    pub async fn serve_https(self: Arc<Self>, listener: TcpListener) {
+    pub async fn serve_https(
+        self: Arc<Self>,
+        listener: TcpListener,
+        client: Client<Connector, UpBody>,
+    ) {
         let Some(store) = self.tls.clone() else {
             return;
         };
@@ -155,6 +220,7 @@ impl Proxy {
             let _ = stream.set_nodelay(true);
             let this = self.clone();
             let acceptor = acceptor.clone();
+            let client = client.clone();
             tokio::spawn(async move {
                 // A host routed with ssl_passthrough gets the TLS bytes as they are.
                 let Some(stream) = this.passthrough(stream, peer).await else {
@@ -177,7 +243,8 @@ impl Proxy {
                 let this2 = this.clone();
                 let svc = hyper::service::service_fn(move |req| {
                     let this = this.clone();
-                    async move { Ok::<_, Infallible>(this.handle(req, peer, true).await) }
+                    let client = client.clone();
+                    async move { Ok::<_, Infallible>(this.handle(&client, req, peer, true).await) }
                 });
                 let r = this2
                     .conn_builder()
@@ -249,7 +316,11 @@ impl Proxy {
     }
 
     /// Serves plain HTTP on `listener` until the task is dropped.
-    pub async fn serve_http(self: Arc<Self>, listener: TcpListener) {
+    pub async fn serve_http(
+        self: Arc<Self>,
+        listener: TcpListener,
+        client: Client<Connector, UpBody>,
+    ) {
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(c) => c,
@@ -261,11 +332,13 @@ impl Proxy {
             };
             let _ = stream.set_nodelay(true);
             let this = self.clone();
+            let client = client.clone();
             tokio::spawn(async move {
                 let this2 = this.clone();
                 let svc = hyper::service::service_fn(move |req| {
                     let this = this.clone();
-                    async move { Ok::<_, Infallible>(this.handle(req, peer, false).await) }
+                    let client = client.clone();
+                    async move { Ok::<_, Infallible>(this.handle(&client, req, peer, false).await) }
                 });
                 let r = this2
                     .conn_builder()
@@ -282,6 +355,7 @@ impl Proxy {
     /// headers.
     pub async fn handle(
         &self,
+        client: &Client<Connector, UpBody>,
         req: Request<Incoming>,
         peer: SocketAddr,
         https: bool,
@@ -311,7 +385,7 @@ impl Proxy {
             Some((served, prefix)) => {
                 let prefix = prefix.to_string();
                 let r = self
-                    .to_route(req, served, &host, &prefix, peer, https, &id)
+                    .to_route(client, req, served, &host, &prefix, peer, https, &id)
                     .await;
                 served.stats.record(r.status().as_u16(), started.elapsed());
                 r
@@ -344,6 +418,7 @@ impl Proxy {
     #[allow(clippy::too_many_arguments)]
     async fn to_route(
         &self,
+        client: &Client<Connector, UpBody>,
         req: Request<Incoming>,
         served: &Arc<Served>,
         host: &str,
@@ -362,7 +437,7 @@ impl Proxy {
                 std::net::IpAddr::V4(ip) => self.nodes.load().contains(&ip),
                 _ => false,
             };
-        let client = if relayed {
+        let client_ip = if relayed {
             first_forwarded(req.headers()).unwrap_or_else(|| peer.ip().to_string())
         } else {
             peer.ip().to_string()
@@ -407,7 +482,7 @@ impl Proxy {
             .and_then(|name| cookie(req.headers(), name));
         let first = match (sticky, spec.ip_hash) {
             (Some(v), _) => rendezvous(v.as_bytes(), ups),
-            (None, true) => rendezvous(client.as_bytes(), ups),
+            (None, true) => rendezvous(client_ip.as_bytes(), ups),
             (None, false) => served.stats.next.fetch_add(1, Ordering::Relaxed),
         };
         let (mut parts, body) = req.into_parts();
@@ -513,10 +588,11 @@ impl Proxy {
             1
         };
         let mut last = String::new();
+        let mut first_parts = Some(parts);
         for (target, path) in targets.iter().take(tries) {
-            let mut p = match &retry {
-                Some(r) if body.is_none() => r.clone(),
-                _ => parts.clone(),
+            // The request itself the first time, a copy of it after a failed connect.
+            let Some(mut p) = first_parts.take().or_else(|| retry.clone()) else {
+                break;
             };
             let b: UpBody = body
                 .take()
@@ -531,7 +607,7 @@ impl Proxy {
             p.uri = uri;
             p.version = Version::HTTP_11;
             let sent = Instant::now();
-            let sent_req = self.client.request(Request::from_parts(p, b));
+            let sent_req = client.request(Request::from_parts(p, b));
             let Ok(answer) = tokio::time::timeout(self.settings.read_timeout, sent_req).await
             else {
                 return text(
@@ -606,6 +682,54 @@ impl Proxy {
             StatusCode::BAD_GATEWAY,
             format!("meshd: could not connect to an upstream ({last})\n"),
         )
+    }
+}
+
+/// A non-blocking listening socket on `addr` that other workers may bind too.
+fn reuseport_listener(addr: SocketAddr) -> Result<std::net::TcpListener> {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(v4) = addr else {
+        anyhow::bail!("{addr}: the L7 listeners are IPv4");
+    };
+    // SAFETY: plain socket calls on a descriptor owned by the OwnedFd made at once.
+    unsafe {
+        let fd = libc::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        );
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        let owned = std::os::fd::OwnedFd::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        for opt in [libc::SO_REUSEADDR, libc::SO_REUSEPORT] {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            );
+        }
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: v4.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(v4.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        if libc::bind(
+            fd,
+            (&sa as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as u32,
+        ) != 0
+            || libc::listen(fd, 1024) != 0
+        {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(std::net::TcpListener::from(owned))
     }
 }
 

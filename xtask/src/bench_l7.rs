@@ -1,0 +1,225 @@
+//! `bench l7`: wrk from a machine on the LAN against one route, in one run, the paths taking
+//! turns round by round: straight to the backend task (routed by its node, no proxy: the
+//! baseline); nginx (Debian's) on the node as a reverse proxy for the same route with
+//! keep-alive upstreams; meshd's front end; and the same two over TLS.
+use std::{path::Path, process::Command};
+
+use anyhow::{ensure, Context, Result};
+use meshd_tests::{
+    lab::LAN_CLIENT,
+    proc::{Daemon, Placement},
+    require_root, run, run_tag, wait_for, Lab, LabSpec,
+};
+
+use crate::bench::{median, spread};
+
+const HOST: &str = "bench.example.com";
+
+pub fn l7(rounds: usize, seconds: u32, connections: u32) -> Result<()> {
+    ensure!(require_root("bench l7"), "bench l7 needs root");
+    let lab = Lab::up(LabSpec::new(&format!("{}bl", run_tag()), 1, 1))?;
+    let m = lab.manager();
+    let lan = lab.lan_client()?;
+    let certs = lab.l7_certs();
+    meshd_tests::self_signed(&certs, "bench", HOST)?;
+    m.create_overlay("benchnet")?;
+    // Published in host mode only to give the task its docker_gwbridge leg: where direct
+    // and nginx reach it from the node.
+    m.create_service_with(
+        "be",
+        "benchnet",
+        1,
+        "1s",
+        &[
+            "--publish",
+            "mode=host,target=7000,published=7001",
+            "--label",
+            &format!("com.docker.lb.hosts={HOST}"),
+            "--label",
+            "com.docker.lb.port=7000",
+            "--label",
+            "com.docker.lb.network=benchnet",
+            "--label",
+            "com.docker.lb.ssl_cert=bench.crt",
+            "--label",
+            "com.docker.lb.ssl_key=bench.key",
+        ],
+        &["labtool", "http-echo", "7000"],
+    )?;
+    let containers = m.wait_running("be", 1)?;
+    let task = m.gwbridge_addr(&containers[0])?;
+    let in_lan = |args: &[&str]| -> Result<String> {
+        run(Command::new("ip").args(["netns", "exec", &lan]).args(args))
+    };
+    in_lan(&[
+        "ip",
+        "route",
+        "replace",
+        "172.16.0.0/12",
+        "via",
+        "192.168.100.1",
+    ])?;
+    // wrk resolves the name for SNI: `ip netns exec` mounts /etc/netns/NAME/hosts.
+    let etc = Path::new("/etc/netns").join(&lan);
+    std::fs::create_dir_all(&etc)?;
+    std::fs::write(
+        etc.join("hosts"),
+        format!("127.0.0.1 localhost\n192.168.100.1 {HOST}\n"),
+    )?;
+    let _etc = RemoveOnDrop(etc.clone());
+    let nginx = nginx(&lab, &task, &certs)?;
+
+    let paths: [(&str, String); 5] = [
+        ("direct to the task", format!("http://{task}:7000/")),
+        ("nginx", format!("http://{HOST}:8088/")),
+        ("meshd", format!("http://{HOST}/")),
+        ("nginx, TLS", format!("https://{HOST}:8444/")),
+        ("meshd, TLS", format!("https://{HOST}:8443/")),
+    ];
+    for (name, url) in &paths {
+        wait_for(
+            &format!("{name} to answer"),
+            std::time::Duration::from_secs(20),
+            || in_lan(&["curl", "-skf", "-m", "3", url]).ok(),
+        )?;
+    }
+    let mut rps = vec![Vec::new(); paths.len()];
+    let mut p99 = vec![Vec::new(); paths.len()];
+    eprintln!(
+        "bench l7: {rounds} rounds × {} paths × {seconds} s, wrk -t2 -c{connections}",
+        paths.len()
+    );
+    for round in 0..rounds {
+        let mut order: Vec<usize> = (0..paths.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            let out = in_lan(&[
+                "wrk",
+                "-t2",
+                &format!("-c{connections}"),
+                &format!("-d{seconds}s"),
+                "--latency",
+                &paths[i].1,
+            ])?;
+            let (r, p) = parse_wrk(&out).with_context(|| format!("wrk said {out}"))?;
+            rps[i].push(r);
+            p99[i].push(p);
+        }
+        eprintln!("  round {}/{rounds} done", round + 1);
+    }
+    drop(nginx);
+    println!(
+        "\nL7 front end, wrk from {LAN_CLIENT} (-t2 -c{connections}), {rounds} rounds of {seconds} s; \
+         one backend task (labtool http-echo, keep-alive) on the same node"
+    );
+    println!("  ×nginx: median of each round's ratio to nginx over the same protocol, with its 95% interval");
+    println!(
+        "{:<22} {:>9} {:>22} {:>10} {:>22}",
+        "path", "req/s", "×nginx (req/s)", "p99 ms", "×nginx (p99)"
+    );
+    let ratio = |v: &[Vec<f64>], i: usize, base: usize| -> Vec<f64> {
+        v[i].iter().zip(&v[base]).map(|(x, b)| x / b).collect()
+    };
+    for (i, (name, _)) in paths.iter().enumerate() {
+        let base = if i >= 3 { 3 } else { 1 };
+        println!(
+            "{:<22} {:>9.0} {:>22} {:>10.2} {:>22}",
+            name,
+            median(rps[i].clone()),
+            spread(&ratio(&rps, i, base)),
+            median(p99[i].clone()),
+            spread(&ratio(&p99, i, base)),
+        );
+    }
+    println!("direct ÷ nginx (req/s): {}", spread(&ratio(&rps, 0, 1)));
+    println!("targets: meshd ≥ 1.0× nginx requests/s with p99 ≤ nginx's, plain and TLS");
+    Ok(())
+}
+
+/// Requests/s and the 99th percentile latency (ms) from `wrk --latency`.
+fn parse_wrk(out: &str) -> Option<(f64, f64)> {
+    let rps = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))?
+        .trim()
+        .parse()
+        .ok()?;
+    let p = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("99%"))?
+        .trim();
+    let ms = if let Some(v) = p.strip_suffix("us") {
+        v.parse::<f64>().ok()? / 1000.0
+    } else if let Some(v) = p.strip_suffix("ms") {
+        v.parse().ok()?
+    } else if let Some(v) = p.strip_suffix('s') {
+        v.parse::<f64>().ok()? * 1000.0
+    } else {
+        return None;
+    };
+    Some((rps, ms))
+}
+
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// nginx in node1's namespace: plain on 8088, TLS on 8444, to the task over its bridge leg
+/// with a pool of keep-alive upstream connections; as many workers as meshd has threads.
+fn nginx(lab: &Lab, task: &str, certs: &Path) -> Result<Nginx> {
+    let node = lab.node("node1")?;
+    let dir = node.dir.join("nginx");
+    for d in ["", "tmp"] {
+        std::fs::create_dir_all(dir.join(d))?;
+    }
+    let d = dir.display();
+    let c = certs.display();
+    let conf = format!(
+        "worker_processes 2;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n access_log off;\n client_body_temp_path {d}/tmp;\n proxy_temp_path {d}/tmp;\n \
+         fastcgi_temp_path {d}/tmp;\n uwsgi_temp_path {d}/tmp;\n scgi_temp_path {d}/tmp;\n \
+         upstream be {{ server {task}:7000; keepalive 64; }}\n \
+         server {{\n  listen 8088;\n  listen 8444 ssl http2;\n  server_name {HOST};\n  \
+         ssl_certificate {c}/bench.crt;\n  ssl_certificate_key {c}/bench.key;\n  \
+         location / {{\n   proxy_pass http://be;\n   proxy_http_version 1.1;\n   \
+         proxy_set_header Connection \"\";\n   proxy_set_header Host $host;\n   \
+         proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n  }}\n }}\n}}\n"
+    );
+    let file = dir.join("nginx.conf");
+    std::fs::write(&file, conf)?;
+    let mut cmd = Command::new("nginx");
+    cmd.arg("-c").arg(&file);
+    let place = Placement {
+        netns: Some(node.netns.clone()),
+        hostname: None,
+    };
+    Daemon::spawn(&mut cmd, &place, &dir.display().to_string(), None)
+        .map(Nginx)
+        .context("start nginx")
+}
+
+/// Stops nginx when the benchmark ends, even on failure.
+struct Nginx(Daemon);
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        self.0.stop(std::time::Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn wrk_output_is_read() {
+        let out = "  Latency Distribution\n     50%  250.00us\n     99%    1.52ms\n\
+                   Requests/sec:  12345.67\nTransfer/sec:      1.2MB\n";
+        assert_eq!(super::parse_wrk(out), Some((12345.67, 1.52)));
+    }
+}
