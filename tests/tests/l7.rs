@@ -87,11 +87,16 @@ fn settled(lan: &str, node: &str, host: &str, extra: &[&str]) -> Result<String> 
     )
 }
 
+/// One lab at a time: two 3-node labs on a 2-core machine slow each other past the
+/// timeouts these tests use (see the closing note of issue 11 on the stop test).
+static ONE_LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn labels_route_by_host_on_every_node() {
     if !require_root("labels_route_by_host_on_every_node") {
         return;
     }
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
     let lab = Lab::up(LabSpec::new(&format!("{}l7", run_tag()), 3, 1)).expect("lab up");
     if let Err(e) = scenario(&lab) {
         eprintln!("FAILED: {e:#}");
@@ -169,7 +174,22 @@ fn scenario(lab: &Lab) -> Result<()> {
             );
         }
     }
-    // 2. Requests spread over the three tasks; an unknown host is a 404.
+    // 2. Requests spread over the three tasks (once node1 reaches all three: a remote task
+    //    joins a route when this node's overlay knows it); an unknown host is a 404.
+    wait_for(
+        "node1 to route to shop's 3 tasks",
+        Duration::from_secs(20),
+        || {
+            let v = lab.meshd("node1").ok()?.ctl(&["routes"]).ok()?;
+            let n = v["routes"]
+                .as_array()?
+                .iter()
+                .find(|r| r["host"] == "shop.example.com")?["backends"]
+                .as_array()?
+                .len();
+            (n == 3).then_some(())
+        },
+    )?;
     let mut tasks = BTreeSet::new();
     for _ in 0..12 {
         tasks.insert(
@@ -508,6 +528,49 @@ fn scenario(lab: &Lab) -> Result<()> {
                 .filter(|g| g.status == 200)
         },
     )?;
+
+    // 11. A stopping meshd refuses new connections and finishes the request in flight.
+    let slow = {
+        let lan = lan.clone();
+        std::thread::spawn(move || get(&lan, NODES[1], "cart.example.com", "/sleep/2000"))
+    };
+    wait_for(
+        "the slow request to be in flight on node2",
+        Duration::from_secs(5),
+        || {
+            let v = lab.meshd("node2").ok()?.ctl(&["routes"]).ok()?;
+            (v["in_flight"].as_u64()? > 0).then_some(())
+        },
+    )?;
+    let pid = lab.meshds[1].pid().context("meshd on node2 runs")?;
+    // SAFETY: a signal to the meshd this lab started, as `systemctl stop` sends it.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    wait_for(
+        "node2 to refuse new connections",
+        Duration::from_secs(5),
+        || {
+            get(&lan, NODES[1], "cart.example.com", "/")
+                .is_err()
+                .then_some(())
+        },
+    )?;
+    let early = slow.is_finished();
+    let g = slow
+        .join()
+        .map_err(|_| anyhow::anyhow!("the slow request's thread panicked"))?
+        .context("the request in flight when meshd stopped")?;
+    ensure!(
+        !early,
+        "the slow request ended ({} {:?}) before node2 refused new connections",
+        g.status,
+        g.body
+    );
+    ensure!(
+        g.status == 200 && g.body.contains("GET /sleep/2000"),
+        "the request in flight when meshd stopped got {} {:?}",
+        g.status,
+        g.body
+    );
     Ok(())
 }
 
@@ -533,6 +596,7 @@ fn https_is_terminated_with_the_certificate_sni_names() {
     if !require_root("https_is_terminated_with_the_certificate_sni_names") {
         return;
     }
+    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
     let lab = Lab::up(LabSpec::new(&format!("{}tls", run_tag()), 2, 1)).expect("lab up");
     if let Err(e) = tls_scenario(&lab) {
         eprintln!("FAILED: {e:#}");
@@ -634,15 +698,17 @@ fn tls_scenario(lab: &Lab) -> Result<()> {
     // 4. A renewed certificate is served without a restart.
     let renewed = meshd_tests::self_signed(&dir, "shop", "shop.example.com")?;
     ensure!(renewed != shop_serial, "openssl made the same serial twice");
-    wait_for(
-        "the renewed certificate to be served",
-        Duration::from_secs(10),
-        || {
-            handshake(&lan, "192.168.100.2", "shop.example.com", "")
-                .ok()
-                .filter(|o| o.contains(&renewed))
-        },
-    )?;
+    for node in ["192.168.100.1", "192.168.100.2"] {
+        wait_for(
+            &format!("the renewed certificate to be served by {node}"),
+            Duration::from_secs(10),
+            || {
+                handshake(&lan, node, "shop.example.com", "")
+                    .ok()
+                    .filter(|o| o.contains(&renewed))
+            },
+        )?;
+    }
     // 5. A broken file keeps the last good certificate in service, and says why.
     std::fs::write(dir.join("shop.crt"), "not a certificate")?;
     wait_for(
@@ -659,11 +725,17 @@ fn tls_scenario(lab: &Lab) -> Result<()> {
             tls.contains("the last good one").then_some(())
         },
     )?;
-    let still = handshake(&lan, "192.168.100.1", "shop.example.com", "")?;
-    ensure!(
-        still.contains(&renewed),
-        "a broken file took the certificate away: {still}"
+    // Every node read the renewed pair before the file broke: each keeps it.
+    let mut last = String::new();
+    let served = wait_for(
+        "the last good certificate to be served",
+        Duration::from_secs(10),
+        || {
+            last = handshake(&lan, "192.168.100.1", "shop.example.com", "").unwrap_or_default();
+            last.contains(&renewed).then_some(())
+        },
     );
+    served.with_context(|| format!("a broken file took the certificate away: {last:?}"))?;
 
     // 6. ssl_passthrough: the connection goes to the task as it came, routed by SNI alone
     //    (the task here answers any connection with its name and its peer: it shows the

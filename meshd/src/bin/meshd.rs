@@ -168,6 +168,9 @@ struct L7Args {
     /// Log one line per request (target meshd::l7::access).
     #[arg(long)]
     l7_access_log: bool,
+    /// How long a stopping meshd lets requests in flight finish (seconds).
+    #[arg(long, default_value_t = 10)]
+    l7_grace_s: u64,
 }
 
 impl L7Args {
@@ -177,6 +180,7 @@ impl L7Args {
             https: (!self.l7_no_https).then_some(self.l7_https),
             certs: self.l7_certs.clone(),
             cluster: self.service_cluster.clone(),
+            grace: Duration::from_secs(self.l7_grace_s),
             proxy: meshd::l7::proxy::ProxySettings {
                 proxy_id: nix::unistd::gethostname()
                     .map(|h| h.to_string_lossy().into_owned())

@@ -88,6 +88,8 @@ pub struct L7Config {
     /// `--service-cluster`: serve only routes labelled with it.
     pub cluster: Option<String>,
     pub proxy: crate::l7::proxy::ProxySettings,
+    /// How long a stopping meshd waits for requests in flight.
+    pub grace: Duration,
 }
 
 pub struct DnsConfig {
@@ -615,6 +617,10 @@ pub async fn run(cfg: Config) -> Result<()> {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = sigterm.recv() => {}
+    }
+    if let (Some(h), Some(l7)) = (&shared.l7, &cfg.l7) {
+        // New connections are refused from here; those in flight finish.
+        h.proxy.stop(l7.grace).await;
     }
     let _ = stop_tx.send(true);
     let _ = loop_task.await;

@@ -40,6 +40,9 @@ pub struct RoutesView {
     #[serde(default)]
     pub https: Option<String>,
     pub cluster: Option<String>,
+    /// Requests being answered now.
+    #[serde(default)]
+    pub in_flight: usize,
     pub routes: Vec<RouteView>,
     /// Services whose labels give them no route, with the reason.
     pub rejected: Vec<crate::model::Rejected>,
@@ -150,6 +153,7 @@ impl RoutesView {
             http: handle.map(|h| h.http.to_string()),
             https: handle.and_then(|h| h.https.map(|a| a.to_string())),
             cluster: handle.and_then(|h| h.cluster.clone()),
+            in_flight: handle.map_or(0, |h| h.proxy.in_flight.load(Ordering::Relaxed)),
             routes,
             rejected,
         }

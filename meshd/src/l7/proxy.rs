@@ -8,7 +8,7 @@ use std::{
     hash::BuildHasher,
     net::SocketAddr,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
         Arc,
     },
     time::{Duration, Instant},
@@ -29,7 +29,7 @@ use hyper_util::{
     server::conn::auto,
 };
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     connector::{Connector, Namespaces, SocketMaker, Target},
@@ -92,6 +92,12 @@ pub struct Proxy {
     pub namespaces: Namespaces,
     /// Makes the upstream sockets of every worker's client, and passthrough connections.
     connector: Connector,
+    /// Set once meshd is stopping.
+    stop: tokio::sync::watch::Sender<bool>,
+    /// Client connections being served.
+    active: Arc<AtomicUsize>,
+    /// Requests being answered now.
+    pub in_flight: Arc<AtomicUsize>,
     settings: ProxySettings,
     ids: RequestIds,
 }
@@ -113,6 +119,9 @@ impl Proxy {
             tls,
             namespaces,
             connector,
+            stop: tokio::sync::watch::Sender::new(false),
+            active: Arc::default(),
+            in_flight: Arc::default(),
             settings,
             ids: RequestIds::default(),
         }))
@@ -191,6 +200,9 @@ impl Proxy {
                             tokio::spawn(this.clone().serve_https(s, client.clone()));
                         }
                         this.serve_http(h, client).await;
+                        // Stopping: the listeners are closed, and the connections still
+                        // being served live on this runtime until meshd exits.
+                        std::future::pending::<()>().await;
                     });
                 })
                 .context("spawn an L7 worker")?;
@@ -208,16 +220,7 @@ impl Proxy {
             return;
         };
         let acceptor = tokio_rustls::TlsAcceptor::from(store.server_config());
-        loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!(error = %e, "L7: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
+        while let Some((stream, peer)) = self.accept(&listener).await {
             let this = self.clone();
             let acceptor = acceptor.clone();
             let client = client.clone();
@@ -240,19 +243,7 @@ impl Proxy {
                             return;
                         }
                     };
-                let this2 = this.clone();
-                let svc = hyper::service::service_fn(move |req| {
-                    let this = this.clone();
-                    let client = client.clone();
-                    async move { Ok::<_, Infallible>(this.handle(&client, req, peer, true).await) }
-                });
-                let r = this2
-                    .conn_builder()
-                    .serve_connection_with_upgrades(TokioIo::new(tls), svc)
-                    .await;
-                if let Err(e) = r {
-                    debug!(%peer, error = %e, "L7: client connection ended");
-                }
+                this.serve_conn(TokioIo::new(tls), peer, true, client).await;
             });
         }
     }
@@ -321,33 +312,87 @@ impl Proxy {
         listener: TcpListener,
         client: Client<Connector, UpBody>,
     ) {
-        loop {
-            let (stream, peer) = match listener.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!(error = %e, "L7: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
+        while let Some((stream, peer)) = self.accept(&listener).await {
             let this = self.clone();
             let client = client.clone();
             tokio::spawn(async move {
-                let this2 = this.clone();
-                let svc = hyper::service::service_fn(move |req| {
-                    let this = this.clone();
-                    let client = client.clone();
-                    async move { Ok::<_, Infallible>(this.handle(&client, req, peer, false).await) }
-                });
-                let r = this2
-                    .conn_builder()
-                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                this.serve_conn(TokioIo::new(stream), peer, false, client)
                     .await;
-                if let Err(e) = r {
-                    debug!(%peer, error = %e, "L7: client connection ended");
-                }
             });
+        }
+    }
+
+    /// The next connection on `listener`; None once meshd is stopping (the listener is
+    /// then dropped: new connections are refused).
+    async fn accept(&self, listener: &TcpListener) -> Option<(TcpStream, SocketAddr)> {
+        let mut stop = self.stop.subscribe();
+        loop {
+            tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((stream, peer)) => {
+                        let _ = stream.set_nodelay(true);
+                        return Some((stream, peer));
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "L7: accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                _ = stopping(&mut stop) => return None,
+            }
+        }
+    }
+
+    /// One client connection, until it ends; when meshd stops, its request in flight is
+    /// finished and the connection closed after it.
+    async fn serve_conn<I>(
+        self: Arc<Self>,
+        io: I,
+        peer: SocketAddr,
+        https: bool,
+        client: Client<Connector, UpBody>,
+    ) where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let _active = Active::new(&self.active);
+        let mut stop = self.stop.subscribe();
+        let this = self.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let this = this.clone();
+            let client = client.clone();
+            async move { Ok::<_, Infallible>(this.handle(&client, req, peer, https).await) }
+        });
+        let builder = self.conn_builder();
+        let conn = builder.serve_connection_with_upgrades(io, svc);
+        tokio::pin!(conn);
+        let r = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = stopping(&mut stop) => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = r {
+            debug!(%peer, error = %e, "L7: client connection ended");
+        }
+    }
+
+    /// Stops taking connections and waits, at most `grace`, for the requests in flight.
+    pub async fn stop(&self, grace: Duration) {
+        let _ = self.stop.send(true);
+        let until = Instant::now() + grace;
+        while self.active.load(Ordering::Relaxed) > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let left = self.active.load(Ordering::Relaxed);
+        if left > 0 {
+            warn!(
+                connections = left,
+                ?grace,
+                "L7: stopping with connections still open"
+            );
+        } else {
+            info!("L7: every request in flight finished");
         }
     }
 
@@ -361,6 +406,7 @@ impl Proxy {
         https: bool,
     ) -> Response<Body> {
         let started = Instant::now();
+        let _in_flight = Active::new(&self.in_flight);
         let id = req
             .headers()
             .get("x-request-id")
@@ -682,6 +728,27 @@ impl Proxy {
             StatusCode::BAD_GATEWAY,
             format!("meshd: could not connect to an upstream ({last})\n"),
         )
+    }
+}
+
+/// Resolves once meshd is stopping (the watch's guard is not held across the await).
+async fn stopping(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Counts a client connection (or a request) while it lives.
+struct Active(Arc<AtomicUsize>);
+
+impl Active {
+    fn new(n: &Arc<AtomicUsize>) -> Active {
+        n.fetch_add(1, Ordering::Relaxed);
+        Active(n.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -335,6 +335,15 @@ fn http_echo(port: u16) {
                 if r.read_exact(&mut body).is_err() {
                     return;
                 }
+                // `/sleep/MS`: answers after that long (a request in flight, for tests).
+                let ms = head
+                    .first()
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|p| p.strip_prefix("/sleep/"))
+                    .and_then(|n| n.parse::<u64>().ok());
+                if let Some(ms) = ms {
+                    std::thread::sleep(Duration::from_millis(ms.min(60_000)));
+                }
                 let answer = format!("{name}\n{}\n", head.join("\n"));
                 let out = format!(
                     "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{answer}",
