@@ -276,8 +276,11 @@ fn upstreams(
 }
 
 /// For each network the routes reach tasks on: the namespace this node opens upstream
-/// connections from (a local container's on that network; the lowest container id, so the
-/// choice stays put while it lives). A network with no local container has none.
+/// connections from, a local container's on that network. A container that is going away
+/// is never chosen (told to stop, or its task no longer serving): its namespace loses its
+/// interfaces when it dies, and connections pooled there would go silent. Plain containers
+/// come first (they outlive tasks), then the lowest container id, so the choice stays put
+/// while it lives. A network with no local container has none.
 pub fn dial_namespaces(
     state: &ClusterState,
     routes: &BTreeMap<Id, std::sync::Arc<L7Route>>,
@@ -288,10 +291,16 @@ pub fn dial_namespaces(
         if out.contains_key(net) {
             continue;
         }
-        let best = state
-            .sandboxes_on(net)
-            .filter(|s| !s.netns_path.is_empty())
-            .min_by(|a, b| a.container_id.cmp(&b.container_id));
+        let staying = |s: &&crate::model::Sandbox| {
+            !s.netns_path.is_empty()
+                && !s.stopping
+                && s.task_id
+                    .as_deref()
+                    .is_none_or(|t| state.tasks.get(t).is_some_and(|t| state.serves(t)))
+        };
+        let best = state.sandboxes_on(net).filter(staying).min_by(|a, b| {
+            (a.task_id.is_some(), &a.container_id).cmp(&(b.task_id.is_some(), &b.container_id))
+        });
         if let Some(s) = best {
             out.insert(net.clone(), s.netns_path.clone());
         }

@@ -337,7 +337,9 @@ impl Compiler {
         {
             changed.rejected = true;
         }
-        if !dirty.sandboxes.is_empty() || !changed.l7.is_empty() {
+        // Sandboxes come and go, and tasks stop serving (a task's container is then no
+        // namespace to dial from): cheap, it looks at the routes' networks only.
+        if !dirty.sandboxes.is_empty() || !dirty.services.is_empty() || !changed.l7.is_empty() {
             let netns = l7::dial_namespaces(state, &self.desired.l7);
             if netns != self.desired.l7_netns {
                 self.desired.l7_netns = netns;
