@@ -87,8 +87,8 @@ fn settled(lan: &str, node: &str, host: &str, extra: &[&str]) -> Result<String> 
     )
 }
 
-/// One lab at a time: two 3-node labs on a 2-core machine slow each other past the
-/// timeouts these tests use (see the closing note of issue 11 on the stop test).
+/// One lab at a time: two labs (five dockerds and meshds) on a 2-core machine slow each
+/// other past the timeouts these tests use.
 static ONE_LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 #[test]
