@@ -553,6 +553,21 @@ struct IcmpError {
     inner: FlowKey,
 }
 
+impl IcmpError {
+    /// The quoted packet's key the other way round: the flow it answers.
+    #[inline(always)]
+    fn quote_reversed(&self) -> FlowKey {
+        FlowKey {
+            saddr: self.inner.daddr,
+            daddr: self.inner.saddr,
+            sport: self.inner.dport,
+            dport: self.inner.sport,
+            proto: self.inner.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
 /// The quoted packet of an ICMP error (`outer`: the ICMP packet), if it quotes TCP or UDP.
 #[inline(always)]
 fn icmp_error(ctx: &TcContext, outer: Packet) -> Option<IcmpError> {
@@ -642,14 +657,7 @@ fn icmp_inner(ctx: &mut TcContext, e: &mut IcmpError, source: bool, addr: u32, p
 fn icmp_to_task(ctx: &mut TcContext, conf: &IngressConfig, e: &IcmpError) -> Option<i32> {
     let mut e = *e;
     unsafe { IG_ADDRS.get(&e.outer.daddr) }?;
-    let forward = FlowKey {
-        saddr: e.inner.daddr,
-        daddr: e.inner.saddr,
-        sport: e.inner.dport,
-        dport: e.inner.sport,
-        proto: e.inner.proto,
-        _pad: [0; 3],
-    };
+    let forward = e.quote_reversed();
     let f = *unsafe { IG_FLOWS.get(&forward) }?;
     let b = f.backend;
     let task = if b.node == 0 { b.gateway } else { b.addr };
@@ -682,14 +690,7 @@ fn icmp_to_local(ctx: &mut TcContext, conf: &IngressConfig, e: &IcmpError, gatew
 fn icmp_to_client(ctx: &mut TcContext, conf: &IngressConfig, e: &IcmpError) -> Option<i32> {
     let mut e = *e;
     // The quoted packet is one the task received: its reply key is the quote reversed.
-    let key = FlowKey {
-        saddr: e.inner.daddr,
-        daddr: e.inner.saddr,
-        sport: e.inner.dport,
-        dport: e.inner.sport,
-        proto: e.inner.proto,
-        _pad: [0; 3],
-    };
+    let key = e.quote_reversed();
     let rev = *unsafe { IG_REV.get(&key) }?;
     icmp_inner(ctx, &mut e, false, rev.saddr, rev.sport)?;
     icmp_inner(ctx, &mut e, true, rev.daddr, rev.dport)?;

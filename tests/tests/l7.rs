@@ -96,8 +96,14 @@ fn labels_route_by_host_on_every_node() {
     if !require_root("labels_route_by_host_on_every_node") {
         return;
     }
+    on_lab("l7", 3, scenario);
+}
+
+/// Runs `scenario` on a lab of its own (one at a time); on failure prints the reason first,
+/// then each meshd's log.
+fn on_lab(tag: &str, nodes: usize, scenario: fn(&Lab) -> Result<()>) {
     let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
-    let lab = Lab::up(LabSpec::new(&format!("{}l7", run_tag()), 3, 1)).expect("lab up");
+    let lab = Lab::up(LabSpec::new(&format!("{}{tag}", run_tag()), nodes, 1)).expect("lab up");
     if let Err(e) = scenario(&lab) {
         eprintln!("FAILED: {e:#}");
         for (i, m) in lab.meshds.iter().enumerate() {
@@ -596,15 +602,7 @@ fn https_is_terminated_with_the_certificate_sni_names() {
     if !require_root("https_is_terminated_with_the_certificate_sni_names") {
         return;
     }
-    let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
-    let lab = Lab::up(LabSpec::new(&format!("{}tls", run_tag()), 2, 1)).expect("lab up");
-    if let Err(e) = tls_scenario(&lab) {
-        eprintln!("FAILED: {e:#}");
-        for (i, m) in lab.meshds.iter().enumerate() {
-            eprintln!("--- meshd on node{} ---\n{}", i + 1, m.log_tail());
-        }
-        panic!("{e:#}");
-    }
+    on_lab("tls", 2, tls_scenario);
 }
 
 fn tls_scenario(lab: &Lab) -> Result<()> {
