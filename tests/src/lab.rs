@@ -219,6 +219,8 @@ impl Lab {
                 "--l7".into(),
                 "--l7-certs".into(),
                 certs.display().to_string(),
+                "--l7-backend-ca".into(),
+                self.l7_backend_ca().display().to_string(),
             ];
             let m = Meshd::start_with_args(node, &pin_dir(&node.spec), manager, &l7)
                 .with_context(|| format!("meshd on {}", self.hostname(i)))?;
@@ -381,6 +383,12 @@ impl Lab {
     /// (`--l7-certs`): what `com.docker.lb.ssl_cert` and `ssl_key` name.
     pub fn l7_certs(&self) -> PathBuf {
         lab_dir(&self.spec.name).join("l7-certs")
+    }
+
+    /// The CA bundle every node's meshd verifies `ssl_backend_tls_verify=required`
+    /// upstreams against (`--l7-backend-ca`); absent until a test writes it.
+    pub fn l7_backend_ca(&self) -> PathBuf {
+        lab_dir(&self.spec.name).join("l7-backend-ca.pem")
     }
 
     /// A machine on the nodes' LAN: a namespace with a veth on the underlay bridge and

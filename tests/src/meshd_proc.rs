@@ -225,6 +225,13 @@ impl Meshd {
         self.spawn()
     }
 
+    /// Stops meshd (SIGTERM) and starts it again with `extra` flags added.
+    pub fn restart_with_args(&mut self, extra: &[&str]) -> Result<()> {
+        self.stop();
+        self.args.extend(extra.iter().map(|a| a.to_string()));
+        self.spawn()
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.daemon.as_ref().map(|d| d.pid() as u32)
     }

@@ -101,10 +101,10 @@ fn labels_route_by_host_on_every_node() {
 
 /// Runs `scenario` on a lab of its own (one at a time); on failure prints the reason first,
 /// then each meshd's log.
-fn on_lab(tag: &str, nodes: usize, scenario: fn(&Lab) -> Result<()>) {
+fn on_lab(tag: &str, nodes: usize, scenario: fn(&mut Lab) -> Result<()>) {
     let _one = ONE_LAB.lock().unwrap_or_else(|e| e.into_inner());
-    let lab = Lab::up(LabSpec::new(&format!("{}{tag}", run_tag()), nodes, 1)).expect("lab up");
-    if let Err(e) = scenario(&lab) {
+    let mut lab = Lab::up(LabSpec::new(&format!("{}{tag}", run_tag()), nodes, 1)).expect("lab up");
+    if let Err(e) = scenario(&mut lab) {
         eprintln!("FAILED: {e:#}");
         for (i, m) in lab.meshds.iter().enumerate() {
             eprintln!("--- meshd on node{} ---\n{}", i + 1, m.log_tail());
@@ -120,7 +120,7 @@ fn lb(labels: &[(&str, &str)]) -> Vec<String> {
         .collect()
 }
 
-fn scenario(lab: &Lab) -> Result<()> {
+fn scenario(lab: &mut Lab) -> Result<()> {
     let m = lab.manager();
     let lan = lab.lan_client()?;
     m.create_overlay("shopnet")?;
@@ -605,7 +605,7 @@ fn https_is_terminated_with_the_certificate_sni_names() {
     on_lab("tls", 2, tls_scenario);
 }
 
-fn tls_scenario(lab: &Lab) -> Result<()> {
+fn tls_scenario(lab: &mut Lab) -> Result<()> {
     let m = lab.manager();
     let lan = lab.lan_client()?;
     let dir = lab.l7_certs();
@@ -810,4 +810,401 @@ fn client_hello(host: &str) -> Vec<u8> {
     rec.extend((hs.len() as u16).to_be_bytes());
     rec.extend(hs);
     rec
+}
+
+#[test]
+fn upstreams_by_tls_vip_network_host_port_and_cluster() {
+    if !require_root("upstreams_by_tls_vip_network_host_port_and_cluster") {
+        return;
+    }
+    on_lab("up", 2, backends_scenario);
+}
+
+/// The route of `host` in `node`'s `meshctl routes`.
+fn route_of(lab: &Lab, node: &str, host: &str) -> Result<serde_json::Value> {
+    let v = lab.meshd(node)?.ctl(&["routes"])?;
+    v["routes"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["host"] == host).cloned())
+        .with_context(|| format!("no {host} in {node}'s meshctl routes: {v}"))
+}
+
+/// `host` answering 200 through `node` (within 20 s).
+fn answers(lan: &str, node: &str, host: &str) -> Result<Got> {
+    status_becomes(lan, node, host, 200)
+}
+
+/// The status `host` gets through `node` once it is `want` (within 20 s).
+fn status_becomes(lan: &str, node: &str, host: &str, want: u16) -> Result<Got> {
+    let mut last = String::new();
+    wait_for(
+        &format!("{host} through {node} to answer {want}"),
+        Duration::from_secs(20),
+        || match get(lan, node, host, "/") {
+            Ok(g) if g.status == want => Some(g),
+            Ok(g) => {
+                last = format!("{} {}", g.status, g.body.trim());
+                None
+            }
+            Err(e) => {
+                last = format!("{e:#}");
+                None
+            }
+        },
+    )
+    .with_context(|| format!("last answer: {last}"))
+}
+
+fn backends_scenario(lab: &mut Lab) -> Result<()> {
+    let lan = lab.lan_client()?;
+    let m = lab.manager();
+    for net in ["appnet", "backnet"] {
+        m.create_overlay(net)?;
+        for node in &lab.nodes {
+            node.run_idle_container(&format!("anchor-{net}"), net)?;
+        }
+    }
+    let service =
+        |name: &str, nets: &[&str], labels: &[(&str, &str)], more: &[&str], cmd: &[&str]| {
+            let mut flags = lb(labels);
+            for n in nets.iter().skip(1) {
+                flags.extend(["--network".to_string(), n.to_string()]);
+            }
+            flags.extend(more.iter().map(|s| s.to_string()));
+            let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+            m.create_service_with(
+                name,
+                nets.first().copied().unwrap_or(""),
+                1,
+                "1s",
+                &flags,
+                cmd,
+            )
+        };
+
+    // 1. ssl_backend: TLS to the task, its certificate and key delivered by swarm as
+    //    configs; verified against --l7-backend-ca when the route requires it.
+    let certs = lab.dir.join("backend-certs");
+    std::fs::create_dir_all(&certs)?;
+    meshd_tests::ca_signed(&certs, "lab-ca", "tlsapp", "tls.example.com")?;
+    for (config, file) in [("tlsapp-crt", "tlsapp.crt"), ("tlsapp-key", "tlsapp.key")] {
+        let path = certs.join(file).display().to_string();
+        m.docker(&["config", "create", config, &path])?;
+    }
+    service(
+        "tlsapp",
+        &["appnet"],
+        &[
+            ("hosts", "tls.example.com,alias.example.com"),
+            ("port", "7443"),
+            ("ssl_backend", "true"),
+            ("ssl_backend_tls_verify", "required"),
+        ],
+        &[
+            "--config",
+            "source=tlsapp-crt,target=/tls.crt",
+            "--config",
+            "source=tlsapp-key,target=/tls.key",
+        ],
+        &["labtool", "https-echo", "7443", "/tls.crt", "/tls.key"],
+    )?;
+    m.wait_running("tlsapp", 1)?;
+    // No CA bundle yet: nothing is trusted, and a verified upstream is a 502.
+    status_becomes(&lan, NODES[0], "tls.example.com", 502)?;
+    std::fs::copy(certs.join("lab-ca.crt"), lab.l7_backend_ca())?;
+    for node in NODES.iter().take(2) {
+        let g = answers(&lan, node, "tls.example.com")?;
+        ensure!(
+            g.body.lines().any(|l| l.starts_with("GET / HTTP/1.1"))
+                && g.body
+                    .lines()
+                    .any(|l| l.eq_ignore_ascii_case("X-Forwarded-Proto: http")),
+            "{node}: the TLS task got {}",
+            g.body
+        );
+    }
+    // A name the certificate does not hold fails verification...
+    let g = get(&lan, NODES[0], "alias.example.com", "/")?;
+    ensure!(
+        g.status == 502,
+        "alias.example.com unverified got {}",
+        g.status
+    );
+    // ...and is served once the route stops verifying (still over TLS).
+    m.docker(&[
+        "service",
+        "update",
+        "-d",
+        "--label-add",
+        "com.docker.lb.ssl_backend_tls_verify=none",
+        "tlsapp",
+    ])?;
+    status_becomes(&lan, NODES[0], "alias.example.com", 200)?;
+    let r = route_of(lab, "node1", "tls.example.com")?;
+    ensure!(
+        r["tls"].as_str().is_some_and(|t| t.contains("backend")),
+        "meshctl routes shows tls {}",
+        r["tls"]
+    );
+
+    // 2. backend_mode=vip: one upstream, the service's VIP.
+    service(
+        "vipapp",
+        &["appnet"],
+        &[
+            ("hosts", "vip.example.com"),
+            ("port", "7000"),
+            ("backend_mode", "vip"),
+        ],
+        &[],
+        &["labtool", "http-echo", "7000"],
+    )?;
+    m.wait_running("vipapp", 1)?;
+    let vip = m.service_vip("vipapp")?;
+    for node in NODES.iter().take(2) {
+        let g = answers(&lan, node, "vip.example.com")?;
+        ensure!(
+            g.header("x-upstream-addr") == Some(&format!("{vip}:7000")),
+            "{node}: vip mode went to {:?}, not the VIP {vip}",
+            g.header("x-upstream-addr")
+        );
+    }
+    let r = route_of(lab, "node2", "vip.example.com")?;
+    ensure!(
+        r["mode"] == "vip" && r["backends"] == serde_json::json!([format!("{vip}:7000")]),
+        "meshctl routes shows {r}"
+    );
+
+    // 3. A service on two networks: rejected until its labels name one; then reached on
+    //    that one.
+    service(
+        "multi",
+        &["appnet", "backnet"],
+        &[("hosts", "multi.example.com"), ("port", "7000")],
+        &[],
+        &["labtool", "http-echo", "7000"],
+    )?;
+    m.wait_running("multi", 1)?;
+    wait_for("multi to be rejected", Duration::from_secs(20), || {
+        let v = lab.meshd("node1").ok()?.ctl(&["routes"]).ok()?;
+        v["rejected"].to_string().contains("multi:").then_some(())
+    })?;
+    m.docker(&[
+        "service",
+        "update",
+        "-d",
+        "--label-add",
+        "com.docker.lb.network=backnet",
+        "multi",
+    ])?;
+    let g = answers(&lan, NODES[0], "multi.example.com")?;
+    let subnet = m.docker(&[
+        "network",
+        "inspect",
+        "backnet",
+        "--format",
+        "{{(index .IPAM.Config 0).Subnet}}",
+    ])?;
+    let prefix = subnet
+        .trim()
+        .rsplit_once('.')
+        .map(|(p, _)| p)
+        .unwrap_or_default();
+    let up = g.header("x-upstream-addr").unwrap_or_default();
+    ensure!(
+        !prefix.is_empty() && up.starts_with(&format!("{prefix}.")),
+        "multi was reached at {up}, not on backnet ({})",
+        subnet.trim()
+    );
+
+    // 4. A host-mode published port and no network label: the task's node, on that port
+    //    (not the overlay the service is also on).
+    service(
+        "hostapp",
+        &["appnet"],
+        &[("hosts", "host.example.com"), ("port", "7100")],
+        &["--publish", "mode=host,target=7100,published=7100"],
+        &["labtool", "http-echo", "7100"],
+    )?;
+    m.wait_running("hostapp", 1)?;
+    let placed = m.docker(&[
+        "service",
+        "ps",
+        "hostapp",
+        "--filter",
+        "desired-state=running",
+        "--format",
+        "{{.Node}}",
+    ])?;
+    let at = match placed.trim() {
+        "node1" => NODES[0],
+        _ => NODES[1],
+    };
+    for node in NODES.iter().take(2) {
+        let g = answers(&lan, node, "host.example.com")?;
+        ensure!(
+            g.header("x-upstream-addr") == Some(&format!("{at}:7100")),
+            "{node}: host mode went to {:?}, not {at}:7100",
+            g.header("x-upstream-addr")
+        );
+    }
+
+    // 5. Churn: 100 label changes to other services, good and bad (a typo, a bad port, a
+    //    copy of the busy route's host, a bad redirect, then good again), while wrk keeps
+    //    the busy route loaded: not one request fails.
+    service(
+        "busy",
+        &["appnet"],
+        &[("hosts", "busy.example.com"), ("port", "7000")],
+        &[],
+        &["labtool", "http-echo", "7000"],
+    )?;
+    for i in 0..3 {
+        service(
+            &format!("churn{i}"),
+            &["appnet"],
+            &[
+                ("hosts", &format!("churn{i}.example.com")),
+                ("port", "7000"),
+            ],
+            &[],
+            &["labtool", "http-echo", "7000"],
+        )?;
+    }
+    m.wait_running("busy", 1)?;
+    answers(&lan, NODES[0], "busy.example.com")?;
+    let wrk = Command::new("ip")
+        .args(["netns", "exec", &lan, "wrk", "-t1", "-c8", "-d300s", "-H"])
+        .arg("Host: busy.example.com")
+        .arg(format!("http://{}/", NODES[0]))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("start wrk")?;
+    let changes: [&[&str]; 5] = [
+        &["--label-add", "com.docker.lb.ports=7000"],
+        &[
+            "--label-rm",
+            "com.docker.lb.ports",
+            "--label-add",
+            "com.docker.lb.port=abc",
+        ],
+        &[
+            "--label-add",
+            "com.docker.lb.port=7000",
+            "--label-add",
+            "com.docker.lb.hosts=busy.example.com",
+        ],
+        &["--label-add", "com.docker.lb.redirects=nowhere"],
+        &[
+            "--label-rm",
+            "com.docker.lb.redirects",
+            "--label-add",
+            "com.docker.lb.hosts=CHURN",
+        ],
+    ];
+    let churned = (|| -> Result<Duration> {
+        let t0 = Instant::now();
+        for n in 0..100 {
+            let svc = format!("churn{}", n % 3);
+            let mut args = vec!["service", "update", "-d"];
+            let own = format!("com.docker.lb.hosts={svc}.example.com");
+            for a in changes[(n / 3) % changes.len()] {
+                args.push(if *a == "com.docker.lb.hosts=CHURN" {
+                    &own
+                } else {
+                    a
+                });
+            }
+            args.push(&svc);
+            m.docker(&args)?;
+        }
+        // Each service back to a good route, and wrk runs on until node1 serves all three:
+        // every change before was seen by then (events arrive in order).
+        for i in 0..3 {
+            let svc = format!("churn{i}");
+            let own = format!("com.docker.lb.hosts={svc}.example.com");
+            m.docker(&[
+                "service",
+                "update",
+                "-d",
+                "--label-rm",
+                "com.docker.lb.redirects",
+                "--label-rm",
+                "com.docker.lb.ports",
+                "--label-add",
+                "com.docker.lb.port=7000",
+                "--label-add",
+                &own,
+                &svc,
+            ])?;
+        }
+        for i in 0..3 {
+            let host = format!("churn{i}.example.com");
+            wait_for(
+                &format!("{host} to be served again"),
+                Duration::from_secs(30),
+                || {
+                    let r = route_of(lab, "node1", &host).ok()?;
+                    (r["service"] == format!("churn{i}")).then_some(())
+                },
+            )?;
+        }
+        Ok(t0.elapsed())
+    })();
+    // SAFETY: SIGINT to the `ip netns exec` this test started, which passes it to wrk
+    // (exec'd in its place): wrk stops and prints its report.
+    unsafe { libc::kill(wrk.id() as i32, libc::SIGINT) };
+    let out = wrk.wait_with_output().context("wait for wrk")?;
+    let churned = churned?;
+    let report = String::from_utf8_lossy(&out.stdout).to_string();
+    let requests: u64 = report
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no request count in wrk's report: {report}"))?;
+    ensure!(
+        requests > 100 && !report.contains("Non-2xx") && !report.contains("Socket errors"),
+        "wrk against busy.example.com during 100 label changes ({churned:?}): {report}"
+    );
+    eprintln!("100 label changes in {churned:?}; wrk: {requests} requests, none failed");
+    // And the copy of busy's host never took it.
+    let r = route_of(lab, "node1", "busy.example.com")?;
+    ensure!(r["service"] == "busy", "busy.example.com is held by {r}");
+
+    // 6. --service-cluster: node2 serves only the routes labelled with its cluster.
+    service(
+        "blue",
+        &["appnet"],
+        &[
+            ("hosts", "blue.example.com"),
+            ("port", "7000"),
+            ("service_cluster", "blue"),
+        ],
+        &[],
+        &["labtool", "http-echo", "7000"],
+    )?;
+    m.wait_running("blue", 1)?;
+    lab.meshds[1].restart_with_args(&["--service-cluster", "blue"])?;
+    answers(&lan, NODES[1], "blue.example.com")?;
+    let g = get(&lan, NODES[1], "vip.example.com", "/")?;
+    ensure!(
+        g.status == 404,
+        "node2 (cluster blue) served vip.example.com: {}",
+        g.status
+    );
+    let g = get(&lan, NODES[0], "blue.example.com", "/")?;
+    ensure!(
+        g.status == 404,
+        "node1 (no cluster) served blue.example.com: {}",
+        g.status
+    );
+    answers(&lan, NODES[0], "vip.example.com")?;
+    let v = lab.meshd("node2")?.ctl(&["routes"])?;
+    ensure!(
+        v["cluster"] == "blue",
+        "node2's meshctl routes: cluster {}",
+        v["cluster"]
+    );
+    Ok(())
 }

@@ -61,6 +61,12 @@ pub enum Which {
         #[arg(long, default_value_t = 32)]
         connections: u32,
     },
+    /// Label change to first request served by the new route, with 1 and with 50 networks.
+    L7Reconfig {
+        /// Label changes per network count.
+        #[arg(long, default_value_t = 15)]
+        rounds: usize,
+    },
     /// meshd's DNS server against unbound serving the same names (dnsperf).
     Dns {
         /// Interleaved rounds per server.
@@ -93,6 +99,7 @@ pub fn run(which: Which) -> Result<()> {
             seconds,
             connections,
         } => crate::bench_l7::l7(rounds, seconds, connections),
+        Which::L7Reconfig { rounds } => crate::bench_l7_reconfig::reconfig(rounds),
         Which::Control {
             services,
             changes,

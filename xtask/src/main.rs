@@ -9,6 +9,7 @@ mod bench_control;
 mod bench_dns;
 mod bench_ingress;
 mod bench_l7;
+mod bench_l7_reconfig;
 mod lab;
 
 #[derive(Parser)]

@@ -48,6 +48,9 @@ enum Command {
         #[command(flatten)]
         docker: Box<DockerArgs>,
     },
+    /// Internal: the L7 front end's socket helper (started by meshd itself).
+    #[command(hide = true)]
+    L7SocketMaker,
 }
 
 /// Where Docker state comes from.
@@ -171,6 +174,10 @@ struct L7Args {
     /// How long a stopping meshd lets requests in flight finish (seconds).
     #[arg(long, default_value_t = 10)]
     l7_grace_s: u64,
+    /// The CA bundle (PEM) that com.docker.lb.ssl_backend_tls_verify=required checks
+    /// upstream certificates against; read again when it changes.
+    #[arg(long, default_value = meshd::l7::proxy::DEFAULT_BACKEND_CA)]
+    l7_backend_ca: PathBuf,
 }
 
 impl L7Args {
@@ -194,6 +201,7 @@ impl L7Args {
                 read_timeout: Duration::from_secs(self.l7_read_timeout_s.max(1)),
                 max_header_bytes: self.l7_max_header_bytes,
                 access_log: self.l7_access_log,
+                backend_ca: self.l7_backend_ca.clone(),
             },
         })
     }
@@ -460,6 +468,9 @@ fn real_main() -> Result<()> {
         fmt.json().init();
     } else {
         fmt.init();
+    }
+    if let Some(Command::L7SocketMaker) = cli.command {
+        return meshd::l7::connector::helper_main();
     }
     if let Some(Command::Reset { pin_dir }) = cli.command {
         ebpf::reset(&pin_dir)?;

@@ -192,10 +192,13 @@ fn network_of(state: &ClusterState, service_id: &str, spec: &RouteSpec) -> Resul
             .iter()
             .any(|p| p.mode == PublishMode::Host && p.target == spec.port)
     });
+    // Seed 004's host mode: a host-mode port and no network named is reached at the
+    // task's node, whatever networks the service is also on.
+    if host_port {
+        return Ok(Via::Host);
+    }
     match nets.len() {
-        _ if host_port && nets.is_empty() => Ok(Via::Host),
         1 => Ok(Via::Network(nets.into_iter().next().expect("one"))),
-        0 if host_port => Ok(Via::Host),
         0 => Err(format!(
             "it is on no network and publishes no host-mode port {}: nothing to reach it by",
             spec.port

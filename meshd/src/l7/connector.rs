@@ -6,14 +6,15 @@
 //! home, for each new connection; connecting and all I/O then run on the async workers like
 //! any other socket. Namespaces are opened by path each time and never held: holding one
 //! would keep a gone container's namespace alive. Pooling (hyper's client) makes new
-//! connections rare.
+//! connections rare. TLS to the upstream, where a route asks for it, is `backend_tls`.
 use std::{
     collections::HashMap,
     fs::File,
     future::Future,
     hash::{Hash, Hasher},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    os::fd::{FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::{Path, PathBuf},
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
@@ -26,6 +27,8 @@ use hyper_util::rt::TokioIo;
 use nix::sched::{setns, CloneFlags};
 use tokio::net::{TcpSocket, TcpStream};
 
+use super::backend_tls::{BackendTls, BackendTrust, UpstreamIo};
+
 type Job = (
     Option<String>,
     tokio::sync::oneshot::Sender<Result<OwnedFd>>,
@@ -37,15 +40,52 @@ pub struct SocketMaker {
     jobs: std::sync::mpsc::Sender<Job>,
 }
 
+/// The child cgroup (under the one meshd's socket programs are attached to) that the
+/// socket-making helper process lives in.
+pub const HELPER_CGROUP: &str = "meshd-l7-sockets";
+
 impl SocketMaker {
+    /// Sockets made by this process: meshd's own cgroup, which the socket load balancer
+    /// is not attached to, so a VIP is not translated for them.
     pub fn start() -> Result<SocketMaker> {
-        let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let home = File::open("/proc/thread-self/ns/net").context("open this namespace")?;
+        Self::serve(move |path| make(path, &home))
+    }
+
+    /// Sockets made by a helper process (this binary, `meshd l7-socket-maker`) placed in
+    /// a cgroup below `cgroup`, where meshd's socket programs are attached: a socket keeps
+    /// the cgroup it was made in, so an upstream connection to a service VIP
+    /// (`backend_mode=vip`) is balanced by the datapath exactly as a container's is. The
+    /// helper dies with meshd (parent-death signal); its descriptors come back over a
+    /// socket pair (SCM_RIGHTS).
+    pub fn start_in_cgroup(cgroup: &Path) -> Result<SocketMaker> {
+        let helper = Helper::spawn(cgroup)?;
+        let home = File::open("/proc/thread-self/ns/net").context("open this namespace")?;
+        let lost = std::sync::atomic::AtomicBool::new(false);
+        Self::serve(move |path| {
+            if !lost.load(std::sync::atomic::Ordering::Relaxed) {
+                match helper.socket(path) {
+                    Ok(made) => return made,
+                    Err(e) => {
+                        // Upstreams keep working; only VIPs go untranslated from here on.
+                        tracing::warn!(error = %format!("{e:#}"), "L7: the socket helper is gone; making upstream sockets in meshd itself");
+                        lost.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }
+            make(path, &home)
+        })
+    }
+
+    fn serve(
+        make: impl Fn(Option<&str>) -> Result<OwnedFd> + Send + 'static,
+    ) -> Result<SocketMaker> {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("meshd-l7-sockets".into())
             .spawn(move || {
                 for (path, reply) in rx {
-                    let _ = reply.send(make(path.as_deref(), &home));
+                    let _ = reply.send(make(path.as_deref()));
                 }
             })
             .context("spawn the L7 socket thread")?;
@@ -59,6 +99,137 @@ impl SocketMaker {
             .send((netns, tx))
             .map_err(|_| anyhow!("the L7 socket thread is gone"))?;
         rx.await.context("the L7 socket thread is gone")?
+    }
+}
+
+/// The socket-making helper process, seen from meshd.
+struct Helper {
+    child: std::process::Child,
+    link: OwnedFd,
+    cgroup: PathBuf,
+}
+
+impl Helper {
+    fn spawn(cgroup: &Path) -> Result<Helper> {
+        use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+        let dir = cgroup.join(HELPER_CGROUP);
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let (link, theirs) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .context("socketpair")?;
+        let exe = std::env::current_exe().context("find meshd's own binary")?;
+        let mut child = std::process::Command::new(&exe)
+            .arg("l7-socket-maker")
+            .stdin(std::process::Stdio::from(theirs))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .with_context(|| format!("start {} l7-socket-maker", exe.display()))?;
+        // Before its first socket: every one it makes is made in that cgroup.
+        if let Err(e) = std::fs::write(dir.join("cgroup.procs"), child.id().to_string()) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e)
+                .with_context(|| format!("move the socket helper into {}", dir.display()));
+        }
+        Ok(Helper {
+            child,
+            link,
+            cgroup: dir,
+        })
+    }
+
+    /// A socket, or why the helper could not make one; Err: the helper is unreachable.
+    fn socket(&self, netns: Option<&str>) -> Result<Result<OwnedFd>> {
+        use nix::sys::socket::{recvmsg, send, ControlMessageOwned, MsgFlags};
+        send(
+            self.link.as_raw_fd(),
+            netns.unwrap_or_default().as_bytes(),
+            MsgFlags::empty(),
+        )
+        .context("ask the socket helper")?;
+        let mut buf = [0u8; 512];
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let mut space = nix::cmsg_space!(std::os::fd::RawFd);
+        let msg = recvmsg::<()>(
+            self.link.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .context("hear from the socket helper")?;
+        let mut fd = None;
+        for c in msg.cmsgs().context("the socket helper's answer")? {
+            if let ControlMessageOwned::ScmRights(fds) = c {
+                for raw in fds {
+                    // SAFETY: a descriptor just received, owned by nobody else.
+                    let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+                    fd.get_or_insert(owned);
+                }
+            }
+        }
+        let n = msg.bytes;
+        match fd {
+            Some(fd) => Ok(Ok(fd)),
+            None if n == 0 => Err(anyhow!("the socket helper closed its end")),
+            None => Ok(Err(anyhow!("{}", String::from_utf8_lossy(&buf[..n])))),
+        }
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir(&self.cgroup);
+    }
+}
+
+/// `meshd l7-socket-maker`: the helper's side. Makes a socket in the namespace each
+/// request names (empty: its own) and sends it back, or the reason it could not; ends
+/// when meshd closes the link or dies.
+pub fn helper_main() -> Result<()> {
+    use nix::sys::socket::{recv, sendmsg, ControlMessage, MsgFlags};
+    // SAFETY: asks the kernel to kill this process when its parent (meshd) dies.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    let link = 0;
+    let home = File::open("/proc/thread-self/ns/net").context("open this namespace")?;
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = recv(link, &mut buf, MsgFlags::empty()).context("read a request")?;
+        if n == 0 {
+            return Ok(());
+        }
+        let path = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let made = make((!path.is_empty()).then_some(path.as_str()), &home);
+        match made {
+            Ok(fd) => {
+                let fds = [fd.as_raw_fd()];
+                sendmsg::<()>(
+                    link,
+                    &[std::io::IoSlice::new(b"ok")],
+                    &[ControlMessage::ScmRights(&fds)],
+                    MsgFlags::empty(),
+                    None,
+                )
+                .context("send a socket")?;
+            }
+            Err(e) => {
+                let why = format!("{e:#}");
+                let why = &why.as_bytes()[..why.len().min(500)];
+                sendmsg::<()>(
+                    link,
+                    &[std::io::IoSlice::new(why)],
+                    &[],
+                    MsgFlags::empty(),
+                    None,
+                )
+                .context("send a failure")?;
+            }
+        }
     }
 }
 
@@ -87,36 +258,37 @@ fn make(netns: Option<&str>, home: &File) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Where an upstream is: an address, and the namespace to open connections from. It travels
-/// to the connector as the request URI's authority (`10-0-1-5.<namespace tag>.meshd:8080`),
-/// so hyper's pool keeps connections apart per namespace and address (two networks may
-/// use the same addresses).
+/// Where an upstream is: an address, the namespace to open connections from, and whether
+/// to speak TLS to it. It travels to the connector as the request URI's authority
+/// (`10-0-1-5.<origin tag>.meshd:8080`), so hyper's pool keeps connections apart per
+/// origin and address (two networks may use the same addresses; a TLS connection made for
+/// one server name is not reused for another).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Target {
     pub addr: SocketAddrV4,
     pub netns: Option<String>,
+    pub tls: Option<BackendTls>,
 }
 
-/// Namespace tags the connector has seen, to find the path again.
-#[derive(Clone, Default)]
-pub struct Namespaces(Arc<Mutex<HashMap<u64, String>>>);
+/// What a tag in an authority stands for.
+type Origin = (Option<String>, Option<BackendTls>);
 
-impl Namespaces {
-    /// The URI authority for `t` (registering its namespace).
+/// Origin tags the connector has seen, to find the namespace and TLS wish again.
+#[derive(Clone, Default)]
+pub struct Origins(Arc<Mutex<HashMap<u64, Origin>>>);
+
+impl Origins {
+    /// The URI authority for `t` (registering its origin).
     pub fn authority(&self, t: &Target) -> String {
-        let tag = match &t.netns {
-            Some(p) => {
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                p.hash(&mut h);
-                let tag = h.finish() | 1;
-                self.0
-                    .lock()
-                    .unwrap()
-                    .entry(tag)
-                    .or_insert_with(|| p.clone());
-                tag
-            }
-            None => 0,
+        let tag = if t.netns.is_none() && t.tls.is_none() {
+            0
+        } else {
+            let origin = (t.netns.clone(), t.tls.clone());
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            origin.hash(&mut h);
+            let tag = h.finish() | 1;
+            self.0.lock().unwrap().entry(tag).or_insert(origin);
+            tag
         };
         let o = t.addr.ip().octets();
         format!(
@@ -145,27 +317,30 @@ impl Namespaces {
             return Err(anyhow!("not an upstream address: {host}"));
         };
         let tag = u64::from_str_radix(parts.next().unwrap_or_default(), 16)
-            .context("not a namespace tag")?;
-        let netns = match tag {
-            0 => None,
-            t => Some(
-                self.0
-                    .lock()
-                    .unwrap()
-                    .get(&t)
-                    .cloned()
-                    .context("unknown namespace tag")?,
-            ),
+            .context("not an origin tag")?;
+        let (netns, tls) = match tag {
+            0 => (None, None),
+            t => self
+                .0
+                .lock()
+                .unwrap()
+                .get(&t)
+                .cloned()
+                .context("unknown origin tag")?,
         };
         Ok(Target {
             addr: SocketAddrV4::new(Ipv4Addr::new(a, b, c, d), port),
             netns,
+            tls,
         })
     }
 
-    /// Forgets the tags of namespaces no route uses any more.
+    /// Forgets the origins in namespaces no route uses any more.
     pub fn retain(&self, used: &std::collections::BTreeSet<String>) {
-        self.0.lock().unwrap().retain(|_, p| used.contains(p));
+        self.0
+            .lock()
+            .unwrap()
+            .retain(|_, (p, _)| p.as_ref().is_none_or(|p| used.contains(p)));
     }
 }
 
@@ -173,8 +348,9 @@ impl Namespaces {
 #[derive(Clone)]
 pub struct Connector {
     pub maker: SocketMaker,
-    pub namespaces: Namespaces,
+    pub origins: Origins,
     pub timeout: Duration,
+    pub trust: Arc<BackendTrust>,
 }
 
 impl Connector {
@@ -200,7 +376,7 @@ impl Connector {
 }
 
 impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<TcpStream>;
+    type Response = TokioIo<UpstreamIo>;
     type Error = std::io::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -212,10 +388,24 @@ impl tower_service::Service<Uri> for Connector {
         let this = self.clone();
         Box::pin(async move {
             let t = this
-                .namespaces
+                .origins
                 .target(&uri)
                 .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
-            Ok(TokioIo::new(this.connect(&t).await?))
+            let tcp = this.connect(&t).await?;
+            Ok(TokioIo::new(match &t.tls {
+                None => UpstreamIo::Plain(tcp),
+                Some(tls) => {
+                    // The handshake is part of connecting: it has the connect timeout too.
+                    let hs = this.trust.connect(tls, tcp);
+                    let s = tokio::time::timeout(this.timeout, hs).await.map_err(|_| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("TLS handshake with {} timed out", t.addr),
+                        )
+                    })??;
+                    UpstreamIo::Tls(Box::new(s))
+                }
+            }))
         })
     }
 }
@@ -226,25 +416,44 @@ mod tests {
 
     #[test]
     fn an_authority_names_its_target_again() {
-        let ns = Namespaces::default();
+        let ns = Origins::default();
         let t = Target {
             addr: "10.0.1.5:8080".parse().unwrap(),
             netns: Some("/run/docker/netns/abc".into()),
+            tls: None,
         };
         let uri: Uri = format!("http://{}/x", ns.authority(&t)).parse().unwrap();
         assert_eq!(ns.target(&uri).unwrap(), t);
         let host = Target {
             addr: "192.168.0.2:8081".parse().unwrap(),
             netns: None,
+            tls: None,
         };
         let uri: Uri = format!("http://{}/", ns.authority(&host)).parse().unwrap();
         assert_eq!(ns.target(&uri).unwrap(), host);
+        // The same address and namespace with TLS, for two names: three origins apart.
+        let tls = |name: &str| Target {
+            tls: Some(BackendTls {
+                server_name: name.into(),
+                verify: true,
+            }),
+            ..t.clone()
+        };
+        let (a, b) = (
+            ns.authority(&tls("a.example")),
+            ns.authority(&tls("b.example")),
+        );
+        assert!(a != b && a != ns.authority(&t), "{a} {b}");
+        let uri: Uri = format!("https://{b}/").parse().unwrap();
+        assert_eq!(ns.target(&uri).unwrap(), tls("b.example"));
         let uri: Uri = format!("http://{}/x", ns.authority(&t)).parse().unwrap();
         ns.retain(&Default::default());
         assert!(
             ns.target(&uri).is_err(),
             "a namespace no route uses is forgotten"
         );
+        let uri: Uri = format!("https://{b}/").parse().unwrap();
+        assert!(ns.target(&uri).is_err(), "with its TLS origins");
     }
 
     #[tokio::test]

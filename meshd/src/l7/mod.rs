@@ -6,6 +6,7 @@
 //! - `table`: the routes as requests are matched against them, swapped whole on a change.
 //! - `connector`: upstream sockets made inside a namespace on the upstream's network.
 //! - `proxy`: the listeners and the request path.
+pub mod backend_tls;
 pub mod connector;
 pub mod labels;
 pub mod proxy;
@@ -126,6 +127,12 @@ impl RoutesView {
                 }
                 _ => "none".to_string(),
             };
+            // What the upstream leg speaks, after the client's leg.
+            let tls = match (spec.ssl_backend, spec.ssl_backend_tls_verify) {
+                (false, _) => tls,
+                (true, labels::TlsVerify::Required) => format!("{tls}; to the backend: verified"),
+                (true, labels::TlsVerify::None) => format!("{tls}; to the backend: unverified"),
+            };
             for k in r.keys() {
                 routes.push(RouteView {
                     host: k.host,
@@ -219,7 +226,7 @@ impl Applier for L7Applier {
         }
         self.proxy.table.store(Arc::new(table));
         let used: BTreeSet<String> = desired.l7_netns.values().cloned().collect();
-        self.proxy.namespaces.retain(&used);
+        self.proxy.origins.retain(&used);
         info!(
             routes,
             changed = changed.l7.len(),

@@ -32,7 +32,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
 use super::{
-    connector::{Connector, Namespaces, SocketMaker, Target},
+    backend_tls::{BackendTls, BackendTrust},
+    connector::{Connector, Origins, SocketMaker, Target},
     sni,
     table::{normalize_host, RouteTable, Served},
 };
@@ -64,7 +65,12 @@ pub struct ProxySettings {
     pub max_header_bytes: usize,
     /// A log line per request (`meshd::l7::access`, info).
     pub access_log: bool,
+    /// The CA bundle `ssl_backend_tls_verify=required` verifies upstreams against.
+    pub backend_ca: std::path::PathBuf,
 }
+
+/// Debian's system trust store.
+pub const DEFAULT_BACKEND_CA: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 impl Default for ProxySettings {
     fn default() -> Self {
@@ -79,6 +85,7 @@ impl Default for ProxySettings {
             read_timeout: Duration::from_secs(600),
             max_header_bytes: 32 << 10,
             access_log: false,
+            backend_ca: DEFAULT_BACKEND_CA.into(),
         }
     }
 }
@@ -89,7 +96,7 @@ pub struct Proxy {
     pub nodes: ArcSwap<std::collections::BTreeSet<std::net::Ipv4Addr>>,
     /// Certificates for HTTPS (None: no HTTPS listener).
     pub tls: Option<Arc<super::tls::CertStore>>,
-    pub namespaces: Namespaces,
+    pub origins: Origins,
     /// Makes the upstream sockets of every worker's client, and passthrough connections.
     connector: Connector,
     /// Set once meshd is stopping.
@@ -103,21 +110,33 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// `sockets_cgroup`: the cgroup meshd's socket programs are attached to, for upstream
+    /// sockets to be made under (see `SocketMaker::start_in_cgroup`).
     pub fn new(
         settings: ProxySettings,
         tls: Option<Arc<super::tls::CertStore>>,
+        sockets_cgroup: Option<&std::path::Path>,
     ) -> Result<Arc<Proxy>> {
-        let namespaces = Namespaces::default();
+        let origins = Origins::default();
+        let maker = match sockets_cgroup.map(SocketMaker::start_in_cgroup) {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                warn!(error = %format!("{e:#}"), "L7: no socket helper in the containers' cgroup; backend_mode=vip upstreams are not balanced");
+                SocketMaker::start()?
+            }
+            None => SocketMaker::start()?,
+        };
         let connector = Connector {
-            maker: SocketMaker::start()?,
-            namespaces: namespaces.clone(),
+            maker,
+            origins: origins.clone(),
             timeout: settings.connect_timeout,
+            trust: Arc::new(BackendTrust::new(settings.backend_ca.clone())),
         };
         Ok(Arc::new(Proxy {
             table: ArcSwap::from_pointee(RouteTable::default()),
             nodes: ArcSwap::default(),
             tls,
-            namespaces,
+            origins,
             connector,
             stop: tokio::sync::watch::Sender::new(false),
             active: Arc::default(),
@@ -288,6 +307,7 @@ impl Proxy {
             let target = Target {
                 addr: up.addr,
                 netns: served.netns.clone(),
+                tls: None,
             };
             match self.connector.connect(&target).await {
                 Ok(mut upstream) => {
@@ -607,17 +627,28 @@ impl Proxy {
                         relays[(first + i) % relays.len()],
                         self.settings.http_port,
                     );
-                    (Target { addr, netns: None }, pq.clone())
+                    let t = Target {
+                        addr,
+                        netns: None,
+                        tls: None,
+                    };
+                    (t, pq.clone())
                 })
                 .collect()
         } else {
             let path = rewritten_path(&parts.uri, prefix, spec.context_root_rewrite);
+            // ssl_backend: TLS to the task, named as the client named the host.
+            let tls = spec.ssl_backend.then(|| BackendTls {
+                server_name: bare_host.clone(),
+                verify: spec.ssl_backend_tls_verify == super::labels::TlsVerify::Required,
+            });
             (0..ups.len())
                 .map(|i| {
                     let up = &ups[(first + i) % ups.len()];
                     let t = Target {
                         addr: up.addr,
                         netns: served.netns.clone(),
+                        tls: tls.clone(),
                     };
                     (t, path.clone())
                 })
@@ -643,8 +674,13 @@ impl Proxy {
             let b: UpBody = body
                 .take()
                 .unwrap_or_else(|| Empty::new().map_err(|e| match e {}).boxed());
-            let Ok(uri) = format!("http://{}{path}", self.namespaces.authority(target)).parse()
-            else {
+            let scheme = if target.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            let authority = self.origins.authority(target);
+            let Ok(uri) = format!("{scheme}://{authority}{path}").parse() else {
                 return text(
                     StatusCode::BAD_GATEWAY,
                     "meshd: bad upstream address\n".into(),

@@ -157,6 +157,12 @@ impl EbpfDatapath {
         cgroup: &Path,
         ingress: Option<ingress::IngressSettings>,
     ) -> Result<Self> {
+        if OBJECT.is_empty() {
+            bail!(
+                "this meshd was built before the eBPF toolchain was installed, so it holds no \
+                 eBPF programs: run `cargo xtask setup` as root, then build meshd again"
+            );
+        }
         ensure_bpffs(pin_dir)?;
         let cgroup_file =
             File::open(cgroup).with_context(|| format!("open cgroup {}", cgroup.display()))?;

@@ -1,6 +1,7 @@
 //! A small tool that lives in the lab image next to busybox, for what busybox lacks here:
 //! a UDP server, UDP and peer-address probes, and the benchmark's echo server and clients.
-//! std only, so it runs in a bare image with just the C library beside it.
+//! std (and rustls, pure Rust) only, so it runs in a bare image with just the C library
+//! beside it.
 mod ws;
 
 use std::{
@@ -15,7 +16,8 @@ fn usage() -> ! {
          \x20      serve-peer PORT | tcp-read ADDR:PORT |\n\
          \x20      tcp-echo PORT | rr ADDR:PORT SECONDS | crr ADDR:PORT SECONDS |\n\
          \x20      rr-alt|crr-alt SECONDS ADDR:PORT... |\n\
-         \x20      http-serve PORT | http-echo PORT | http-loop HOST:PORT STOPFILE OUTFILE |\n\
+         \x20      http-serve PORT | http-echo PORT |\n\
+         \x20      https-echo PORT CERT KEY | http-loop HOST:PORT STOPFILE OUTFILE |\n\
          \x20      ws-serve PORT | ws-ask ADDR:PORT HOST PATH TEXT"
     );
     std::process::exit(2)
@@ -62,6 +64,9 @@ fn main() {
         ),
         ["http-serve", port] => http_serve(port.parse().unwrap_or_else(|_| usage())),
         ["http-echo", port] => http_echo(port.parse().unwrap_or_else(|_| usage())),
+        ["https-echo", port, cert, key] => {
+            https_echo(port.parse().unwrap_or_else(|_| usage()), cert, key)
+        }
         ["ws-serve", port] => ws::serve(port.parse().unwrap_or_else(|_| usage()), hostname()),
         ["ws-ask", target, host, path, text] => match ws::ask(addr(target), host, path, text) {
             Ok(answer) => println!("{answer}"),
@@ -310,50 +315,87 @@ fn http_echo(port: u16) {
         let name = name.clone();
         std::thread::spawn(move || {
             let _ = s.set_nodelay(true);
-            let mut r = std::io::BufReader::new(s);
-            loop {
-                let mut head = Vec::new();
-                loop {
-                    let mut line = String::new();
-                    match std::io::BufRead::read_line(&mut r, &mut line) {
-                        Ok(0) | Err(_) => return,
-                        Ok(_) => {}
-                    }
-                    let line = line.trim_end().to_string();
-                    if line.is_empty() {
-                        break;
-                    }
-                    head.push(line);
-                }
-                let length: usize = head
-                    .iter()
-                    .filter_map(|h| h.split_once(':'))
-                    .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-                    .and_then(|(_, v)| v.trim().parse().ok())
-                    .unwrap_or(0);
-                let mut body = vec![0u8; length];
-                if r.read_exact(&mut body).is_err() {
-                    return;
-                }
-                // `/sleep/MS`: answers after that long (a request in flight, for tests).
-                let ms = head
-                    .first()
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|p| p.strip_prefix("/sleep/"))
-                    .and_then(|n| n.parse::<u64>().ok());
-                if let Some(ms) = ms {
-                    std::thread::sleep(Duration::from_millis(ms.min(60_000)));
-                }
-                let answer = format!("{name}\n{}\n", head.join("\n"));
-                let out = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{answer}",
-                    answer.len()
-                );
-                if r.get_mut().write_all(out.as_bytes()).is_err() {
-                    return;
-                }
-            }
+            echo_requests(s, &name);
         });
+    }
+}
+
+/// `http-echo` over TLS, with the certificate chain and key of two PEM files (swarm
+/// delivers them as configs or secrets): an upstream for `ssl_backend` routes.
+fn https_echo(port: u16, cert: &str, key: &str) {
+    let read = |p: &str| std::fs::read(p).unwrap_or_else(|e| fail(&format!("{p}: {e}")));
+    let chain = rustls_pemfile::certs(&mut read(cert).as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap_or_else(|e| fail(&format!("{cert}: {e}")));
+    let key = rustls_pemfile::private_key(&mut read(key).as_slice())
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| fail(&format!("{key}: no private key")));
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key))
+        .unwrap_or_else(|e| fail(&format!("TLS configuration: {e}")));
+    let config = std::sync::Arc::new(config);
+    let l = TcpListener::bind(("0.0.0.0", port)).unwrap_or_else(|e| fail(&e.to_string()));
+    let name = hostname();
+    for s in l.incoming().flatten() {
+        let (name, config) = (name.clone(), config.clone());
+        std::thread::spawn(move || {
+            let _ = s.set_nodelay(true);
+            let Ok(conn) = rustls::ServerConnection::new(config) else {
+                return;
+            };
+            echo_requests(rustls::StreamOwned::new(conn, s), &name);
+        });
+    }
+}
+
+/// Answers HTTP/1.1 requests on one connection until it closes: this container's name,
+/// then the request line and headers as they came.
+fn echo_requests<S: Read + Write>(s: S, name: &str) {
+    let mut r = std::io::BufReader::new(s);
+    loop {
+        let mut head = Vec::new();
+        loop {
+            let mut line = String::new();
+            match std::io::BufRead::read_line(&mut r, &mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            let line = line.trim_end().to_string();
+            if line.is_empty() {
+                break;
+            }
+            head.push(line);
+        }
+        let length: usize = head
+            .iter()
+            .filter_map(|h| h.split_once(':'))
+            .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0u8; length];
+        if r.read_exact(&mut body).is_err() {
+            return;
+        }
+        // `/sleep/MS`: answers after that long (a request in flight, for tests).
+        let ms = head
+            .first()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|p| p.strip_prefix("/sleep/"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(ms) = ms {
+            std::thread::sleep(Duration::from_millis(ms.min(60_000)));
+        }
+        let answer = format!("{name}\n{}\n", head.join("\n"));
+        let out = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{answer}",
+            answer.len()
+        );
+        if r.get_mut().write_all(out.as_bytes()).is_err() || r.get_mut().flush().is_err() {
+            return;
+        }
     }
 }
 
