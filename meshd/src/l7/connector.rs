@@ -371,8 +371,21 @@ impl Connector {
                 )
             })??;
         let _ = stream.set_nodelay(true);
+        let _ = dead_peer_probes(&stream);
         Ok(stream)
     }
+}
+
+/// TCP keep-alive probes after 10 s of silence, every 3 s, 3 unanswered: an upstream whose
+/// container vanished without a word (its veth gone with it) fails the request waiting on
+/// it within about 20 s, not at the 600 s read timeout. A live task's kernel answers the
+/// probes however long its application takes.
+fn dead_peer_probes(s: &TcpStream) -> nix::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    setsockopt(s, sockopt::KeepAlive, &true)?;
+    setsockopt(s, sockopt::TcpKeepIdle, &10)?;
+    setsockopt(s, sockopt::TcpKeepInterval, &3)?;
+    setsockopt(s, sockopt::TcpKeepCount, &3)
 }
 
 impl tower_service::Service<Uri> for Connector {
@@ -454,6 +467,33 @@ mod tests {
         );
         let uri: Uri = format!("https://{b}/").parse().unwrap();
         assert!(ns.target(&uri).is_err(), "with its TLS origins");
+    }
+
+    #[tokio::test]
+    async fn upstream_connections_probe_for_a_dead_peer() {
+        use nix::sys::socket::{getsockopt, sockopt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = match l.local_addr().unwrap() {
+            SocketAddr::V4(a) => a,
+            a => panic!("{a}"),
+        };
+        let c = Connector {
+            maker: SocketMaker::start().unwrap(),
+            origins: Origins::default(),
+            timeout: Duration::from_secs(2),
+            trust: Arc::new(BackendTrust::new("/nonexistent".into())),
+        };
+        let s = c
+            .connect(&Target {
+                addr,
+                netns: None,
+                tls: None,
+            })
+            .await
+            .unwrap();
+        assert!(getsockopt(&s, sockopt::KeepAlive).unwrap());
+        assert_eq!(getsockopt(&s, sockopt::TcpKeepIdle).unwrap(), 10);
+        assert_eq!(getsockopt(&s, sockopt::TcpKeepCount).unwrap(), 3);
     }
 
     #[tokio::test]
