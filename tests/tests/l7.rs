@@ -1073,14 +1073,7 @@ fn backends_scenario(lab: &mut Lab) -> Result<()> {
     }
     m.wait_running("busy", 1)?;
     answers(&lan, NODES[0], "busy.example.com")?;
-    let wrk = Command::new("ip")
-        .args(["netns", "exec", &lan, "wrk", "-t1", "-c8", "-d300s", "-H"])
-        .arg("Host: busy.example.com")
-        .arg(format!("http://{}/", NODES[0]))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .context("start wrk")?;
+    let wrk = Wrk::start(&lan, NODES[0], "busy.example.com")?;
     let changes: [&[&str]; 5] = [
         &["--label-add", "com.docker.lb.ports=7000"],
         &[
@@ -1152,12 +1145,8 @@ fn backends_scenario(lab: &mut Lab) -> Result<()> {
         }
         Ok(t0.elapsed())
     })();
-    // SAFETY: SIGINT to the `ip netns exec` this test started, which passes it to wrk
-    // (exec'd in its place): wrk stops and prints its report.
-    unsafe { libc::kill(wrk.id() as i32, libc::SIGINT) };
-    let out = wrk.wait_with_output().context("wait for wrk")?;
+    let report = wrk.stop()?;
     let churned = churned?;
-    let report = String::from_utf8_lossy(&out.stdout).to_string();
     let requests: u64 = report
         .lines()
         .find(|l| l.contains("requests in"))
@@ -1172,7 +1161,74 @@ fn backends_scenario(lab: &mut Lab) -> Result<()> {
     let r = route_of(lab, "node1", "busy.example.com")?;
     ensure!(r["service"] == "busy", "busy.example.com is held by {r}");
 
-    // 6. --service-cluster: node2 serves only the routes labelled with its cluster.
+    // 6. A task killed without warning under load (SIGKILL, on the other node): requests
+    //    in flight on it may fail, no more than one per wrk connection; the next ones go to
+    //    live tasks.
+    service(
+        "mid",
+        &["appnet"],
+        &[("hosts", "mid.example.com"), ("port", "7000")],
+        &["--replicas-max-per-node", "1"],
+        &["labtool", "http-echo", "7000"],
+    )?;
+    m.docker(&["service", "scale", "-d", "mid=2"])?;
+    m.wait_running("mid", 2)?;
+    let node2 = lab.node("node2")?;
+    let victim = node2
+        .docker(&[
+            "ps",
+            "-q",
+            "--filter",
+            "label=com.docker.swarm.service.name=mid",
+        ])?
+        .trim()
+        .to_string();
+    ensure!(!victim.is_empty(), "no mid task on node2");
+    let victim_name = victim.chars().take(12).collect::<String>();
+    // Both tasks answer through node1 before the load starts.
+    let mut seen = BTreeSet::new();
+    wait_for("both mid tasks to answer", Duration::from_secs(20), || {
+        let g = get(&lan, NODES[0], "mid.example.com", "/").ok()?;
+        seen.insert(g.task().to_string());
+        (seen.len() == 2).then_some(())
+    })?;
+    let wrk = Wrk::start(&lan, NODES[0], "mid.example.com")?;
+    let killed = (|| -> Result<()> {
+        wait_for("wrk to load mid", Duration::from_secs(10), || {
+            let r = route_of(lab, "node1", "mid.example.com").ok()?;
+            (r["requests"].as_u64()? > 200).then_some(())
+        })?;
+        node2.docker(&["kill", &victim])?;
+        // Load goes on until node1 no longer lists the dead task.
+        wait_for(
+            "node1 to drop the killed task",
+            Duration::from_secs(30),
+            || {
+                let r = route_of(lab, "node1", "mid.example.com").ok()?;
+                (r["backends"].as_array()?.len() == 1).then_some(())
+            },
+        )?;
+        Ok(())
+    })();
+    let report = wrk.stop()?;
+    killed?;
+    let failed = wrk_failures(&report);
+    ensure!(
+        failed <= 8,
+        "{failed} requests failed when one of two tasks was killed: {report}"
+    );
+    eprintln!("a task killed under load: {failed} failed requests");
+    for _ in 0..10 {
+        let g = get(&lan, NODES[0], "mid.example.com", "/")?;
+        ensure!(
+            g.status == 200 && g.task() != victim_name,
+            "after the kill: {} from {:?}",
+            g.status,
+            g.task()
+        );
+    }
+
+    // 7. --service-cluster: node2 serves only the routes labelled with its cluster.
     service(
         "blue",
         &["appnet"],
@@ -1207,4 +1263,58 @@ fn backends_scenario(lab: &mut Lab) -> Result<()> {
         v["cluster"]
     );
     Ok(())
+}
+
+/// Requests wrk counts as failed: non-2xx/3xx answers and socket errors.
+fn wrk_failures(report: &str) -> u64 {
+    let mut n = 0;
+    for l in report.lines().map(str::trim) {
+        if let Some(v) = l.strip_prefix("Non-2xx or 3xx responses:") {
+            n += v.trim().parse::<u64>().unwrap_or(u64::MAX / 2);
+        }
+        if let Some(v) = l.strip_prefix("Socket errors:") {
+            // "connect 0, read 1, write 0, timeout 0"
+            n += v
+                .split(',')
+                .filter_map(|p| p.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    n
+}
+
+/// wrk loading `host` through `node` from the LAN machine until stopped (or dropped).
+struct Wrk(Option<std::process::Child>);
+
+impl Wrk {
+    fn start(lan: &str, node: &str, host: &str) -> Result<Wrk> {
+        let child = Command::new("ip")
+            .args(["netns", "exec", lan, "wrk", "-t1", "-c8", "-d300s", "-H"])
+            .arg(format!("Host: {host}"))
+            .arg(format!("http://{node}/"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("start wrk")?;
+        Ok(Wrk(Some(child)))
+    }
+
+    /// Stops wrk (SIGINT: it prints its report) and returns the report.
+    fn stop(mut self) -> Result<String> {
+        let child = self.0.take().context("wrk was stopped already")?;
+        // SAFETY: SIGINT to the `ip netns exec` this test started, which wrk was exec'd in
+        // place of.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let out = child.wait_with_output().context("wait for wrk")?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for Wrk {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }

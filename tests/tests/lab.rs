@@ -668,7 +668,13 @@ fn manager_loss_scenario(lab: &mut Lab) -> Result<()> {
     // The old handle must not remove the new meshd's socket when it drops.
     lab.meshds[4].detach();
     lab.meshds[4] = meshd_tests::Meshd::start_with(lab.node("node5")?, &pins, Some(&remote))?;
-    let st = lab.meshd("node5")?.status()?;
+    // The status names its swarm source once the swarm side has started.
+    let node5 = lab.meshd("node5")?;
+    let st = wait_for(
+        "node5's meshd to start its swarm side",
+        Duration::from_secs(20),
+        || node5.status().ok().filter(|st| !st["swarm"].is_null()),
+    )?;
     ensure!(
         st["mode"] == "manager_api" && st["swarm"]["endpoint"] == "tcp://192.168.100.1:2376",
         "node5's meshd should read node1's API first of 3: {}",

@@ -1,7 +1,9 @@
 //! `bench l7`: wrk from a machine on the LAN against one route, in one run, the paths taking
 //! turns round by round: straight to the backend task (routed by its node, no proxy: the
 //! baseline); nginx (Debian's) on the node as a reverse proxy for the same route with
-//! keep-alive upstreams; meshd's front end; and the same two over TLS.
+//! keep-alive upstreams; meshd's front end; meshd on a node with no presence on the
+//! backend's network, relaying to the node that has one (what such a route costs); and
+//! nginx and meshd over TLS.
 use std::{path::Path, process::Command};
 
 use anyhow::{ensure, Context, Result};
@@ -17,7 +19,8 @@ const HOST: &str = "bench.example.com";
 
 pub fn l7(rounds: usize, seconds: u32, connections: u32) -> Result<()> {
     ensure!(require_root("bench l7"), "bench l7 needs root");
-    let lab = Lab::up(LabSpec::new(&format!("{}bl", run_tag()), 1, 1))?;
+    // node2 runs nothing on the backend's network: its meshd relays to node1's.
+    let lab = Lab::up(LabSpec::new(&format!("{}bl", run_tag()), 2, 1))?;
     let m = lab.manager();
     let lan = lab.lan_client()?;
     let certs = lab.l7_certs();
@@ -31,6 +34,8 @@ pub fn l7(rounds: usize, seconds: u32, connections: u32) -> Result<()> {
         1,
         "1s",
         &[
+            "--constraint",
+            "node.hostname==node1",
             "--publish",
             "mode=host,target=7000,published=7001",
             "--label",
@@ -69,18 +74,21 @@ pub fn l7(rounds: usize, seconds: u32, connections: u32) -> Result<()> {
     let _etc = RemoveOnDrop(etc.clone());
     let nginx = nginx(&lab, &task, &certs)?;
 
-    let paths: [(&str, String); 5] = [
-        ("direct to the task", format!("http://{task}:7000/")),
-        ("nginx", format!("http://{HOST}:8088/")),
-        ("meshd", format!("http://{HOST}/")),
-        ("nginx, TLS", format!("https://{HOST}:8444/")),
-        ("meshd, TLS", format!("https://{HOST}:8443/")),
+    // (name, URL, the row its ratios are to)
+    let paths: [(&str, String, usize); 6] = [
+        ("direct to the task", format!("http://{task}:7000/"), 1),
+        ("nginx", format!("http://{HOST}:8088/"), 1),
+        ("meshd", format!("http://{HOST}/"), 1),
+        ("meshd, relayed", "http://192.168.100.2/".to_string(), 1),
+        ("nginx, TLS", format!("https://{HOST}:8444/"), 4),
+        ("meshd, TLS", format!("https://{HOST}:8443/"), 4),
     ];
-    for (name, url) in &paths {
+    let host = format!("Host: {HOST}");
+    for (name, url, _) in &paths {
         wait_for(
             &format!("{name} to answer"),
             std::time::Duration::from_secs(20),
-            || in_lan(&["curl", "-skf", "-m", "3", url]).ok(),
+            || in_lan(&["curl", "-skf", "-m", "3", "-H", &host, url]).ok(),
         )?;
     }
     let mut rps = vec![Vec::new(); paths.len()];
@@ -101,6 +109,8 @@ pub fn l7(rounds: usize, seconds: u32, connections: u32) -> Result<()> {
                 &format!("-c{connections}"),
                 &format!("-d{seconds}s"),
                 "--latency",
+                "-H",
+                &host,
                 &paths[i].1,
             ])?;
             let (r, p) = parse_wrk(&out).with_context(|| format!("wrk said {out}"))?;
@@ -122,8 +132,8 @@ pub fn l7(rounds: usize, seconds: u32, connections: u32) -> Result<()> {
     let ratio = |v: &[Vec<f64>], i: usize, base: usize| -> Vec<f64> {
         v[i].iter().zip(&v[base]).map(|(x, b)| x / b).collect()
     };
-    for (i, (name, _)) in paths.iter().enumerate() {
-        let base = if i >= 3 { 3 } else { 1 };
+    for (i, (name, _, base)) in paths.iter().enumerate() {
+        let base = *base;
         println!(
             "{:<22} {:>9.0} {:>22} {:>10.2} {:>22}",
             name,
