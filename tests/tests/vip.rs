@@ -180,6 +180,18 @@ fn scenario(lab: &mut OneNodeSwarm) -> Result<()> {
     node.docker(&["service", "scale", "-d", "web=3"])?;
     node.wait_running("web", 3)?;
     meshd.wait_backends("web", 3)?;
+    // Every container's namespace programmed too (a new task's entries can follow its
+    // backend by a moment): the restart below must find nothing left to write.
+    let containers = node.docker(&["ps", "-q"])?.lines().count();
+    wait_for(
+        "meshd to have programmed every container",
+        Duration::from_secs(20),
+        || {
+            let st = meshd.status().ok()?;
+            let known = st["counts"]["local_sandboxes"].as_u64()? as usize;
+            (known == containers && st["datapath"]["appliers"][0]["pending"] == false).then_some(())
+        },
+    )?;
     meshd.kill9();
     let seen = get_many(node, 30, "http://web/")?;
     ensure!(
