@@ -1255,6 +1255,8 @@ fn backends_scenario(lab: &mut Lab) -> Result<()> {
         "node1 (no cluster) served blue.example.com: {}",
         g.status
     );
+    // Still balanced through the VIP, well after start: the socket helper lives on (it
+    // once died with the short-lived thread that started it, and the VIP went dark).
     answers(&lan, NODES[0], "vip.example.com")?;
     let v = lab.meshd("node2")?.ctl(&["routes"])?;
     ensure!(

@@ -59,31 +59,59 @@ impl SocketMaker {
     /// helper dies with meshd (parent-death signal); its descriptors come back over a
     /// socket pair (SCM_RIGHTS).
     pub fn start_in_cgroup(cgroup: &Path) -> Result<SocketMaker> {
-        let helper = Helper::spawn(cgroup)?;
         let home = File::open("/proc/thread-self/ns/net").context("open this namespace")?;
-        let lost = std::sync::atomic::AtomicBool::new(false);
-        Self::serve(move |path| {
-            if !lost.load(std::sync::atomic::Ordering::Relaxed) {
-                match helper.socket(path) {
-                    Ok(made) => return made,
-                    Err(e) => {
-                        // Upstreams keep working; only VIPs go untranslated from here on.
-                        tracing::warn!(error = %format!("{e:#}"), "L7: the socket helper is gone; making upstream sockets in meshd itself");
-                        lost.store(true, std::sync::atomic::Ordering::Relaxed);
+        let cgroup = cgroup.to_path_buf();
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        // The helper is started from the thread that serves it for meshd's whole life: a
+        // parent-death signal fires when the *thread* that forked the child ends, so a
+        // short-lived thread (a runtime's blocking pool) would take the helper with it.
+        let jobs = Self::serve_with(move || {
+            let helper = Helper::spawn(&cgroup);
+            let ok = helper.as_ref().map(|_| ()).map_err(|e| format!("{e:#}"));
+            let _ = started_tx.send(ok);
+            let helper = helper.ok()?;
+            let lost = std::sync::atomic::AtomicBool::new(false);
+            Some(move |path: Option<&str>| {
+                if !lost.load(std::sync::atomic::Ordering::Relaxed) {
+                    match helper.socket(path) {
+                        Ok(made) => return made,
+                        Err(e) => {
+                            // Upstreams keep working; only VIPs go untranslated from here.
+                            tracing::warn!(error = %format!("{e:#}"), "L7: the socket helper is gone; making upstream sockets in meshd itself");
+                            lost.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
                     }
                 }
-            }
-            make(path, &home)
-        })
+                make(path, &home)
+            })
+        })?;
+        match started_rx.recv() {
+            Ok(Ok(())) => Ok(jobs),
+            Ok(Err(e)) => Err(anyhow!(e)),
+            Err(_) => Err(anyhow!("the L7 socket thread ended")),
+        }
     }
 
     fn serve(
         make: impl Fn(Option<&str>) -> Result<OwnedFd> + Send + 'static,
     ) -> Result<SocketMaker> {
+        Self::serve_with(move || Some(make))
+    }
+
+    /// The socket thread: `setup` runs on it first and gives the maker (None: the thread
+    /// ends, and every request fails).
+    fn serve_with<F, M>(setup: F) -> Result<SocketMaker>
+    where
+        F: FnOnce() -> Option<M> + Send + 'static,
+        M: Fn(Option<&str>) -> Result<OwnedFd>,
+    {
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("meshd-l7-sockets".into())
             .spawn(move || {
+                let Some(make) = setup() else {
+                    return;
+                };
                 for (path, reply) in rx {
                     let _ = reply.send(make(path.as_deref()));
                 }
