@@ -47,7 +47,9 @@ pub struct BackendTrust {
 }
 
 struct Verified {
-    stamp: Option<SystemTime>,
+    /// The file's modification time when last read (None: never read; Some(None): it
+    /// was missing).
+    stamp: Option<Option<SystemTime>>,
     config: Result<Arc<ClientConfig>, String>,
 }
 
@@ -92,8 +94,10 @@ impl BackendTrust {
             .and_then(|m| m.modified())
             .ok();
         let mut v = self.verified.lock().unwrap();
-        if v.stamp != stamp || v.config.is_err() && stamp.is_none() {
-            v.stamp = stamp;
+        // Read once per change of the file: a missing bundle is reported once, not on
+        // every connection.
+        if v.stamp != Some(stamp) {
+            v.stamp = Some(stamp);
             v.config = self.load();
             if let Err(e) = &v.config {
                 tracing::warn!(file = %self.ca_file.display(), error = %e, "L7: the backend CA bundle does not load: verified upstreams fail");

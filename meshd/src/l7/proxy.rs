@@ -69,6 +69,10 @@ pub struct ProxySettings {
     pub backend_ca: std::path::PathBuf,
 }
 
+/// Upstreams a request without a body is offered to (the next one when one cannot be
+/// connected to); only that many targets are made per request.
+const MAX_TRIES: usize = 3;
+
 /// Debian's system trust store.
 pub const DEFAULT_BACKEND_CA: &str = "/etc/ssl/certs/ca-certificates.crt";
 
@@ -302,7 +306,7 @@ impl Proxy {
         }
         let started = Instant::now();
         let first = served.stats.next.fetch_add(1, Ordering::Relaxed);
-        for i in 0..ups.len().min(3) {
+        for i in 0..ups.len().min(MAX_TRIES) {
             let up = &ups[(first + i) % ups.len()];
             let target = Target {
                 addr: up.addr,
@@ -621,7 +625,7 @@ impl Proxy {
                 .path_and_query()
                 .map_or("/", |p| p.as_str())
                 .to_string();
-            (0..relays.len())
+            (0..relays.len().min(MAX_TRIES))
                 .map(|i| {
                     let addr = std::net::SocketAddrV4::new(
                         relays[(first + i) % relays.len()],
@@ -642,7 +646,7 @@ impl Proxy {
                 server_name: bare_host.clone(),
                 verify: spec.ssl_backend_tls_verify == super::labels::TlsVerify::Required,
             });
-            (0..ups.len())
+            (0..ups.len().min(MAX_TRIES))
                 .map(|i| {
                     let up = &ups[(first + i) % ups.len()];
                     let t = Target {
@@ -659,11 +663,7 @@ impl Proxy {
         let retry = has_no_body(&parts.headers, &parts.method).then(|| parts.clone());
         let mut body =
             Some(http_body_util::Limited::new(body, self.settings.max_body as usize).boxed());
-        let tries = if retry.is_some() {
-            targets.len().min(3)
-        } else {
-            1
-        };
+        let tries = if retry.is_some() { targets.len() } else { 1 };
         let mut last = String::new();
         let mut first_parts = Some(parts);
         for (target, path) in targets.iter().take(tries) {
