@@ -18,7 +18,6 @@ use std::{
     time::SystemTime,
 };
 
-use hyper_util::client::legacy::connect::{Connected, Connection};
 use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider},
@@ -202,12 +201,6 @@ impl ServerCertVerifier for AnyCertificate {
 pub enum UpstreamIo {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-impl Connection for UpstreamIo {
-    fn connected(&self) -> Connected {
-        Connected::new()
-    }
 }
 
 impl AsyncRead for UpstreamIo {

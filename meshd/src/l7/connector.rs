@@ -5,25 +5,18 @@
 //! run there: one thread (`SocketMaker`) joins the namespace, makes the socket, and goes
 //! home, for each new connection; connecting and all I/O then run on the async workers like
 //! any other socket. Namespaces are opened by path each time and never held: holding one
-//! would keep a gone container's namespace alive. Pooling (hyper's client) makes new
-//! connections rare. TLS to the upstream, where a route asks for it, is `backend_tls`.
+//! would keep a gone container's namespace alive. Pooling (`pool`) makes new connections
+//! rare. TLS to the upstream, where a route asks for it, is `backend_tls`.
 use std::{
-    collections::HashMap,
     fs::File,
-    future::Future,
-    hash::{Hash, Hasher},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{SocketAddr, SocketAddrV4},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
-    pin::Pin,
-    sync::{Arc, Mutex},
-    task::{Context, Poll},
+    sync::Arc,
     time::Duration,
 };
 
 use anyhow::{anyhow, Context as _, Result};
-use hyper::Uri;
-use hyper_util::rt::TokioIo;
 use nix::sched::{setns, CloneFlags};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -287,96 +280,20 @@ fn make(netns: Option<&str>, home: &File) -> Result<OwnedFd> {
 }
 
 /// Where an upstream is: an address, the namespace to open connections from, and whether
-/// to speak TLS to it. It travels to the connector as the request URI's authority
-/// (`10-0-1-5.<origin tag>.meshd:8080`), so hyper's pool keeps connections apart per
-/// origin and address (two networks may use the same addresses; a TLS connection made for
-/// one server name is not reused for another).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// to speak TLS to it. The pool keeps connections apart by all three: two networks may use
+/// the same addresses, and a TLS connection made for one server name is not reused for
+/// another.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Target {
     pub addr: SocketAddrV4,
-    pub netns: Option<String>,
+    pub netns: Option<Arc<str>>,
     pub tls: Option<BackendTls>,
 }
 
-/// What a tag in an authority stands for.
-type Origin = (Option<String>, Option<BackendTls>);
-
-/// Origin tags the connector has seen, to find the namespace and TLS wish again.
-#[derive(Clone, Default)]
-pub struct Origins(Arc<Mutex<HashMap<u64, Origin>>>);
-
-impl Origins {
-    /// The URI authority for `t` (registering its origin).
-    pub fn authority(&self, t: &Target) -> String {
-        let tag = if t.netns.is_none() && t.tls.is_none() {
-            0
-        } else {
-            let origin = (t.netns.clone(), t.tls.clone());
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            origin.hash(&mut h);
-            let tag = h.finish() | 1;
-            self.0.lock().unwrap().entry(tag).or_insert(origin);
-            tag
-        };
-        let o = t.addr.ip().octets();
-        format!(
-            "{}-{}-{}-{}.{tag:x}.meshd:{}",
-            o[0],
-            o[1],
-            o[2],
-            o[3],
-            t.addr.port()
-        )
-    }
-
-    /// The target an authority names.
-    fn target(&self, uri: &Uri) -> Result<Target> {
-        let host = uri.host().context("no host")?;
-        let port = uri.port_u16().context("no port")?;
-        let mut parts = host.split('.');
-        let ip: Vec<u8> = parts
-            .next()
-            .unwrap_or_default()
-            .split('-')
-            .map(str::parse)
-            .collect::<Result<_, _>>()
-            .context("not an upstream address")?;
-        let [a, b, c, d] = ip[..] else {
-            return Err(anyhow!("not an upstream address: {host}"));
-        };
-        let tag = u64::from_str_radix(parts.next().unwrap_or_default(), 16)
-            .context("not an origin tag")?;
-        let (netns, tls) = match tag {
-            0 => (None, None),
-            t => self
-                .0
-                .lock()
-                .unwrap()
-                .get(&t)
-                .cloned()
-                .context("unknown origin tag")?,
-        };
-        Ok(Target {
-            addr: SocketAddrV4::new(Ipv4Addr::new(a, b, c, d), port),
-            netns,
-            tls,
-        })
-    }
-
-    /// Forgets the origins in namespaces no route uses any more.
-    pub fn retain(&self, used: &std::collections::BTreeSet<String>) {
-        self.0
-            .lock()
-            .unwrap()
-            .retain(|_, (p, _)| p.as_ref().is_none_or(|p| used.contains(p)));
-    }
-}
-
-/// hyper's connector: opens the connection a URI's authority names.
+/// Opens upstream connections: TCP from the target's namespace, then TLS if it asks.
 #[derive(Clone)]
 pub struct Connector {
     pub maker: SocketMaker,
-    pub origins: Origins,
     pub timeout: Duration,
     pub trust: Arc<BackendTrust>,
 }
@@ -386,7 +303,7 @@ impl Connector {
     pub async fn connect(&self, t: &Target) -> std::io::Result<TcpStream> {
         let fd = self
             .maker
-            .socket(t.netns.clone())
+            .socket(t.netns.as_deref().map(str::to_string))
             .await
             .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
         let socket = TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
@@ -416,86 +333,28 @@ fn dead_peer_probes(s: &TcpStream) -> nix::Result<()> {
     setsockopt(s, sockopt::TcpKeepCount, &3)
 }
 
-impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<UpstreamIo>;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let t = this
-                .origins
-                .target(&uri)
-                .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
-            let tcp = this.connect(&t).await?;
-            Ok(TokioIo::new(match &t.tls {
-                None => UpstreamIo::Plain(tcp),
-                Some(tls) => {
-                    // The handshake is part of connecting: it has the connect timeout too.
-                    let hs = this.trust.connect(tls, tcp);
-                    let s = tokio::time::timeout(this.timeout, hs).await.map_err(|_| {
-                        std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            format!("TLS handshake with {} timed out", t.addr),
-                        )
-                    })??;
-                    UpstreamIo::Tls(Box::new(s))
-                }
-            }))
-        })
+impl Connector {
+    /// A connection to `t` ready for HTTP: TCP, and TLS over it when `t` asks for it (the
+    /// handshake has the connect timeout too).
+    pub async fn open(&self, t: &Target) -> std::io::Result<UpstreamIo> {
+        let tcp = self.connect(t).await?;
+        let Some(tls) = &t.tls else {
+            return Ok(UpstreamIo::Plain(tcp));
+        };
+        let hs = self.trust.connect(tls, tcp);
+        let s = tokio::time::timeout(self.timeout, hs).await.map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("TLS handshake with {} timed out", t.addr),
+            )
+        })??;
+        Ok(UpstreamIo::Tls(Box::new(s)))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn an_authority_names_its_target_again() {
-        let ns = Origins::default();
-        let t = Target {
-            addr: "10.0.1.5:8080".parse().unwrap(),
-            netns: Some("/run/docker/netns/abc".into()),
-            tls: None,
-        };
-        let uri: Uri = format!("http://{}/x", ns.authority(&t)).parse().unwrap();
-        assert_eq!(ns.target(&uri).unwrap(), t);
-        let host = Target {
-            addr: "192.168.0.2:8081".parse().unwrap(),
-            netns: None,
-            tls: None,
-        };
-        let uri: Uri = format!("http://{}/", ns.authority(&host)).parse().unwrap();
-        assert_eq!(ns.target(&uri).unwrap(), host);
-        // The same address and namespace with TLS, for two names: three origins apart.
-        let tls = |name: &str| Target {
-            tls: Some(BackendTls {
-                server_name: name.into(),
-                verify: true,
-            }),
-            ..t.clone()
-        };
-        let (a, b) = (
-            ns.authority(&tls("a.example")),
-            ns.authority(&tls("b.example")),
-        );
-        assert!(a != b && a != ns.authority(&t), "{a} {b}");
-        let uri: Uri = format!("https://{b}/").parse().unwrap();
-        assert_eq!(ns.target(&uri).unwrap(), tls("b.example"));
-        let uri: Uri = format!("http://{}/x", ns.authority(&t)).parse().unwrap();
-        ns.retain(&Default::default());
-        assert!(
-            ns.target(&uri).is_err(),
-            "a namespace no route uses is forgotten"
-        );
-        let uri: Uri = format!("https://{b}/").parse().unwrap();
-        assert!(ns.target(&uri).is_err(), "with its TLS origins");
-    }
 
     #[tokio::test]
     async fn upstream_connections_probe_for_a_dead_peer() {
@@ -507,7 +366,6 @@ mod tests {
         };
         let c = Connector {
             maker: SocketMaker::start().unwrap(),
-            origins: Origins::default(),
             timeout: Duration::from_secs(2),
             trust: Arc::new(BackendTrust::new("/nonexistent".into())),
         };

@@ -5,10 +5,12 @@
 //! - `compile::l7` turns the specs and the tasks into `Desired` routes, like everything else.
 //! - `table`: the routes as requests are matched against them, swapped whole on a change.
 //! - `connector`: upstream sockets made inside a namespace on the upstream's network.
+//! - `pool`: each worker's idle upstream connections.
 //! - `proxy`: the listeners and the request path.
 pub mod backend_tls;
 pub mod connector;
 pub mod labels;
+pub mod pool;
 pub mod proxy;
 pub mod sni;
 pub mod table;
@@ -225,8 +227,6 @@ impl Applier for L7Applier {
             store.set_wanted(wanted);
         }
         self.proxy.table.store(Arc::new(table));
-        let used: BTreeSet<String> = desired.l7_netns.values().cloned().collect();
-        self.proxy.origins.retain(&used);
         info!(
             routes,
             changed = changed.l7.len(),

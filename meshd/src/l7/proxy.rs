@@ -1,7 +1,6 @@
 //! The HTTP front end: hyper's server (HTTP/1.1 and h2 on one listener), each request
 //! matched against the current `RouteTable` and sent to one of its route's upstreams
-//! through hyper's pooling client, over connections opened from the upstream's network
-//! (`connector`).
+//! over a pooled connection (`pool`) opened from the upstream's network (`connector`).
 use std::{
     collections::hash_map::RandomState,
     convert::Infallible,
@@ -17,14 +16,13 @@ use std::{
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::{
     body::Incoming,
     header::{self, HeaderMap, HeaderName, HeaderValue},
-    Method, Request, Response, StatusCode, Uri, Version,
+    Request, Response, StatusCode, Uri, Version,
 };
 use hyper_util::{
-    client::legacy::Client,
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
@@ -33,15 +31,14 @@ use tracing::{debug, info, warn};
 
 use super::{
     backend_tls::{BackendTls, BackendTrust},
-    connector::{Connector, Origins, SocketMaker, Target},
+    connector::{Connector, SocketMaker, Target},
+    pool::{Pool, Returning},
     sni,
     table::{normalize_host, RouteTable, Served},
 };
 use crate::compile::l7::Upstream;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
-/// A request body on its way upstream (limited: its error may be the limit's).
-type UpBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 /// Limits and identity, with Interlock's defaults where it has one.
 #[derive(Clone, Debug)]
@@ -100,7 +97,6 @@ pub struct Proxy {
     pub nodes: ArcSwap<std::collections::BTreeSet<std::net::Ipv4Addr>>,
     /// Certificates for HTTPS (None: no HTTPS listener).
     pub tls: Option<Arc<super::tls::CertStore>>,
-    pub origins: Origins,
     /// Makes the upstream sockets of every worker's client, and passthrough connections.
     connector: Connector,
     /// Set once meshd is stopping.
@@ -111,6 +107,10 @@ pub struct Proxy {
     pub in_flight: Arc<AtomicUsize>,
     settings: ProxySettings,
     ids: RequestIds,
+    /// `x-proxy-id`, made once (None: hidden).
+    proxy_id_header: Option<HeaderValue>,
+    /// This node's name as relays send it.
+    relay_header: Option<HeaderValue>,
 }
 
 impl Proxy {
@@ -121,7 +121,6 @@ impl Proxy {
         tls: Option<Arc<super::tls::CertStore>>,
         sockets_cgroup: Option<&std::path::Path>,
     ) -> Result<Arc<Proxy>> {
-        let origins = Origins::default();
         let maker = match sockets_cgroup.map(SocketMaker::start_in_cgroup) {
             Some(Ok(m)) => m,
             Some(Err(e)) => {
@@ -132,7 +131,6 @@ impl Proxy {
         };
         let connector = Connector {
             maker,
-            origins: origins.clone(),
             timeout: settings.connect_timeout,
             trust: Arc::new(BackendTrust::new(settings.backend_ca.clone())),
         };
@@ -140,13 +138,16 @@ impl Proxy {
             table: ArcSwap::from_pointee(RouteTable::default()),
             nodes: ArcSwap::default(),
             tls,
-            origins,
             connector,
             stop: tokio::sync::watch::Sender::new(false),
             active: Arc::default(),
             in_flight: Arc::default(),
-            settings,
             ids: RequestIds::default(),
+            proxy_id_header: HeaderValue::from_str(&settings.proxy_id)
+                .ok()
+                .filter(|_| !settings.hide_info),
+            relay_header: HeaderValue::from_str(&settings.proxy_id).ok(),
+            settings,
         }))
     }
 
@@ -164,12 +165,10 @@ impl Proxy {
         b
     }
 
-    /// A pooling upstream client for one worker: its connections live on that worker's
-    /// runtime, next to the requests that use them.
-    fn client(&self) -> Client<Connector, UpBody> {
-        Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(self.settings.keepalive)
-            .build(self.connector.clone())
+    /// One worker's upstream pool: its connections live on that worker's runtime, next
+    /// to the requests that use them.
+    fn pool(&self) -> Arc<Pool> {
+        Pool::new(self.connector.clone(), self.settings.keepalive)
     }
 
     /// Starts `threads` workers, each a single-threaded runtime with its own listeners
@@ -211,7 +210,8 @@ impl Proxy {
                         }
                     };
                     rt.block_on(async move {
-                        let client = this.client();
+                        let pool = this.pool();
+                        tokio::spawn(pool.clone().sweep_forever());
                         let (Ok(h), s) = (
                             TcpListener::from_std(h),
                             s.map(TcpListener::from_std).transpose(),
@@ -220,9 +220,9 @@ impl Proxy {
                             return;
                         };
                         if let Ok(Some(s)) = s {
-                            tokio::spawn(this.clone().serve_https(s, client.clone()));
+                            tokio::spawn(this.clone().serve_https(s, pool.clone()));
                         }
-                        this.serve_http(h, client).await;
+                        this.serve_http(h, pool).await;
                         // Stopping: the listeners are closed, and the connections still
                         // being served live on this runtime until meshd exits.
                         std::future::pending::<()>().await;
@@ -234,11 +234,7 @@ impl Proxy {
     }
 
     /// Serves HTTPS on `listener`: TLS by SNI (`tls`), then HTTP/1.1 or h2 by ALPN.
-    pub async fn serve_https(
-        self: Arc<Self>,
-        listener: TcpListener,
-        client: Client<Connector, UpBody>,
-    ) {
+    pub async fn serve_https(self: Arc<Self>, listener: TcpListener, pool: Arc<Pool>) {
         let Some(store) = self.tls.clone() else {
             return;
         };
@@ -246,7 +242,7 @@ impl Proxy {
         while let Some((stream, peer)) = self.accept(&listener).await {
             let this = self.clone();
             let acceptor = acceptor.clone();
-            let client = client.clone();
+            let pool = pool.clone();
             tokio::spawn(async move {
                 // A host routed with ssl_passthrough gets the TLS bytes as they are.
                 let Some(stream) = this.passthrough(stream, peer).await else {
@@ -266,7 +262,7 @@ impl Proxy {
                             return;
                         }
                     };
-                this.serve_conn(TokioIo::new(tls), peer, true, client).await;
+                this.serve_conn(TokioIo::new(tls), peer, true, pool).await;
             });
         }
     }
@@ -331,16 +327,12 @@ impl Proxy {
     }
 
     /// Serves plain HTTP on `listener` until the task is dropped.
-    pub async fn serve_http(
-        self: Arc<Self>,
-        listener: TcpListener,
-        client: Client<Connector, UpBody>,
-    ) {
+    pub async fn serve_http(self: Arc<Self>, listener: TcpListener, pool: Arc<Pool>) {
         while let Some((stream, peer)) = self.accept(&listener).await {
             let this = self.clone();
-            let client = client.clone();
+            let pool = pool.clone();
             tokio::spawn(async move {
-                this.serve_conn(TokioIo::new(stream), peer, false, client)
+                this.serve_conn(TokioIo::new(stream), peer, false, pool)
                     .await;
             });
         }
@@ -369,13 +361,8 @@ impl Proxy {
 
     /// One client connection, until it ends; when meshd stops, its request in flight is
     /// finished and the connection closed after it.
-    async fn serve_conn<I>(
-        self: Arc<Self>,
-        io: I,
-        peer: SocketAddr,
-        https: bool,
-        client: Client<Connector, UpBody>,
-    ) where
+    async fn serve_conn<I>(self: Arc<Self>, io: I, peer: SocketAddr, https: bool, pool: Arc<Pool>)
+    where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
         let _active = Active::new(&self.active);
@@ -383,8 +370,8 @@ impl Proxy {
         let this = self.clone();
         let svc = hyper::service::service_fn(move |req| {
             let this = this.clone();
-            let client = client.clone();
-            async move { Ok::<_, Infallible>(this.handle(&client, req, peer, https).await) }
+            let pool = pool.clone();
+            async move { Ok::<_, Infallible>(this.handle(&pool, req, peer, https).await) }
         });
         let builder = self.conn_builder();
         let conn = builder.serve_connection_with_upgrades(io, svc);
@@ -424,7 +411,7 @@ impl Proxy {
     /// headers.
     pub async fn handle(
         &self,
-        client: &Client<Connector, UpBody>,
+        pool: &Arc<Pool>,
         req: Request<Incoming>,
         peer: SocketAddr,
         https: bool,
@@ -433,54 +420,73 @@ impl Proxy {
         let _in_flight = Active::new(&self.in_flight);
         let id = req
             .headers()
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty() && v.len() <= 200)
-            .map(str::to_string)
+            .get(&X_REQUEST_ID)
+            .filter(|v| !v.is_empty() && v.len() <= 200 && v.to_str().is_ok())
+            .cloned()
             .unwrap_or_else(|| self.ids.next());
+        // HTTP/1.1 names the host in its header, h2 in the URI.
         let host = req
             .headers()
             .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_string)
-            .or_else(|| req.uri().authority().map(|a| a.to_string()))
-            .unwrap_or_default();
-        let table = self.table.load();
-        let path = req.uri().path().to_string();
-        let mut resp = match table.lookup(&host, &path) {
+            .filter(|h| h.to_str().is_ok())
+            .cloned()
+            .or_else(|| {
+                req.uri()
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            })
+            .unwrap_or(HeaderValue::from_static(""));
+        let host_str = host.to_str().unwrap_or_default();
+        let logged_path = self
+            .settings
+            .access_log
+            .then(|| req.uri().path().to_string());
+        let found = self
+            .table
+            .load()
+            .lookup(host_str, req.uri().path())
+            .map(|(served, prefix)| {
+                // Only a rewrite needs the prefix again.
+                let prefix = match served.route.spec.context_root_rewrite {
+                    true => prefix.to_string(),
+                    false => String::new(),
+                };
+                (served.clone(), prefix)
+            });
+        let mut resp = match found {
             None => text(
                 StatusCode::NOT_FOUND,
-                format!("meshd: no route for {}{path}\n", normalize_host(&host)),
+                format!(
+                    "meshd: no route for {}{}\n",
+                    normalize_host(host_str),
+                    req.uri().path()
+                ),
             ),
             Some((served, prefix)) => {
-                let prefix = prefix.to_string();
                 let r = self
-                    .to_route(client, req, served, &host, &prefix, peer, https, &id)
+                    .to_route(pool, req, &served, host_str, &prefix, peer, https, &id)
                     .await;
                 served.stats.record(r.status().as_u16(), started.elapsed());
                 r
             }
         };
         let h = resp.headers_mut();
-        if let Ok(v) = HeaderValue::from_str(&id) {
-            h.insert("x-request-id", v);
-        }
-        if !self.settings.hide_info {
-            if let Ok(v) = HeaderValue::from_str(&self.settings.proxy_id) {
-                h.insert("x-proxy-id", v);
-            }
+        h.insert(X_REQUEST_ID, id.clone());
+        if let Some(v) = &self.proxy_id_header {
+            h.insert(X_PROXY_ID, v.clone());
             h.insert(
-                "x-server-info",
+                X_SERVER_INFO,
                 HeaderValue::from_static(concat!("meshd/", env!("CARGO_PKG_VERSION"))),
             );
         }
-        if self.settings.access_log {
+        if let Some(path) = logged_path {
             let upstream = resp
                 .headers()
-                .get("x-upstream-addr")
+                .get(&X_UPSTREAM_ADDR)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("-");
-            tracing::info!(target: "meshd::l7::access", client = %peer, host = %host, path = %path, status = resp.status().as_u16(), upstream, ms = started.elapsed().as_secs_f64() * 1000.0, request_id = %id, "request");
+            let id = id.to_str().unwrap_or_default();
+            tracing::info!(target: "meshd::l7::access", client = %peer, host = %host_str, path = %path, status = resp.status().as_u16(), upstream, ms = started.elapsed().as_secs_f64() * 1000.0, request_id = %id, "request");
         }
         resp
     }
@@ -488,30 +494,25 @@ impl Proxy {
     #[allow(clippy::too_many_arguments)]
     async fn to_route(
         &self,
-        client: &Client<Connector, UpBody>,
+        pool: &Arc<Pool>,
         req: Request<Incoming>,
         served: &Arc<Served>,
         host: &str,
         prefix: &str,
         peer: SocketAddr,
         https: bool,
-        id: &str,
+        id: &HeaderValue,
     ) -> Response<Body> {
         let spec = &served.route.spec;
         let bare_host = normalize_host(host);
         // From another node's meshd relaying for a network it has no namespace on: that
         // node already answered redirects and set X-Forwarded-*; its client is the first
         // X-Forwarded-For. Only swarm nodes are believed.
-        let relayed = req.headers().contains_key(RELAY_HEADER)
+        let relayed = req.headers().contains_key(&RELAY_HEADER)
             && match peer.ip() {
                 std::net::IpAddr::V4(ip) => self.nodes.load().contains(&ip),
                 _ => false,
             };
-        let client_ip = if relayed {
-            first_forwarded(req.headers()).unwrap_or_else(|| peer.ip().to_string())
-        } else {
-            peer.ip().to_string()
-        };
         if !relayed {
             if let Some(r) = spec
                 .redirects
@@ -552,7 +553,14 @@ impl Proxy {
             .and_then(|name| cookie(req.headers(), name));
         let first = match (sticky, spec.ip_hash) {
             (Some(v), _) => rendezvous(v.as_bytes(), ups),
-            (None, true) => rendezvous(client_ip.as_bytes(), ups),
+            (None, true) => {
+                let client_ip = match relayed {
+                    true => first_forwarded(req.headers()),
+                    false => None,
+                }
+                .unwrap_or_else(|| peer.ip().to_string());
+                rendezvous(client_ip.as_bytes(), ups)
+            }
             (None, false) => served.stats.next.fetch_add(1, Ordering::Relaxed),
         };
         let (mut parts, body) = req.into_parts();
@@ -583,7 +591,7 @@ impl Proxy {
             .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
         if relayed {
             strip_hop_by_hop(&mut parts.headers);
-            parts.headers.remove(RELAY_HEADER);
+            parts.headers.remove(&RELAY_HEADER);
         } else {
             forwarded_headers(&mut parts.headers, host, peer, https);
         }
@@ -593,14 +601,13 @@ impl Proxy {
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
-        if let Ok(v) = HeaderValue::from_str(id) {
-            parts.headers.insert("x-request-id", v);
-        }
+        parts.headers.insert(X_REQUEST_ID, id.clone());
         // Where to send it: the tasks, from the namespace this node has on their network;
         // else a node that runs one of them, which has.
         let no_namespace = served.netns.is_none()
             && matches!(served.route.via, crate::compile::l7::Via::Network(_));
-        let targets: Vec<(Target, String)> = if no_namespace {
+        let relays = &served.route.relays;
+        if no_namespace {
             if relayed {
                 return text(
                     StatusCode::BAD_GATEWAY,
@@ -610,141 +617,109 @@ impl Proxy {
                     ),
                 );
             }
-            let relays = &served.route.relays;
             if relays.is_empty() {
                 return text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("meshd: no node to relay {} to\n", served.route.service_name),
                 );
             }
-            if let Ok(v) = HeaderValue::from_str(&self.settings.proxy_id) {
-                parts.headers.insert(RELAY_HEADER, v);
+            if let Some(v) = &self.relay_header {
+                parts.headers.insert(RELAY_HEADER, v.clone());
             }
-            let pq = parts
-                .uri
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_string();
-            (0..relays.len().min(MAX_TRIES))
-                .map(|i| {
-                    let addr = std::net::SocketAddrV4::new(
-                        relays[(first + i) % relays.len()],
-                        self.settings.http_port,
-                    );
-                    let t = Target {
-                        addr,
-                        netns: None,
-                        tls: None,
-                    };
-                    (t, pq.clone())
-                })
-                .collect()
+            parts.uri = origin_form(&parts.uri);
         } else {
-            let path = rewritten_path(&parts.uri, prefix, spec.context_root_rewrite);
-            // ssl_backend: TLS to the task, named as the client named the host.
-            let tls = spec.ssl_backend.then(|| BackendTls {
-                server_name: bare_host.clone(),
-                verify: spec.ssl_backend_tls_verify == super::labels::TlsVerify::Required,
-            });
-            (0..ups.len().min(MAX_TRIES))
-                .map(|i| {
-                    let up = &ups[(first + i) % ups.len()];
-                    let t = Target {
-                        addr: up.addr,
-                        netns: served.netns.clone(),
-                        tls: tls.clone(),
-                    };
-                    (t, path.clone())
-                })
-                .collect()
+            let rewritten = rewritten_path(&parts.uri, prefix, spec.context_root_rewrite);
+            parts.uri = match rewritten.map(|p| p.parse::<Uri>()) {
+                Some(Ok(u)) => u,
+                Some(Err(_)) => {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        "meshd: the path rewritten is not a path\n".into(),
+                    )
+                }
+                None => origin_form(&parts.uri),
+            };
+        }
+        parts.version = Version::HTTP_11;
+        // ssl_backend: TLS to the task, named as the client named the host.
+        let tls = (spec.ssl_backend && !no_namespace).then(|| BackendTls {
+            server_name: bare_host.clone(),
+            verify: spec.ssl_backend_tls_verify == super::labels::TlsVerify::Required,
+        });
+        let count = if no_namespace {
+            relays.len()
+        } else {
+            ups.len()
         };
-        // A request without a body can be sent again if its upstream cannot be connected
-        // to: the next task gets it (a task that just went away loses nothing).
-        let retry = has_no_body(&parts.headers, &parts.method).then(|| parts.clone());
-        let mut body =
-            Some(http_body_util::Limited::new(body, self.settings.max_body as usize).boxed());
-        let tries = if retry.is_some() { targets.len() } else { 1 };
-        let mut last = String::new();
-        let mut first_parts = Some(parts);
-        for (target, path) in targets.iter().take(tries) {
-            // The request itself the first time, a copy of it after a failed connect.
-            let Some(mut p) = first_parts.take().or_else(|| retry.clone()) else {
-                break;
-            };
-            let b: UpBody = body
-                .take()
-                .unwrap_or_else(|| Empty::new().map_err(|e| match e {}).boxed());
-            let scheme = if target.tls.is_some() {
-                "https"
+        let target = |i: usize| -> (Target, Option<&HeaderValue>) {
+            let k = (first + i) % count;
+            if no_namespace {
+                let addr = std::net::SocketAddrV4::new(relays[k], self.settings.http_port);
+                let t = Target {
+                    addr,
+                    netns: None,
+                    tls: None,
+                };
+                (t, None)
             } else {
-                "http"
-            };
-            let authority = self.origins.authority(target);
-            let Ok(uri) = format!("{scheme}://{authority}{path}").parse() else {
-                return text(
-                    StatusCode::BAD_GATEWAY,
-                    "meshd: bad upstream address\n".into(),
-                );
-            };
-            p.uri = uri;
-            p.version = Version::HTTP_11;
-            let sent = Instant::now();
-            let sent_req = client.request(Request::from_parts(p, b));
-            let Ok(answer) = tokio::time::timeout(self.settings.read_timeout, sent_req).await
-            else {
-                return text(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    format!(
-                        "meshd: upstream {} sent no answer in {:?}\n",
-                        target.addr, self.settings.read_timeout
-                    ),
-                );
-            };
-            match answer {
-                Ok(mut resp) => {
-                    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-                    let tunnel = match (&client_upgrade, switching) {
-                        (Some(_), true) => Some(hyper::upgrade::on(&mut resp)),
-                        _ => None,
-                    };
-                    let (mut rp, rb) = resp.into_parts();
-                    let theirs = rp.headers.get(header::UPGRADE).cloned();
-                    strip_hop_by_hop(&mut rp.headers);
-                    if let (Some(up_side), Some(client_side)) = (tunnel, client_upgrade) {
-                        if let Some(u) = theirs {
-                            rp.headers.insert(header::UPGRADE, u);
-                        }
-                        rp.headers
-                            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-                        let id = id.to_string();
-                        tokio::spawn(async move {
-                            match tokio::try_join!(client_side, up_side) {
-                                Ok((c, u)) => {
-                                    let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
-                                    let r = tokio::io::copy_bidirectional(&mut c, &mut u).await;
-                                    debug!(request = %id, result = ?r, "L7: upgraded connection ended");
-                                }
-                                Err(e) => debug!(request = %id, error = %e, "L7: upgrade failed"),
-                            }
-                        });
-                    }
-                    // A relaying node passes on what the node that had the task said.
-                    if !no_namespace {
-                        if let Ok(v) = HeaderValue::from_str(&target.addr.to_string()) {
-                            rp.headers.insert("x-upstream-addr", v);
-                        }
-                        let secs = format!("{:.3}", sent.elapsed().as_secs_f64());
-                        if let Ok(v) = HeaderValue::from_str(&secs) {
-                            rp.headers.insert("x-upstream-response-time", v);
-                        }
-                    }
-                    return Response::from_parts(rp, rb.boxed());
-                }
-                Err(e) if e.is_connect() => {
-                    last = format!("{}: {e:?}", target.addr);
-                    debug!(request = id, upstream = %target.addr, error = ?e, "L7: upstream connect failed");
-                }
+                let t = Target {
+                    addr: ups[k].addr,
+                    netns: served.netns.clone(),
+                    tls: tls.clone(),
+                };
+                (t, served.upstream_addr.get(k))
+            }
+        };
+        // An upstream that cannot be connected to never saw the request: the next one
+        // gets it (a task that just went away loses nothing), whatever its method.
+        let max_body = self.settings.max_body as usize;
+        let mut req = Some(Request::from_parts(
+            parts,
+            http_body_util::Limited::new(body, max_body).boxed(),
+        ));
+        let mut last = String::new();
+        let mut i = 0;
+        while i < count.min(MAX_TRIES) {
+            let (target, addr_header) = target(i);
+            let mut conn = match pool.get(&target).await {
+                Ok(c) => c,
                 Err(e) => {
+                    debug!(request = ?id, upstream = %target.addr, error = %e, "L7: upstream connect failed");
+                    last = format!("{}: {e}", target.addr);
+                    i += 1;
+                    continue;
+                }
+            };
+            let Some(r) = req.take() else { break };
+            let sent = Instant::now();
+            let answer = conn.send.try_send_request(r);
+            let answer = match tokio::time::timeout(self.settings.read_timeout, answer).await {
+                Ok(a) => a,
+                Err(_) => {
+                    return text(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!(
+                            "meshd: upstream {} sent no answer in {:?}\n",
+                            target.addr, self.settings.read_timeout
+                        ),
+                    )
+                }
+            };
+            let mut resp = match answer {
+                Ok(resp) => resp,
+                Err(mut e) => {
+                    if let Some(r) = e.take_message() {
+                        // The connection closed before the request was written: a pooled
+                        // one the upstream had just shut; another gets it.
+                        debug!(request = ?id, upstream = %target.addr, error = %e.error(), "L7: upstream connection was closed");
+                        last = format!("{}: {}", target.addr, e.error());
+                        req = Some(r);
+                        if !conn.reused {
+                            i += 1;
+                        }
+                        continue;
+                    }
+                    let e = e.into_error();
                     let too_big = std::error::Error::source(&e)
                         .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
                     if too_big {
@@ -758,7 +733,42 @@ impl Proxy {
                         format!("meshd: upstream {} failed: {e}\n", target.addr),
                     );
                 }
+            };
+            let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+            let tunnel = match (&client_upgrade, switching) {
+                (Some(_), true) => Some(hyper::upgrade::on(&mut resp)),
+                _ => None,
+            };
+            let (mut rp, rb) = resp.into_parts();
+            let theirs = rp.headers.get(header::UPGRADE).cloned();
+            strip_hop_by_hop(&mut rp.headers);
+            // A relaying node passes on what the node that had the task said.
+            if let Some(v) = addr_header {
+                rp.headers.insert(X_UPSTREAM_ADDR, v.clone());
+                rp.headers
+                    .insert(X_UPSTREAM_RESPONSE_TIME, seconds_header(sent.elapsed()));
             }
+            if let (Some(up_side), Some(client_side)) = (tunnel, client_upgrade) {
+                if let Some(u) = theirs {
+                    rp.headers.insert(header::UPGRADE, u);
+                }
+                rp.headers
+                    .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                let id = id.clone();
+                tokio::spawn(async move {
+                    match tokio::try_join!(client_side, up_side) {
+                        Ok((c, u)) => {
+                            let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+                            let r = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                            debug!(request = ?id, result = ?r, "L7: upgraded connection ended");
+                        }
+                        Err(e) => debug!(request = ?id, error = %e, "L7: upgrade failed"),
+                    }
+                });
+                // The connection is the tunnel now, not the pool's.
+                return Response::from_parts(rp, rb.boxed());
+            }
+            return Response::from_parts(rp, Returning::new(rb, conn).boxed());
         }
         text(
             StatusCode::BAD_GATEWAY,
@@ -848,11 +858,19 @@ fn wants_upgrade(h: &HeaderMap, v: Version) -> bool {
 }
 
 /// Marks a request relayed by another node's meshd (its value: that node's name).
-const RELAY_HEADER: &str = "x-meshd-relayed-by";
+const RELAY_HEADER: HeaderName = HeaderName::from_static("x-meshd-relayed-by");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_PROXY_ID: HeaderName = HeaderName::from_static("x-proxy-id");
+const X_SERVER_INFO: HeaderName = HeaderName::from_static("x-server-info");
+const X_UPSTREAM_ADDR: HeaderName = HeaderName::from_static("x-upstream-addr");
+const X_UPSTREAM_RESPONSE_TIME: HeaderName = HeaderName::from_static("x-upstream-response-time");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// The first address of `X-Forwarded-For`: the client, as the first proxy saw it.
 fn first_forwarded(h: &HeaderMap) -> Option<String> {
-    let v = h.get("x-forwarded-for")?.to_str().ok()?;
+    let v = h.get(&X_FORWARDED_FOR)?.to_str().ok()?;
     let first = v.split(',').next()?.trim();
     first
         .parse::<std::net::IpAddr>()
@@ -891,17 +909,37 @@ fn rendezvous(key: &[u8], ups: &[Upstream]) -> usize {
     (0..ups.len()).max_by_key(|&i| score(&ups[i])).unwrap_or(0)
 }
 
-/// The path and query sent upstream: with the context root taken off when the route says.
-fn rewritten_path(uri: &Uri, prefix: &str, rewrite: bool) -> String {
+/// The path and query sent upstream with the context root taken off, when the route says
+/// so (None: the request's own).
+fn rewritten_path(uri: &Uri, prefix: &str, rewrite: bool) -> Option<String> {
     let pq = uri.path_and_query().map_or("/", |p| p.as_str());
-    if !rewrite || prefix == "/" {
-        return pq.to_string();
+    if !rewrite || prefix == "/" || prefix.is_empty() {
+        return None;
     }
     match pq.strip_prefix(prefix) {
-        Some(rest) if rest.starts_with('/') => rest.to_string(),
-        Some(rest) => format!("/{rest}"),
-        None => pq.to_string(),
+        Some(rest) if rest.starts_with('/') => Some(rest.to_string()),
+        Some(rest) => Some(format!("/{rest}")),
+        None => None,
     }
+}
+
+/// The request's URI as an HTTP/1.1 upstream wants it: path and query only (h2 and
+/// absolute-form requests carry a scheme and authority too).
+fn origin_form(uri: &Uri) -> Uri {
+    if uri.scheme().is_none() && uri.authority().is_none() && uri.path_and_query().is_some() {
+        return uri.clone();
+    }
+    match uri.path_and_query() {
+        Some(pq) => Uri::from(pq.clone()),
+        None => Uri::from_static("/"),
+    }
+}
+
+/// `x-upstream-response-time`: seconds with three decimals, as Interlock's nginx gives it.
+fn seconds_header(took: Duration) -> HeaderValue {
+    let ms = took.as_millis();
+    let s = format!("{}.{:03}", ms / 1000, ms % 1000);
+    HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static("0.000"))
 }
 
 /// `X-Forwarded-For` (appended to), `-Proto`, `-Host`, as Interlock's proxy sends them; and
@@ -909,36 +947,43 @@ fn rewritten_path(uri: &Uri, prefix: &str, rewrite: bool) -> String {
 fn forwarded_headers(h: &mut HeaderMap, host: &str, peer: SocketAddr, https: bool) {
     strip_hop_by_hop(h);
     let client = peer.ip().to_string();
-    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) if !prev.is_empty() => format!("{prev}, {client}"),
         _ => client,
     };
     if let Ok(v) = HeaderValue::from_str(&xff) {
-        h.insert("x-forwarded-for", v);
+        h.insert(X_FORWARDED_FOR, v);
     }
     h.insert(
-        "x-forwarded-proto",
+        X_FORWARDED_PROTO,
         HeaderValue::from_static(if https { "https" } else { "http" }),
     );
     if let Ok(v) = HeaderValue::from_str(host) {
-        h.insert("x-forwarded-host", v.clone());
+        h.insert(X_FORWARDED_HOST, v.clone());
         // h2 has no Host header; the upstream speaks HTTP/1.1 and needs one.
         h.entry(header::HOST).or_insert(v);
     }
 }
 
-const HOP_BY_HOP: [&str; 8] = [
-    "keep-alive",
-    "upgrade",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
+const HOP_BY_HOP: [HeaderName; 8] = [
+    HeaderName::from_static("keep-alive"),
+    header::UPGRADE,
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
 ];
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Most messages have none of them: one pass over the names, no lookups.
+    let any = h
+        .keys()
+        .any(|k| *k == header::CONNECTION || HOP_BY_HOP.contains(k));
+    if !any {
+        return;
+    }
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -950,16 +995,9 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
         h.remove(n);
     }
     h.remove(header::CONNECTION);
-    for n in HOP_BY_HOP {
+    for n in &HOP_BY_HOP {
         h.remove(n);
     }
-}
-
-fn has_no_body(h: &HeaderMap, m: &Method) -> bool {
-    let length_zero = h
-        .get(header::CONTENT_LENGTH)
-        .is_none_or(|v| v.as_bytes() == b"0");
-    length_zero && !h.contains_key(header::TRANSFER_ENCODING) && m != Method::CONNECT
 }
 
 fn text(status: StatusCode, body: String) -> Response<Body> {
@@ -989,10 +1027,15 @@ struct RequestIds {
 }
 
 impl RequestIds {
-    fn next(&self) -> String {
+    fn next(&self) -> HeaderValue {
         let n = self.n.fetch_add(1, Ordering::Relaxed);
         let half = |salt: u8| self.keys.hash_one((n, salt));
-        format!("{:016x}{:016x}", half(0), half(1))
+        let id = (u128::from(half(0)) << 64) | u128::from(half(1));
+        let mut hex = [0u8; 32];
+        for (i, b) in hex.iter_mut().enumerate() {
+            *b = b"0123456789abcdef"[((id >> (124 - 4 * i)) & 0xf) as usize];
+        }
+        HeaderValue::from_bytes(&hex).unwrap_or(HeaderValue::from_static("-"))
     }
 }
 
@@ -1003,11 +1046,16 @@ mod tests {
     #[test]
     fn context_roots_are_taken_off_only_when_asked() {
         let u: Uri = "/app/x?q=1".parse().unwrap();
-        assert_eq!(rewritten_path(&u, "/app", true), "/x?q=1");
-        assert_eq!(rewritten_path(&u, "/app", false), "/app/x?q=1");
+        assert_eq!(rewritten_path(&u, "/app", true).as_deref(), Some("/x?q=1"));
+        assert_eq!(rewritten_path(&u, "/app", false), None);
         let u: Uri = "/app?q=1".parse().unwrap();
-        assert_eq!(rewritten_path(&u, "/app", true), "/?q=1");
-        assert_eq!(rewritten_path(&"/".parse().unwrap(), "/", true), "/");
+        assert_eq!(rewritten_path(&u, "/app", true).as_deref(), Some("/?q=1"));
+        assert_eq!(rewritten_path(&"/".parse().unwrap(), "/", true), None);
+        // h2 and absolute-form requests go upstream in origin form.
+        let abs: Uri = "https://shop.example.com/a?b=1".parse().unwrap();
+        assert_eq!(origin_form(&abs), "/a?b=1");
+        assert_eq!(origin_form(&"/x".parse().unwrap()), "/x");
+        assert_eq!(origin_form(&"shop.example.com:443".parse().unwrap()), "/");
     }
 
     #[test]
@@ -1074,6 +1122,7 @@ mod tests {
         let ids = RequestIds::default();
         let a = ids.next();
         assert_eq!(a.len(), 32);
+        assert!(a.as_bytes().iter().all(u8::is_ascii_hexdigit), "{a:?}");
         assert_ne!(a, ids.next());
     }
 }

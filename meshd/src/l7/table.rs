@@ -19,7 +19,9 @@ pub struct Served {
     pub route: Arc<L7Route>,
     /// The namespace upstream connections are opened from (None: from the node itself, or
     /// no local container on the network yet).
-    pub netns: Option<String>,
+    pub netns: Option<Arc<str>>,
+    /// Each upstream's address as its `x-upstream-addr` header, made once per table.
+    pub upstream_addr: Vec<hyper::header::HeaderValue>,
     /// Kept across table swaps while the service keeps its route.
     pub stats: Arc<RouteStats>,
 }
@@ -72,9 +74,17 @@ impl RouteTable {
             let served = Arc::new(Served {
                 route: r.clone(),
                 netns: match &r.via {
-                    Via::Network(n) => netns.get(n).cloned(),
+                    Via::Network(n) => netns.get(n).map(|p| Arc::from(p.as_str())),
                     Via::Host => None,
                 },
+                upstream_addr: r
+                    .upstreams
+                    .iter()
+                    .map(|u| {
+                        hyper::header::HeaderValue::from_str(&u.addr.to_string())
+                            .unwrap_or(hyper::header::HeaderValue::from_static("-"))
+                    })
+                    .collect(),
                 stats: old
                     .by_service
                     .get(sid)
