@@ -1,9 +1,11 @@
 //! `bench l7`: wrk from a machine on the LAN against one route, in one run, the paths taking
 //! turns round by round: straight to the backend task (routed by its node, no proxy: the
 //! baseline); nginx (Debian's) on the node as a reverse proxy for the same route with
-//! keep-alive upstreams; meshd's front end; meshd on a node with no presence on the
-//! backend's network, relaying to the node that has one (what such a route costs); and
-//! nginx and meshd over TLS.
+//! keep-alive upstreams, sending the request and response headers an Interlock route has
+//! (what meshd sends: the same work), and once more with none of them ("bare", for
+//! reference); meshd's front end; meshd on a node with no presence on the backend's
+//! network, relaying to the node that has one (what such a route costs); and nginx and
+//! meshd over TLS.
 use std::{path::Path, process::Command};
 
 use anyhow::{ensure, Context, Result};
@@ -75,13 +77,14 @@ pub fn l7(rounds: usize, seconds: u32, connections: u32) -> Result<()> {
     let nginx = nginx(&lab, &task, &certs)?;
 
     // (name, URL, the row its ratios are to)
-    let paths: [(&str, String, usize); 6] = [
+    let paths: [(&str, String, usize); 7] = [
         ("direct to the task", format!("http://{task}:7000/"), 1),
         ("nginx", format!("http://{HOST}:8088/"), 1),
+        ("nginx, bare", format!("http://{HOST}:8090/"), 1),
         ("meshd", format!("http://{HOST}/"), 1),
         ("meshd, relayed", "http://192.168.100.2/".to_string(), 1),
-        ("nginx, TLS", format!("https://{HOST}:8444/"), 4),
-        ("meshd, TLS", format!("https://{HOST}:8443/"), 4),
+        ("nginx, TLS", format!("https://{HOST}:8444/"), 5),
+        ("meshd, TLS", format!("https://{HOST}:8443/"), 5),
     ];
     let host = format!("Host: {HOST}");
     for (name, url, _) in &paths {
@@ -125,6 +128,7 @@ pub fn l7(rounds: usize, seconds: u32, connections: u32) -> Result<()> {
          one backend task (labtool http-echo, keep-alive) on the same node"
     );
     println!("  ×nginx: median of each round's ratio to nginx over the same protocol, with its 95% interval");
+    println!("  nginx sends the headers an Interlock route has, as meshd does; \"nginx, bare\" sends none");
     println!(
         "{:<22} {:>9} {:>22} {:>10} {:>22}",
         "path", "req/s", "×nginx (req/s)", "p99 ms", "×nginx (p99)"
@@ -144,6 +148,10 @@ pub fn l7(rounds: usize, seconds: u32, connections: u32) -> Result<()> {
         );
     }
     println!("direct ÷ nginx (req/s): {}", spread(&ratio(&rps, 0, 1)));
+    println!(
+        "meshd ÷ nginx, bare (req/s): {}",
+        spread(&ratio(&rps, 3, 2))
+    );
     println!("targets: meshd ≥ 1.0× nginx requests/s with p99 ≤ nginx's, plain and TLS");
     Ok(())
 }
@@ -182,6 +190,9 @@ impl Drop for RemoveOnDrop {
 
 /// nginx in node1's namespace: plain on 8088, TLS on 8444, to the task over its bridge leg
 /// with a pool of keep-alive upstream connections; as many workers as meshd has threads.
+/// Those two send what an Interlock route sends (meshd's headers: `X-Forwarded-*` and
+/// `X-Request-Id` upstream; `x-request-id`, `x-proxy-id`, `x-server-info`,
+/// `x-upstream-addr`, `x-upstream-response-time` back); 8090 sends only `X-Forwarded-For`.
 fn nginx(lab: &Lab, task: &str, certs: &Path) -> Result<Nginx> {
     let node = lab.node("node1")?;
     let dir = node.dir.join("nginx");
@@ -198,6 +209,18 @@ fn nginx(lab: &Lab, task: &str, certs: &Path) -> Result<Nginx> {
          upstream be {{ server {task}:7000; keepalive 64; }}\n \
          server {{\n  listen 8088;\n  listen 8444 ssl http2;\n  server_name {HOST};\n  \
          ssl_certificate {c}/bench.crt;\n  ssl_certificate_key {c}/bench.key;\n  \
+         location / {{\n   proxy_pass http://be;\n   proxy_http_version 1.1;\n   \
+         proxy_set_header Connection \"\";\n   proxy_set_header Host $host;\n   \
+         proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n   \
+         proxy_set_header X-Forwarded-Proto $scheme;\n   \
+         proxy_set_header X-Forwarded-Host $host;\n   \
+         proxy_set_header X-Request-Id $request_id;\n   \
+         add_header x-request-id $request_id always;\n   \
+         add_header x-proxy-id node1 always;\n   \
+         add_header x-server-info nginx always;\n   \
+         add_header x-upstream-addr $upstream_addr always;\n   \
+         add_header x-upstream-response-time $upstream_response_time always;\n  }}\n }}\n \
+         server {{\n  listen 8090;\n  server_name {HOST};\n  \
          location / {{\n   proxy_pass http://be;\n   proxy_http_version 1.1;\n   \
          proxy_set_header Connection \"\";\n   proxy_set_header Host $host;\n   \
          proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n  }}\n }}\n}}\n"

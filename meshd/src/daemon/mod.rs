@@ -457,9 +457,10 @@ pub async fn run(cfg: Config) -> Result<()> {
                 .map(|_| Arc::new(crate::l7::tls::CertStore::new(l7.certs.clone())));
             let mut settings = l7.proxy.clone();
             settings.https_port = l7.https.map(|a| a.port());
-            let proxy = crate::l7::proxy::Proxy::new(settings, store.clone(), Some(&cfg.cgroup))?;
             let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-            proxy.start(l7.http, l7.https, workers)?;
+            let proxy =
+                crate::l7::proxy::Proxy::new(settings, store.clone(), Some(&cfg.cgroup), workers)?;
+            proxy.start(l7.http, l7.https)?;
             if let Some(store) = store {
                 // Renewed certificate files are served from the next handshake.
                 tokio::spawn(async move {

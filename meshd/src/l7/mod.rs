@@ -78,21 +78,29 @@ impl RoutesView {
         rejected: Vec<crate::model::Rejected>,
     ) -> RoutesView {
         use std::sync::atomic::Ordering;
-        let table = handle.map(|h| h.proxy.table.load_full());
-        let stats: std::collections::HashMap<&str, &Arc<table::Served>> = table
-            .as_ref()
-            .map(|t| t.routes().map(|s| (&*s.route.service_id, s)).collect())
+        // Every worker counts in its own copy of the table: the sums.
+        let tables: Vec<_> = handle
+            .map(|h| {
+                h.proxy
+                    .workers
+                    .iter()
+                    .map(|w| w.table.load_full())
+                    .collect()
+            })
             .unwrap_or_default();
+        let mut stats: std::collections::HashMap<&str, (u64, u64, u64)> = Default::default();
+        for t in &tables {
+            for s in t.routes() {
+                let e = stats.entry(&*s.route.service_id).or_default();
+                e.0 += s.stats.requests.load(Ordering::Relaxed);
+                e.1 += s.stats.errors.load(Ordering::Relaxed);
+                e.2 += s.stats.latency_us.load(Ordering::Relaxed);
+            }
+        }
         let mut routes = Vec::new();
         for r in desired.l7.values() {
             let served = stats.get(&*r.service_id);
-            let (requests, errors, us) = served.map_or((0, 0, 0), |s| {
-                (
-                    s.stats.requests.load(Ordering::Relaxed),
-                    s.stats.errors.load(Ordering::Relaxed),
-                    s.stats.latency_us.load(Ordering::Relaxed),
-                )
-            });
+            let (requests, errors, us) = served.copied().unwrap_or_default();
             let spec = &r.spec;
             let (mode, network) = match &r.via {
                 crate::compile::l7::Via::Host => ("host".to_string(), None),
@@ -162,7 +170,13 @@ impl RoutesView {
             http: handle.map(|h| h.http.to_string()),
             https: handle.and_then(|h| h.https.map(|a| a.to_string())),
             cluster: handle.and_then(|h| h.cluster.clone()),
-            in_flight: handle.map_or(0, |h| h.proxy.in_flight.load(Ordering::Relaxed)),
+            in_flight: handle.map_or(0, |h| {
+                h.proxy
+                    .workers
+                    .iter()
+                    .map(|w| w.in_flight.load(Ordering::Relaxed))
+                    .sum()
+            }),
             routes,
             rejected,
         }
@@ -201,13 +215,21 @@ impl Applier for L7Applier {
         if !everything && changed.l7.is_empty() && !changed.l7_netns {
             return Ok(ApplyStats::default());
         }
-        let old = self.proxy.table.load();
-        let table = table::RouteTable::build(
-            &desired.l7,
-            &desired.l7_netns,
-            self.cluster.as_deref(),
-            &old,
-        );
+        // Each worker's copy, from its own old one (its counters carry over).
+        let tables: Vec<table::RouteTable> = self
+            .proxy
+            .workers
+            .iter()
+            .map(|w| {
+                table::RouteTable::build(
+                    &desired.l7,
+                    &desired.l7_netns,
+                    self.cluster.as_deref(),
+                    &w.table.load(),
+                )
+            })
+            .collect();
+        let table = &tables[0];
         let routes = table.len();
         if let Some(store) = &self.proxy.tls {
             let mut wanted: std::collections::BTreeMap<tls::Pair, BTreeSet<String>> =
@@ -226,7 +248,9 @@ impl Applier for L7Applier {
             }
             store.set_wanted(wanted);
         }
-        self.proxy.table.store(Arc::new(table));
+        for (w, t) in self.proxy.workers.iter().zip(tables) {
+            w.table.store(Arc::new(t));
+        }
         info!(
             routes,
             changed = changed.l7.len(),

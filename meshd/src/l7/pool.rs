@@ -70,8 +70,8 @@ impl Pool {
     }
 
     /// An open connection to `t`: the newest idle one still good, else a new one.
-    pub async fn get(self: &Arc<Self>, t: &Target) -> io::Result<Conn> {
-        while let Some(mut idle) = self.take_idle(t) {
+    pub async fn get(self: &Arc<Self>, t: Target) -> io::Result<Conn> {
+        while let Some(mut idle) = self.take_idle(&t) {
             if idle.since.elapsed() >= self.keepalive {
                 continue;
             }
@@ -84,7 +84,7 @@ impl Pool {
                 return Ok(self.conn(idle.send, t, true));
             }
         }
-        let io = self.connector.open(t).await?;
+        let io = self.connector.open(&t).await?;
         let (send, conn) = hyper::client::conn::http1::Builder::new()
             .handshake(TokioIo::new(io))
             .await
@@ -98,10 +98,10 @@ impl Pool {
         Ok(self.conn(send, t, false))
     }
 
-    fn conn(self: &Arc<Self>, send: SendRequest<UpBody>, t: &Target, reused: bool) -> Conn {
+    fn conn(self: &Arc<Self>, send: SendRequest<UpBody>, target: Target, reused: bool) -> Conn {
         Conn {
             send,
-            target: t.clone(),
+            target,
             pool: self.clone(),
             reused,
         }
@@ -276,7 +276,7 @@ mod tests {
     }
 
     async fn get_once(pool: &Arc<Pool>, t: &Target) -> (bool, Bytes) {
-        let mut c = pool.get(t).await.unwrap();
+        let mut c = pool.get(t.clone()).await.unwrap();
         let reused = c.reused;
         let req = hyper::Request::builder()
             .uri("/")
@@ -310,7 +310,7 @@ mod tests {
         let (addr, conns) = server("a longer body than anyone reads").await;
         let pool = pool(Duration::from_secs(60));
         let t = target(addr);
-        let mut c = pool.get(&t).await.unwrap();
+        let mut c = pool.get(t.clone()).await.unwrap();
         let req = hyper::Request::builder()
             .uri("/")
             .header("host", "x")
@@ -353,6 +353,6 @@ mod tests {
             .local_addr()
             .unwrap();
         let pool = pool(Duration::from_secs(60));
-        assert!(pool.get(&target(addr)).await.is_err());
+        assert!(pool.get(target(addr)).await.is_err());
     }
 }

@@ -91,8 +91,30 @@ impl Default for ProxySettings {
     }
 }
 
-pub struct Proxy {
+/// One worker's own state, read by `meshctl` too: its copy of the route table (with its
+/// own counters) and its requests in flight. Each worker has its copy so that the request
+/// path writes no cache line another core writes (counters, reference counts): on two
+/// cores that sharing cost more than the route lookup.
+#[repr(align(128))]
+pub struct Worker {
     pub table: ArcSwap<RouteTable>,
+    /// Requests being answered now.
+    pub in_flight: Arc<AtomicUsize>,
+}
+
+/// What a worker's requests reach everything through: made on the worker's own thread,
+/// cloned per request by that thread alone.
+struct Ctx {
+    proxy: Arc<Proxy>,
+    worker: Arc<Worker>,
+    pool: Arc<Pool>,
+    /// Request ids (each worker keys its own).
+    ids: RequestIds,
+}
+
+pub struct Proxy {
+    /// The workers' states, one per thread `start` runs.
+    pub workers: Vec<Arc<Worker>>,
     /// The swarm's node addresses: relayed requests are taken from these only.
     pub nodes: ArcSwap<std::collections::BTreeSet<std::net::Ipv4Addr>>,
     /// Certificates for HTTPS (None: no HTTPS listener).
@@ -103,10 +125,7 @@ pub struct Proxy {
     stop: tokio::sync::watch::Sender<bool>,
     /// Client connections being served.
     active: Arc<AtomicUsize>,
-    /// Requests being answered now.
-    pub in_flight: Arc<AtomicUsize>,
     settings: ProxySettings,
-    ids: RequestIds,
     /// `x-proxy-id`, made once (None: hidden).
     proxy_id_header: Option<HeaderValue>,
     /// This node's name as relays send it.
@@ -115,11 +134,13 @@ pub struct Proxy {
 
 impl Proxy {
     /// `sockets_cgroup`: the cgroup meshd's socket programs are attached to, for upstream
-    /// sockets to be made under (see `SocketMaker::start_in_cgroup`).
+    /// sockets to be made under (see `SocketMaker::start_in_cgroup`); `workers`: threads
+    /// `start` will run.
     pub fn new(
         settings: ProxySettings,
         tls: Option<Arc<super::tls::CertStore>>,
         sockets_cgroup: Option<&std::path::Path>,
+        workers: usize,
     ) -> Result<Arc<Proxy>> {
         let maker = match sockets_cgroup.map(SocketMaker::start_in_cgroup) {
             Some(Ok(m)) => m,
@@ -135,14 +156,19 @@ impl Proxy {
             trust: Arc::new(BackendTrust::new(settings.backend_ca.clone())),
         };
         Ok(Arc::new(Proxy {
-            table: ArcSwap::from_pointee(RouteTable::default()),
+            workers: (0..workers.max(1))
+                .map(|_| {
+                    Arc::new(Worker {
+                        table: ArcSwap::from_pointee(RouteTable::default()),
+                        in_flight: Arc::default(),
+                    })
+                })
+                .collect(),
             nodes: ArcSwap::default(),
             tls,
             connector,
             stop: tokio::sync::watch::Sender::new(false),
             active: Arc::default(),
-            in_flight: Arc::default(),
-            ids: RequestIds::default(),
             proxy_id_header: HeaderValue::from_str(&settings.proxy_id)
                 .ok()
                 .filter(|_| !settings.hide_info),
@@ -171,18 +197,14 @@ impl Proxy {
         Pool::new(self.connector.clone(), self.settings.keepalive)
     }
 
-    /// Starts `threads` workers, each a single-threaded runtime with its own listeners
-    /// (`SO_REUSEPORT`: the kernel spreads connections over them) and its own upstream
-    /// pool: a request, its upstream connection and their wakeups stay on one thread, as
-    /// in nginx's worker processes. Listening errors are returned here, before any starts.
-    pub fn start(
-        self: &Arc<Self>,
-        http: SocketAddr,
-        https: Option<SocketAddr>,
-        threads: usize,
-    ) -> Result<()> {
+    /// Starts the workers, each a single-threaded runtime with its own listeners
+    /// (`SO_REUSEPORT`: the kernel spreads connections over them), its own upstream pool
+    /// and its own copy of the routes: a request, its upstream connection and their
+    /// wakeups stay on one thread, as in nginx's worker processes. Listening errors are
+    /// returned here, before any starts.
+    pub fn start(self: &Arc<Self>, http: SocketAddr, https: Option<SocketAddr>) -> Result<()> {
         let mut bound = Vec::new();
-        for _ in 0..threads.max(1) {
+        for _ in &self.workers {
             let h = reuseport_listener(http)
                 .with_context(|| format!("L7: listen for HTTP on {http}"))?;
             let s = match https {
@@ -196,6 +218,7 @@ impl Proxy {
         }
         for (i, (h, s)) in bound.into_iter().enumerate() {
             let this = self.clone();
+            let worker = self.workers[i].clone();
             std::thread::Builder::new()
                 .name(format!("meshd-l7-{i}"))
                 .spawn(move || {
@@ -212,6 +235,12 @@ impl Proxy {
                     rt.block_on(async move {
                         let pool = this.pool();
                         tokio::spawn(pool.clone().sweep_forever());
+                        let ctx = Arc::new(Ctx {
+                            proxy: this.clone(),
+                            worker,
+                            pool,
+                            ids: RequestIds::default(),
+                        });
                         let (Ok(h), s) = (
                             TcpListener::from_std(h),
                             s.map(TcpListener::from_std).transpose(),
@@ -220,9 +249,9 @@ impl Proxy {
                             return;
                         };
                         if let Ok(Some(s)) = s {
-                            tokio::spawn(this.clone().serve_https(s, pool.clone()));
+                            tokio::spawn(this.clone().serve_https(s, ctx.clone()));
                         }
-                        this.serve_http(h, pool).await;
+                        this.serve_http(h, ctx).await;
                         // Stopping: the listeners are closed, and the connections still
                         // being served live on this runtime until meshd exits.
                         std::future::pending::<()>().await;
@@ -234,7 +263,7 @@ impl Proxy {
     }
 
     /// Serves HTTPS on `listener`: TLS by SNI (`tls`), then HTTP/1.1 or h2 by ALPN.
-    pub async fn serve_https(self: Arc<Self>, listener: TcpListener, pool: Arc<Pool>) {
+    async fn serve_https(self: Arc<Self>, listener: TcpListener, ctx: Arc<Ctx>) {
         let Some(store) = self.tls.clone() else {
             return;
         };
@@ -242,10 +271,10 @@ impl Proxy {
         while let Some((stream, peer)) = self.accept(&listener).await {
             let this = self.clone();
             let acceptor = acceptor.clone();
-            let pool = pool.clone();
+            let ctx = ctx.clone();
             tokio::spawn(async move {
                 // A host routed with ssl_passthrough gets the TLS bytes as they are.
-                let Some(stream) = this.passthrough(stream, peer).await else {
+                let Some(stream) = this.passthrough(&ctx.worker, stream, peer).await else {
                     return;
                 };
                 let tls =
@@ -262,7 +291,7 @@ impl Proxy {
                             return;
                         }
                     };
-                this.serve_conn(TokioIo::new(tls), peer, true, pool).await;
+                this.serve_conn(TokioIo::new(tls), peer, true, ctx).await;
             });
         }
     }
@@ -270,7 +299,12 @@ impl Proxy {
     /// Reads the ClientHello's server name without consuming it; a host whose route says
     /// `ssl_passthrough` is spliced to one of its tasks as raw TCP (None: handled here).
     /// Any other connection is handed back for meshd's own TLS.
-    async fn passthrough(&self, stream: TcpStream, peer: SocketAddr) -> Option<TcpStream> {
+    async fn passthrough(
+        &self,
+        worker: &Worker,
+        stream: TcpStream,
+        peer: SocketAddr,
+    ) -> Option<TcpStream> {
         let mut buf = vec![0u8; 16 * 1024 + 5];
         let deadline = Instant::now() + Duration::from_secs(5);
         let name = loop {
@@ -291,7 +325,7 @@ impl Proxy {
         let Some(name) = name else {
             return Some(stream);
         };
-        let served = match self.table.load().lookup(&name, "/") {
+        let served = match worker.table.load().lookup(&name, "/") {
             Some((s, _)) if s.route.spec.ssl_passthrough => s.clone(),
             _ => return Some(stream),
         };
@@ -327,12 +361,12 @@ impl Proxy {
     }
 
     /// Serves plain HTTP on `listener` until the task is dropped.
-    pub async fn serve_http(self: Arc<Self>, listener: TcpListener, pool: Arc<Pool>) {
+    async fn serve_http(self: Arc<Self>, listener: TcpListener, ctx: Arc<Ctx>) {
         while let Some((stream, peer)) = self.accept(&listener).await {
             let this = self.clone();
-            let pool = pool.clone();
+            let ctx = ctx.clone();
             tokio::spawn(async move {
-                this.serve_conn(TokioIo::new(stream), peer, false, pool)
+                this.serve_conn(TokioIo::new(stream), peer, false, ctx)
                     .await;
             });
         }
@@ -361,17 +395,19 @@ impl Proxy {
 
     /// One client connection, until it ends; when meshd stops, its request in flight is
     /// finished and the connection closed after it.
-    async fn serve_conn<I>(self: Arc<Self>, io: I, peer: SocketAddr, https: bool, pool: Arc<Pool>)
+    async fn serve_conn<I>(self: Arc<Self>, io: I, peer: SocketAddr, https: bool, ctx: Arc<Ctx>)
     where
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
         let _active = Active::new(&self.active);
         let mut stop = self.stop.subscribe();
-        let this = self.clone();
+        // Per request only the worker's own context is cloned (see `Worker`).
         let svc = hyper::service::service_fn(move |req| {
-            let this = this.clone();
-            let pool = pool.clone();
-            async move { Ok::<_, Infallible>(this.handle(&pool, req, peer, https).await) }
+            let ctx = ctx.clone();
+            async move {
+                let r = ctx.proxy.handle(&ctx, req, peer, https);
+                Ok::<_, Infallible>(r.await)
+            }
         });
         let builder = self.conn_builder();
         let conn = builder.serve_connection_with_upgrades(io, svc);
@@ -409,21 +445,21 @@ impl Proxy {
 
     /// One request: its route, one of the route's upstreams, the response with Interlock's
     /// headers.
-    pub async fn handle(
+    async fn handle(
         &self,
-        pool: &Arc<Pool>,
+        ctx: &Ctx,
         req: Request<Incoming>,
         peer: SocketAddr,
         https: bool,
     ) -> Response<Body> {
         let started = Instant::now();
-        let _in_flight = Active::new(&self.in_flight);
+        let _in_flight = Active::new(&ctx.worker.in_flight);
         let id = req
             .headers()
             .get(&X_REQUEST_ID)
             .filter(|v| !v.is_empty() && v.len() <= 200 && v.to_str().is_ok())
             .cloned()
-            .unwrap_or_else(|| self.ids.next());
+            .unwrap_or_else(|| ctx.ids.next());
         // HTTP/1.1 names the host in its header, h2 in the URI.
         let host = req
             .headers()
@@ -441,7 +477,8 @@ impl Proxy {
             .settings
             .access_log
             .then(|| req.uri().path().to_string());
-        let found = self
+        let found = ctx
+            .worker
             .table
             .load()
             .lookup(host_str, req.uri().path())
@@ -464,7 +501,7 @@ impl Proxy {
             ),
             Some((served, prefix)) => {
                 let r = self
-                    .to_route(pool, req, &served, host_str, &prefix, peer, https, &id)
+                    .to_route(&ctx.pool, req, &served, host_str, &prefix, peer, https, &id)
                     .await;
                 served.stats.record(r.status().as_u16(), started.elapsed());
                 r
@@ -681,11 +718,12 @@ impl Proxy {
         let mut i = 0;
         while i < count.min(MAX_TRIES) {
             let (target, addr_header) = target(i);
-            let mut conn = match pool.get(&target).await {
+            let addr = target.addr;
+            let mut conn = match pool.get(target).await {
                 Ok(c) => c,
                 Err(e) => {
-                    debug!(request = ?id, upstream = %target.addr, error = %e, "L7: upstream connect failed");
-                    last = format!("{}: {e}", target.addr);
+                    debug!(request = ?id, upstream = %addr, error = %e, "L7: upstream connect failed");
+                    last = format!("{addr}: {e}");
                     i += 1;
                     continue;
                 }
@@ -700,7 +738,7 @@ impl Proxy {
                         StatusCode::GATEWAY_TIMEOUT,
                         format!(
                             "meshd: upstream {} sent no answer in {:?}\n",
-                            target.addr, self.settings.read_timeout
+                            addr, self.settings.read_timeout
                         ),
                     )
                 }
@@ -711,8 +749,8 @@ impl Proxy {
                     if let Some(r) = e.take_message() {
                         // The connection closed before the request was written: a pooled
                         // one the upstream had just shut; another gets it.
-                        debug!(request = ?id, upstream = %target.addr, error = %e.error(), "L7: upstream connection was closed");
-                        last = format!("{}: {}", target.addr, e.error());
+                        debug!(request = ?id, upstream = %addr, error = %e.error(), "L7: upstream connection was closed");
+                        last = format!("{}: {}", addr, e.error());
                         req = Some(r);
                         if !conn.reused {
                             i += 1;
@@ -730,7 +768,7 @@ impl Proxy {
                     }
                     return text(
                         StatusCode::BAD_GATEWAY,
-                        format!("meshd: upstream {} failed: {e}\n", target.addr),
+                        format!("meshd: upstream {} failed: {e}\n", addr),
                     );
                 }
             };

@@ -13,8 +13,10 @@ use crate::{
     model::Id,
 };
 
-/// One route as the proxy serves it.
+/// One route as the proxy serves it (in one worker's table; aligned to its own cache
+/// lines, as its reference count is written per request).
 #[derive(Debug)]
+#[repr(align(64))]
 pub struct Served {
     pub route: Arc<L7Route>,
     /// The namespace upstream connections are opened from (None: from the node itself, or
@@ -26,8 +28,10 @@ pub struct Served {
     pub stats: Arc<RouteStats>,
 }
 
-/// A route's counters (and its round-robin position).
+/// A route's counters in one worker (and its round-robin position there), on cache lines
+/// of their own.
 #[derive(Debug, Default)]
+#[repr(align(64))]
 pub struct RouteStats {
     pub next: AtomicUsize,
     pub requests: AtomicU64,
