@@ -7,6 +7,7 @@ use serde::Serialize;
 use crate::compile::{Changed, Desired};
 
 pub mod ebpf;
+pub mod ipvs;
 
 /// What one apply wrote.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]

@@ -1,0 +1,10 @@
+//! The IPVS datapath, for kernels without the cgroup socket hooks the eBPF datapath needs:
+//! the same `Desired`, programmed into IPVS the way Docker does it (a firewall mark per VIP
+//! in each container namespace, one fwmark service per load balancer, real servers for
+//! its tasks), as differences.
+//!
+//! - `netlink`: the IPVS generic netlink family, typed.
+//! - `plan`: what to change in one namespace's IPVS table, from what is there to what
+//!   should be (pure).
+pub mod netlink;
+pub mod plan;
