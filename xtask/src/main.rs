@@ -61,6 +61,8 @@ const PACKAGES: &[&str] = &[
     "jq",
     "openssl",
     "vagrant",
+    // The IPVS datapath's test runs in a VM (this kernel has no IPVS; LAB.md).
+    "qemu-system-x86",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -141,7 +143,7 @@ pub(crate) fn setup() -> Result<()> {
     let linker = bpf_linker_ok();
     if missing.is_empty() && linker {
         ensure_bpffs();
-        return Ok(());
+        return vm_kernel();
     }
     if !debian || !root {
         bail!(
@@ -224,6 +226,51 @@ pub(crate) fn setup() -> Result<()> {
         )?;
     }
     ensure_bpffs();
+    vm_kernel()
+}
+
+/// Debian's kernel (the one `linux-image-amd64` names), extracted into `target/vm/kernel`
+/// for the IPVS test's VM, once.
+fn vm_kernel() -> Result<()> {
+    let vm = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/vm");
+    let dir = vm.join("kernel");
+    if dir.join("boot").is_dir() {
+        return Ok(());
+    }
+    let depends = String::from_utf8(
+        Command::new("apt-cache")
+            .args(["depends", "linux-image-amd64"])
+            .output()
+            .context("apt-cache depends linux-image-amd64")?
+            .stdout,
+    )?;
+    let package = depends
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Depends: "))
+        .filter(|p| p.starts_with("linux-image-"))
+        .context("linux-image-amd64 names no kernel package")?
+        .trim()
+        .to_string();
+    eprintln!("xtask setup: fetching {package} for the IPVS test's VM");
+    std::fs::create_dir_all(&vm)?;
+    status(
+        Command::new("apt-get")
+            .args(["download", "-qq", &package])
+            .current_dir(&vm),
+    )?;
+    let deb = std::fs::read_dir(&vm)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_")))
+        })
+        .context("the downloaded kernel package")?;
+    let partial = vm.join("kernel.partial");
+    let _ = std::fs::remove_dir_all(&partial);
+    status(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&partial))?;
+    std::fs::rename(&partial, &dir)?;
+    let _ = std::fs::remove_file(&deb);
     Ok(())
 }
 

@@ -6,5 +6,7 @@
 //! - `netlink`: the IPVS generic netlink family, typed.
 //! - `plan`: what to change in one namespace's IPVS table, from what is there to what
 //!   should be (pure).
+//! - `socket`: a netlink socket to one namespace's IPVS.
 pub mod netlink;
 pub mod plan;
+pub mod socket;

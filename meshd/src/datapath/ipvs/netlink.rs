@@ -35,6 +35,8 @@ pub enum Cmd {
     GetDest,
     SetConfig,
     GetConfig,
+    /// The kernel's answer to `GetInfo` (as answers to gets are the matching set/new).
+    SetInfo,
     GetInfo,
     Flush,
 }
@@ -52,6 +54,7 @@ impl Cmd {
             Cmd::GetDest => 8,
             Cmd::SetConfig => 12,
             Cmd::GetConfig => 13,
+            Cmd::SetInfo => 14,
             Cmd::GetInfo => 15,
             Cmd::Flush => 17,
         }
@@ -69,6 +72,7 @@ impl Cmd {
             8 => Cmd::GetDest,
             12 => Cmd::SetConfig,
             13 => Cmd::GetConfig,
+            14 => Cmd::SetInfo,
             15 => Cmd::GetInfo,
             17 => Cmd::Flush,
             c => return Err(format!("IPVS: unknown command {c}").into()),
@@ -146,7 +150,8 @@ pub enum DestAttr {
 }
 
 /// A top-level attribute of a message (`IPVS_CMD_ATTR_*`, or `IPVS_INFO_ATTR_*` in the
-/// answer to `GetInfo`, which reuses the numbers).
+/// answer to `GetInfo`, which reuses the numbers). The kernel answers a get with the
+/// matching set or new command: `GetInfo` with `SetInfo`, `GetService` with `NewService`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Attr {
     Service(Vec<SvcAttr>),
@@ -442,8 +447,12 @@ impl ParseableParametrized<[u8], GenlHeader> for IpvsMessage {
             let kind = nla.kind() & !NLA_F_NESTED;
             let v = nla.value();
             let a = match (cmd, kind) {
-                (Cmd::GetInfo, 1) => Attr::Version(parse_u32(v).context("IPVS version")?),
-                (Cmd::GetInfo, 2) => Attr::ConnTabSize(parse_u32(v).context("IPVS table size")?),
+                (Cmd::GetInfo | Cmd::SetInfo, 1) => {
+                    Attr::Version(parse_u32(v).context("IPVS version")?)
+                }
+                (Cmd::GetInfo | Cmd::SetInfo, 2) => {
+                    Attr::ConnTabSize(parse_u32(v).context("IPVS table size")?)
+                }
                 (_, 1) => Attr::Service(parse_list(v, "service")?),
                 (_, 2) => Attr::Dest(parse_list(v, "destination")?),
                 (_, 4) => Attr::TimeoutTcp(parse_u32(v).context("IPVS tcp timeout")?),
