@@ -20,7 +20,13 @@ const MODULES: &[&str] = &[
     "net/netfilter/nf_conntrack.ko",
     "net/netfilter/ipvs/ip_vs.ko",
     "net/netfilter/ipvs/ip_vs_rr.ko",
+    "net/netfilter/nfnetlink.ko",
+    "net/netfilter/nf_tables.ko",
+    "drivers/net/veth.ko",
 ];
+
+/// Programs the test runs inside, with the libraries they link.
+const PROGRAMS: &[&str] = &["/usr/sbin/nft", "/usr/bin/ip"];
 
 #[test]
 fn ipvs_in_a_vm() {
@@ -163,22 +169,26 @@ fn build_initramfs(kernel: &Path, work: &Path) -> PathBuf {
         .arg("--strip-debug")
         .arg(&exe)
         .arg(root.join("test")));
-    // The dynamic loader and libraries, at the paths the binary names.
-    for line in run(Command::new("ldd").arg(&exe)).lines() {
-        let path = line
-            .split_whitespace()
-            .find(|w| w.starts_with('/'))
-            .map(PathBuf::from);
-        if let Some(p) = path {
-            let to = root.join(p.strip_prefix("/").unwrap());
-            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-            std::fs::copy(&p, &to).unwrap();
+    // The dynamic loader and libraries, at the paths the binaries name.
+    let copy = |p: &Path| {
+        let to = root.join(p.strip_prefix("/").unwrap());
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(p, &to).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    };
+    for bin in PROGRAMS {
+        copy(Path::new(bin));
+    }
+    for bin in PROGRAMS.iter().map(Path::new).chain([exe.as_path()]) {
+        for line in run(Command::new("ldd").arg(bin)).lines() {
+            if let Some(p) = line.split_whitespace().find(|w| w.starts_with('/')) {
+                copy(Path::new(p));
+            }
         }
     }
     let init = format!(
         "#!/bin/busybox sh\n/bin/busybox --install -s /bin\n\
          mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n\
-         mount -t tmpfs tmp /tmp\nmount -t tmpfs run /run\n{load}\
+         mount -t tmpfs tmp /tmp\nmount -t tmpfs run /run\nexport PATH=/usr/sbin:/usr/bin:/bin\n{load}\
          MESHD_IN_VM=1 RUST_BACKTRACE=1 /test --exact ipvs_in_a_vm --nocapture --test-threads 1\n\
          rc=$?\necho \"vm: test exited $rc\"\n\
          printf \"\\\\$(printf %03o $rc)\" | dd of=/dev/port bs=1 seek=244 count=1 2>/dev/null\n\
@@ -200,7 +210,10 @@ fn build_initramfs(kernel: &Path, work: &Path) -> PathBuf {
 
 /// What runs inside the VM (as root, in a kernel with IPVS).
 mod in_vm {
-    use std::net::Ipv4Addr;
+    use std::{
+        net::Ipv4Addr,
+        sync::mpsc::{Receiver, Sender},
+    };
 
     use meshd::datapath::ipvs::{
         plan::{self, fwmark, Op, Svc, Table, SCHEDULER},
@@ -329,5 +342,117 @@ mod in_vm {
         })
         .join()
         .expect("the checks");
+        std::thread::spawn(traffic)
+            .join()
+            .expect("the traffic checks");
+    }
+
+    /// A shell command (iproute2's `ip` by its path: busybox's shell prefers its own
+    /// applet, which cannot name a veth's peer).
+    fn sh(cmd: &str) {
+        let st = std::process::Command::new("sh")
+            .args(["-c", cmd])
+            .status()
+            .expect("sh");
+        assert!(st.success(), "{cmd}");
+    }
+
+    /// A server in a namespace of its own at `addr` on interface `dev`, answering each
+    /// connection on port 80 with `name`. Returns its thread id (for moving a veth end into
+    /// its namespace), a sender that tells it the interface is there, and a receiver that
+    /// hears once it listens.
+    fn server(addr: Ipv4Addr, name: &'static str, dev: String) -> (i32, Sender<()>, Receiver<()>) {
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
+            tid_tx.send(nix::unistd::gettid().as_raw()).unwrap();
+            go_rx.recv().unwrap();
+            sh(&format!(
+                "/usr/bin/ip link set lo up && /usr/bin/ip addr add {addr}/24 dev {dev} \
+                 && /usr/bin/ip link set {dev} up && /usr/bin/ip route add default dev {dev}"
+            ));
+            let l = std::net::TcpListener::bind((addr, 80)).expect("listen");
+            ready_tx.send(()).unwrap();
+            for mut c in l.incoming().flatten() {
+                let _ = std::io::Write::write_all(&mut c, name.as_bytes());
+            }
+        });
+        (tid_rx.recv().unwrap(), go_tx, ready_rx)
+    }
+
+    /// Who answers `n` connections to `vip:80`, by name.
+    fn answers(vip: Ipv4Addr, n: usize) -> std::collections::BTreeMap<String, usize> {
+        let mut seen = std::collections::BTreeMap::new();
+        for _ in 0..n {
+            let addr = std::net::SocketAddr::from((vip, 80));
+            let mut c =
+                std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
+                    .expect("connect through the VIP");
+            c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut c, &mut s).expect("read an answer");
+            *seen.entry(s).or_insert(0) += 1;
+        }
+        seen
+    }
+
+    /// Connections from a namespace to a VIP, through the marks and IPVS, to three
+    /// servers in namespaces of their own (veth pairs, as a container's are).
+    fn traffic() {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
+        sh("/usr/bin/ip link set lo up && /usr/bin/ip addr add 10.0.1.1/32 dev lo");
+        let vip = Ipv4Addr::new(10, 0, 1, 2);
+        let names = ["s1", "s2", "s3"];
+        let addrs: Vec<Ipv4Addr> = (5..8).map(|i| Ipv4Addr::new(10, 0, 1, i)).collect();
+        let mut ready = Vec::new();
+        for (i, (a, name)) in addrs.iter().zip(names).enumerate() {
+            let (tid, go, listening) = server(*a, name, format!("p{i}"));
+            sh(&format!(
+                "/usr/bin/ip link add v{i} type veth peer name p{i} && /usr/bin/ip link set p{i} netns {tid} \
+                 && /usr/bin/ip link set v{i} up && /usr/bin/ip route add {a}/32 dev v{i}"
+            ));
+            go.send(()).unwrap();
+            ready.push(listening);
+        }
+        for rx in ready {
+            rx.recv_timeout(std::time::Duration::from_secs(10))
+                .expect("a server listening");
+        }
+        // The VIP needs a route to leave by; IPVS re-routes to the real server it picks.
+        sh(&format!("/usr/bin/ip route add {vip}/32 dev v0"));
+        meshd::datapath::ipvs::marks::apply(&[vip]).expect("the marks");
+        let mut s = IpvsSocket::open().expect("open IPVS");
+        let mut want = Table::default();
+        want.services.insert(
+            fwmark(vip),
+            svc(&addrs.iter().map(|a| (*a, 1)).collect::<Vec<_>>()),
+        );
+        converge(&mut s, &want);
+        let seen = answers(vip, 30);
+        println!("vm: 30 connections to the VIP: {seen:?}");
+        assert_eq!(seen.len(), 3, "every server answers: {seen:?}");
+        assert!(seen.values().all(|&n| n == 10), "round robin: {seen:?}");
+        // s2 draining: no new connection reaches it.
+        want.services
+            .get_mut(&fwmark(vip))
+            .unwrap()
+            .dests
+            .insert(addrs[1], 0);
+        converge(&mut s, &want);
+        let seen = answers(vip, 20);
+        println!("vm: with s2 draining: {seen:?}");
+        assert!(!seen.contains_key("s2"), "{seen:?}");
+        assert_eq!(seen.values().sum::<usize>(), 20);
+        let conns: u32 = s
+            .dests(fwmark(vip))
+            .unwrap()
+            .iter()
+            .map(|d| d.active_conns + d.inactive_conns)
+            .sum();
+        println!("vm: IPVS counts {conns} connections on the real servers");
+        assert!(conns > 0, "IPVS itself counts the connections");
     }
 }
