@@ -454,5 +454,87 @@ mod in_vm {
             .sum();
         println!("vm: IPVS counts {conns} connections on the real servers");
         assert!(conns > 0, "IPVS itself counts the connections");
+        applier(vip, &addrs);
+    }
+
+    /// The applier, driven with `Desired` values against this thread's namespace (a
+    /// sandbox, as a container's is): it adopts what is there, adds a second VIP, follows
+    /// a backend leaving with one command, and a new applier (a restarted meshd) sends none.
+    fn applier(vip: Ipv4Addr, addrs: &[Ipv4Addr]) {
+        use meshd::{
+            compile::{Changed, Desired, Lb, LbRef, SandboxScope},
+            datapath::{ipvs::applier::IpvsApplier, Applier},
+        };
+        use std::sync::Arc;
+        let vip2 = Ipv4Addr::new(10, 0, 1, 3);
+        sh(&format!("/usr/bin/ip route add {vip2}/32 dev v0"));
+        let path = format!("/proc/{}/ns/net", nix::unistd::gettid());
+        let lb = |vip, backends: Vec<Ipv4Addr>| {
+            Arc::new(Lb {
+                service_name: "web".into(),
+                vip,
+                backends,
+            })
+        };
+        let r = |s: &str| LbRef {
+            service_id: s.into(),
+            network_id: "front".into(),
+        };
+        let mut desired = Desired::default();
+        desired.lbs.insert(r("web"), lb(vip, addrs.to_vec()));
+        desired
+            .lbs
+            .insert(r("api"), lb(vip2, vec![addrs[0], addrs[2]]));
+        desired.sandboxes.insert(
+            7,
+            Arc::new(SandboxScope {
+                container_id: "client".into(),
+                name: "client".into(),
+                netns_path: path,
+                networks: vec!["front".into()],
+            }),
+        );
+        let mut a = IpvsApplier::new();
+        let st = a
+            .apply(&desired, &Changed::default(), false)
+            .expect("apply");
+        // Adopted: s2 back to weight 1 (one command), the second VIP's service and its
+        // two real servers (three).
+        assert_eq!((st.writes, st.deletes), (4, 0), "{st:?}");
+        let seen = answers(vip2, 20);
+        println!("vm: applier: 20 connections to the second VIP: {seen:?}");
+        assert_eq!(seen.get("s1"), Some(&10));
+        assert_eq!(seen.get("s3"), Some(&10));
+        let seen = answers(vip, 3);
+        assert!(
+            seen.contains_key("s2"),
+            "s2 serves again at weight 1: {seen:?}"
+        );
+
+        desired.lbs.insert(r("api"), lb(vip2, vec![addrs[2]]));
+        let changed = Changed {
+            lbs: [r("api")].into(),
+            ..Changed::default()
+        };
+        let st = a.apply(&desired, &changed, false).expect("apply");
+        assert_eq!((st.writes, st.deletes), (0, 1), "one backend gone: {st:?}");
+        let seen = answers(vip2, 6);
+        assert_eq!(seen.get("s3"), Some(&6), "{seen:?}");
+
+        let st = IpvsApplier::new()
+            .apply(&desired, &Changed::default(), false)
+            .expect("apply");
+        assert!(
+            st.is_empty(),
+            "a restarted applier adopts with no command: {st:?}"
+        );
+        let st = a
+            .apply(&desired, &Changed::default(), true)
+            .expect("resync");
+        assert!(
+            st.is_empty(),
+            "a full resync reads back and sends nothing: {st:?}"
+        );
+        println!("vm: applier: adoption, a backend leaving, restart and resync as planned");
     }
 }

@@ -275,15 +275,18 @@ mod tests {
         }
     }
 
-    async fn get_once(pool: &Arc<Pool>, t: &Target) -> (bool, Bytes) {
-        let mut c = pool.get(t.clone()).await.unwrap();
-        let reused = c.reused;
-        let req = hyper::Request::builder()
+    fn get_root() -> hyper::Request<UpBody> {
+        hyper::Request::builder()
             .uri("/")
             .header("host", "x")
             .body(Empty::new().map_err(|e| match e {}).boxed())
-            .unwrap();
-        let resp = c.send.send_request(req).await.unwrap();
+            .unwrap()
+    }
+
+    async fn get_once(pool: &Arc<Pool>, t: &Target) -> (bool, Bytes) {
+        let mut c = pool.get(t.clone()).await.unwrap();
+        let reused = c.reused;
+        let resp = c.send.send_request(get_root()).await.unwrap();
         let body = Returning::new(resp.into_body(), c);
         (reused, body.collect().await.unwrap().to_bytes())
     }
@@ -311,12 +314,7 @@ mod tests {
         let pool = pool(Duration::from_secs(60));
         let t = target(addr);
         let mut c = pool.get(t.clone()).await.unwrap();
-        let req = hyper::Request::builder()
-            .uri("/")
-            .header("host", "x")
-            .body(Empty::new().map_err(|e| match e {}).boxed())
-            .unwrap();
-        let resp = c.send.send_request(req).await.unwrap();
+        let resp = c.send.send_request(get_root()).await.unwrap();
         drop(Returning::new(resp.into_body(), c));
         assert_eq!(pool.idle_count(), 0);
         let (reused, _) = get_once(&pool, &t).await;

@@ -3,11 +3,13 @@
 //! in each container namespace, one fwmark service per load balancer, real servers for
 //! its tasks), as differences.
 //!
+//! - `applier`: `Desired` into every local sandbox's table and marks, for what changed.
 //! - `marks`: the nftables table that marks connections to a VIP for IPVS.
 //! - `netlink`: the IPVS generic netlink family, typed.
 //! - `plan`: what to change in one namespace's IPVS table, from what is there to what
 //!   should be (pure).
 //! - `socket`: a netlink socket to one namespace's IPVS.
+pub mod applier;
 pub mod marks;
 pub mod netlink;
 pub mod plan;

@@ -1,0 +1,205 @@
+//! The IPVS applier: `Desired` into each local sandbox's IPVS table and VIP marks, for the
+//! sandboxes a change reaches. What it made in each sandbox is kept (`Known`); a sandbox it
+//! has not seen yet, or after an error, is read back from the kernel first, which is how a
+//! restarted meshd adopts what it left there without flushing anything.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fs::File,
+    net::Ipv4Addr,
+};
+
+use anyhow::{anyhow, Context, Result};
+use nix::sched::{setns, CloneFlags};
+use tracing::warn;
+
+use super::{
+    marks,
+    plan::{self, fwmark, Op, Svc, Table, SCHEDULER},
+    socket::IpvsSocket,
+};
+use crate::{
+    compile::{Changed, Desired, Lb, LbRef, SandboxScope},
+    datapath::{Applier, ApplyStats},
+};
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Known {
+    table: Table,
+    vips: BTreeSet<Ipv4Addr>,
+}
+
+#[derive(Default)]
+pub struct IpvsApplier {
+    /// By sandbox (network-namespace cookie).
+    known: HashMap<u64, Known>,
+}
+
+impl IpvsApplier {
+    pub fn new() -> IpvsApplier {
+        IpvsApplier::default()
+    }
+}
+
+/// What one sandbox's IPVS should hold: a service per VIP on its networks, the live
+/// backends at weight 1.
+fn wanted(scope: &SandboxScope, by_network: &HashMap<&str, Vec<&Lb>>) -> Known {
+    let mut k = Known::default();
+    for n in &scope.networks {
+        for lb in by_network.get(n.as_str()).into_iter().flatten() {
+            k.vips.insert(lb.vip);
+            k.table.services.insert(
+                fwmark(lb.vip),
+                Svc {
+                    scheduler: SCHEDULER.into(),
+                    dests: lb.backends.iter().map(|b| (*b, 1)).collect(),
+                },
+            );
+        }
+    }
+    k
+}
+
+/// Runs `f` on a thread that has joined the namespace at `path` (a netlink socket, and a
+/// child process, belong to the namespace of the thread that makes them).
+fn in_netns<T: Send>(path: &str, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let ns = File::open(path).with_context(|| format!("open netns {path}"))?;
+            setns(&ns, CloneFlags::CLONE_NEWNET).with_context(|| format!("join netns {path}"))?;
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow!("the IPVS thread for {path} panicked"))?
+    })
+}
+
+/// Brings one namespace from `have` (None: read it from the kernel) to `want`; returns
+/// what it holds after, and the commands sent.
+fn converge(path: &str, have: Option<&Known>, want: &Known) -> Result<(Known, Vec<Op>)> {
+    in_netns(path, || {
+        let mut s = IpvsSocket::open()?;
+        let (table, vips) = match have {
+            Some(k) => (k.table.clone(), Some(&k.vips)),
+            None => (s.table()?, None),
+        };
+        let ops = plan::plan(&table, &want.table);
+        for op in &ops {
+            s.exec(op).with_context(|| format!("in {path}"))?;
+        }
+        if vips != Some(&want.vips) {
+            let v: Vec<Ipv4Addr> = want.vips.iter().copied().collect();
+            marks::apply(&v).with_context(|| format!("the VIP marks in {path}"))?;
+        }
+        let mut after = table;
+        after.apply(&ops);
+        Ok((
+            Known {
+                table: after,
+                vips: want.vips.clone(),
+            },
+            ops,
+        ))
+    })
+}
+
+impl Applier for IpvsApplier {
+    fn name(&self) -> &'static str {
+        "ipvs"
+    }
+
+    fn apply(
+        &mut self,
+        desired: &Desired,
+        changed: &Changed,
+        everything: bool,
+    ) -> Result<ApplyStats> {
+        self.known.retain(|c, _| desired.sandboxes.contains_key(c));
+        let networks: BTreeSet<&str> = changed
+            .lbs
+            .iter()
+            .map(|r: &LbRef| &*r.network_id)
+            .chain(changed.networks.iter().map(String::as_str))
+            .collect();
+        let touched: Vec<(&u64, &std::sync::Arc<SandboxScope>)> = desired
+            .sandboxes
+            .iter()
+            .filter(|(c, s)| {
+                everything
+                    || changed.sandboxes.contains(c)
+                    || !self.known.contains_key(c)
+                    || s.networks.iter().any(|n| networks.contains(n.as_str()))
+            })
+            .filter(|(_, s)| !s.netns_path.is_empty())
+            .collect();
+        let mut stats = ApplyStats::default();
+        if touched.is_empty() {
+            return Ok(stats);
+        }
+        let mut by_network: HashMap<&str, Vec<&Lb>> = HashMap::new();
+        for (r, lb) in &desired.lbs {
+            by_network.entry(&*r.network_id).or_default().push(lb);
+        }
+        let mut failed = BTreeMap::new();
+        for (cookie, scope) in touched {
+            let want = wanted(scope, &by_network);
+            let have = if everything {
+                None
+            } else {
+                self.known.get(cookie)
+            };
+            match converge(&scope.netns_path, have, &want) {
+                Ok((after, ops)) => {
+                    for op in &ops {
+                        match op {
+                            Op::DelDest { .. } | Op::DelService { .. } => stats.deletes += 1,
+                            _ => stats.writes += 1,
+                        }
+                    }
+                    self.known.insert(*cookie, after);
+                }
+                Err(e) => {
+                    // Read back next time: the kernel may hold part of it.
+                    self.known.remove(cookie);
+                    warn!(sandbox = %scope.name, error = %format!("{e:#}"), "IPVS: could not apply");
+                    failed.insert(scope.name.clone(), format!("{e:#}"));
+                }
+            }
+        }
+        if let Some((name, e)) = failed.iter().next() {
+            return Err(anyhow!(
+                "IPVS: {} sandbox(es) not applied; {name}: {e}",
+                failed.len()
+            ));
+        }
+        Ok(stats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sandbox_wants_the_vips_of_its_networks_only() {
+        let lb = |vip: [u8; 4], backends: &[[u8; 4]]| Lb {
+            service_name: "s".into(),
+            vip: Ipv4Addr::from(vip),
+            backends: backends.iter().map(|b| Ipv4Addr::from(*b)).collect(),
+        };
+        let (a, b) = (lb([10, 0, 1, 2], &[[10, 0, 1, 5]]), lb([10, 0, 2, 2], &[]));
+        let by_network: HashMap<&str, Vec<&Lb>> = [("n1", vec![&a]), ("n2", vec![&b])].into();
+        let scope = SandboxScope {
+            container_id: "c".into(),
+            name: "c".into(),
+            netns_path: "/x".into(),
+            networks: vec!["n1".into()],
+        };
+        let k = wanted(&scope, &by_network);
+        assert_eq!(k.vips, [Ipv4Addr::new(10, 0, 1, 2)].into());
+        assert_eq!(
+            k.table.services[&fwmark(Ipv4Addr::new(10, 0, 1, 2))].dests,
+            [(Ipv4Addr::new(10, 0, 1, 5), 1)].into()
+        );
+        assert_eq!(k.table.services.len(), 1);
+    }
+}
