@@ -375,26 +375,50 @@ mod in_vm {
             ));
             let l = std::net::TcpListener::bind((addr, 80)).expect("listen");
             ready_tx.send(()).unwrap();
-            for mut c in l.incoming().flatten() {
-                let _ = std::io::Write::write_all(&mut c, name.as_bytes());
+            // Each line asked gets the name: a connection can be kept and asked again.
+            for c in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut w = c.try_clone().expect("clone a stream");
+                    for line in std::io::BufRead::lines(std::io::BufReader::new(c)) {
+                        if line.is_err()
+                            || std::io::Write::write_all(&mut w, format!("{name}\n").as_bytes())
+                                .is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
             }
         });
         (tid_rx.recv().unwrap(), go_tx, ready_rx)
     }
 
     /// Who answers `n` connections to `vip:80`, by name.
+    /// A connection to `vip:80`, and the name of the server that answers on it.
+    fn ask(vip: Ipv4Addr) -> (std::io::BufReader<std::net::TcpStream>, String) {
+        let addr = std::net::SocketAddr::from((vip, 80));
+        let c = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
+            .expect("connect through the VIP");
+        c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let mut c = std::io::BufReader::new(c);
+        let name = ask_again(&mut c);
+        (c, name)
+    }
+
+    /// The server's name, asked again on an open connection.
+    fn ask_again(c: &mut std::io::BufReader<std::net::TcpStream>) -> String {
+        std::io::Write::write_all(c.get_mut(), b"?\n").expect("ask");
+        let mut name = String::new();
+        std::io::BufRead::read_line(c, &mut name).expect("read an answer");
+        name.trim().to_string()
+    }
+
+    /// Who answers `n` new connections to `vip:80`, by name.
     fn answers(vip: Ipv4Addr, n: usize) -> std::collections::BTreeMap<String, usize> {
         let mut seen = std::collections::BTreeMap::new();
         for _ in 0..n {
-            let addr = std::net::SocketAddr::from((vip, 80));
-            let mut c =
-                std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
-                    .expect("connect through the VIP");
-            c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
-                .unwrap();
-            let mut s = String::new();
-            std::io::Read::read_to_string(&mut c, &mut s).expect("read an answer");
-            *seen.entry(s).or_insert(0) += 1;
+            *seen.entry(ask(vip).1).or_insert(0) += 1;
         }
         seen
     }
@@ -474,6 +498,7 @@ mod in_vm {
                 service_name: "web".into(),
                 vip,
                 backends,
+                draining: Vec::new(),
             })
         };
         let r = |s: &str| LbRef {
@@ -511,13 +536,44 @@ mod in_vm {
             "s2 serves again at weight 1: {seen:?}"
         );
 
-        desired.lbs.insert(r("api"), lb(vip2, vec![addrs[2]]));
+        let (tcp, _, _) = IpvsSocket::open().unwrap().timeouts().unwrap();
+        assert_eq!(tcp, meshd::datapath::ipvs::applier::TCP_IDLE_TIMEOUT);
+        println!("vm: applier: the sandbox's TCP idle timeout is now {tcp} s");
+
+        // s1 told to stop: drained at weight 0 (one command), then gone (one delete). A
+        // connection open to it before keeps working while it drains.
+        let mut held = (0..4)
+            .map(|_| ask(vip2))
+            .find(|(_, n)| n == "s1")
+            .expect("a connection to s1")
+            .0;
         let changed = Changed {
             lbs: [r("api")].into(),
             ..Changed::default()
         };
+        let mut draining = (*lb(vip2, vec![addrs[2]])).clone();
+        draining.draining = vec![addrs[0]];
+        desired.lbs.insert(r("api"), Arc::new(draining));
         let st = a.apply(&desired, &changed, false).expect("apply");
-        assert_eq!((st.writes, st.deletes), (0, 1), "one backend gone: {st:?}");
+        assert_eq!((st.writes, st.deletes), (1, 0), "one task draining: {st:?}");
+        let d = IpvsSocket::open().unwrap().dests(fwmark(vip2)).unwrap();
+        assert!(
+            d.iter().any(|d| d.addr == addrs[0] && d.weight == 0),
+            "{d:?}"
+        );
+        let seen = answers(vip2, 6);
+        assert_eq!(seen.get("s3"), Some(&6), "{seen:?}");
+        assert_eq!(
+            ask_again(&mut held),
+            "s1",
+            "an open connection survives the drain"
+        );
+        println!(
+            "vm: applier: s1 draining takes no new connection, and its open one still answers"
+        );
+        desired.lbs.insert(r("api"), lb(vip2, vec![addrs[2]]));
+        let st = a.apply(&desired, &changed, false).expect("apply");
+        assert_eq!((st.writes, st.deletes), (0, 1), "the task gone: {st:?}");
         let seen = answers(vip2, 6);
         assert_eq!(seen.get("s3"), Some(&6), "{seen:?}");
 

@@ -43,6 +43,11 @@ pub struct Lb {
     /// Live backends' addresses, sorted, one per address (which task each is, is the
     /// state's to say: `backend_task`; 100 000 task ids here would be 2 MB).
     pub backends: Vec<Ipv4Addr>,
+    /// Tasks told to stop (or failing their health check) whose containers still run,
+    /// sorted: no new connection goes to them, but the IPVS datapath keeps them at weight 0
+    /// until they are gone, so that their open connections are not dropped.
+    #[serde(default)]
+    pub draining: Vec<Ipv4Addr>,
 }
 
 /// The task behind backend `ip` of a service's load balancer on a network: the serving task
@@ -199,6 +204,16 @@ pub fn all_service_lbs(state: &ClusterState, service_id: &str) -> Vec<(LbRef, Lb
         backends.dedup();
         // Kept for as long as the service does not change: no growth slack.
         backends.shrink_to_fit();
+        let mut draining: Vec<Ipv4Addr> = state
+            .tasks_of(service_id)
+            .filter(|t| t.state == crate::model::TaskState::Running && !state.serves(t))
+            .filter_map(|t| t.addresses.get(network_id).copied())
+            .filter(|a| backends.binary_search(a).is_err())
+            .collect();
+        state.reachable_of(network_id, &mut draining);
+        draining.sort_unstable();
+        draining.dedup();
+        draining.shrink_to_fit();
         out.push((
             LbRef {
                 service_id: service.id.clone(),
@@ -208,6 +223,7 @@ pub fn all_service_lbs(state: &ClusterState, service_id: &str) -> Vec<(LbRef, Lb
                 service_name: service.name.clone(),
                 vip,
                 backends,
+                draining,
             },
         ));
     }
@@ -607,6 +623,9 @@ mod tests {
         let ips = lb1(&d).backends.clone();
         assert_eq!(ips, vec![ip("10.0.1.4"), ip("10.0.1.5")]);
         assert_eq!(lb1(&d).vip, ip("10.0.1.2"));
+        // Told to stop while still running: draining (kept at weight 0 by IPVS); still
+        // starting: neither.
+        assert_eq!(lb1(&d).draining, vec![ip("10.0.1.7")]);
         assert!(
             d.lbs.keys().all(|r| &*r.service_id != "svc2"),
             "dnsrr has no LB"

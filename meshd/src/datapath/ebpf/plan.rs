@@ -446,6 +446,7 @@ mod tests {
             service_name: "s".into(),
             vip: ip(vip),
             backends: b,
+            draining: Vec::new(),
         })
     }
 

@@ -22,6 +22,14 @@ use crate::{
     datapath::{Applier, ApplyStats},
 };
 
+/// IPVS's idle timeout for established TCP connections in each sandbox (seconds). The
+/// kernel's default is 900 s: a connection idle longer (a database pool overnight, a
+/// client whose keep-alive starts at Linux's default 7200 s) is forgotten and its next
+/// packet dropped, the best-known complaint about Docker's mesh. A day outlives both; the
+/// price is an entry of a few hundred bytes kept that long for a peer that vanished
+/// without a FIN or RST.
+pub const TCP_IDLE_TIMEOUT: u32 = 86_400;
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Known {
     table: Table,
@@ -41,7 +49,7 @@ impl IpvsApplier {
 }
 
 /// What one sandbox's IPVS should hold: a service per VIP on its networks, the live
-/// backends at weight 1.
+/// backends at weight 1, the draining ones at 0 (kept where they are, never added).
 fn wanted(scope: &SandboxScope, by_network: &HashMap<&str, Vec<&Lb>>) -> Known {
     let mut k = Known::default();
     for n in &scope.networks {
@@ -51,7 +59,12 @@ fn wanted(scope: &SandboxScope, by_network: &HashMap<&str, Vec<&Lb>>) -> Known {
                 fwmark(lb.vip),
                 Svc {
                     scheduler: SCHEDULER.into(),
-                    dests: lb.backends.iter().map(|b| (*b, 1)).collect(),
+                    dests: lb
+                        .draining
+                        .iter()
+                        .map(|b| (*b, 0))
+                        .chain(lb.backends.iter().map(|b| (*b, 1)))
+                        .collect(),
                 },
             );
         }
@@ -80,7 +93,12 @@ fn converge(path: &str, have: Option<&Known>, want: &Known) -> Result<(Known, Ve
         let mut s = IpvsSocket::open()?;
         let (table, vips) = match have {
             Some(k) => (k.table.clone(), Some(&k.vips)),
-            None => (s.table()?, None),
+            None => {
+                if s.timeouts()?.0 != TCP_IDLE_TIMEOUT {
+                    s.set_timeouts(TCP_IDLE_TIMEOUT, 0, 0)?;
+                }
+                (s.table()?, None)
+            }
         };
         let ops = plan::plan(&table, &want.table);
         for op in &ops {
@@ -185,6 +203,7 @@ mod tests {
             service_name: "s".into(),
             vip: Ipv4Addr::from(vip),
             backends: backends.iter().map(|b| Ipv4Addr::from(*b)).collect(),
+            draining: vec![Ipv4Addr::new(10, 0, 1, 9)],
         };
         let (a, b) = (lb([10, 0, 1, 2], &[[10, 0, 1, 5]]), lb([10, 0, 2, 2], &[]));
         let by_network: HashMap<&str, Vec<&Lb>> = [("n1", vec![&a]), ("n2", vec![&b])].into();
@@ -196,9 +215,14 @@ mod tests {
         };
         let k = wanted(&scope, &by_network);
         assert_eq!(k.vips, [Ipv4Addr::new(10, 0, 1, 2)].into());
+        // Live at weight 1, draining at 0.
         assert_eq!(
             k.table.services[&fwmark(Ipv4Addr::new(10, 0, 1, 2))].dests,
-            [(Ipv4Addr::new(10, 0, 1, 5), 1)].into()
+            [
+                (Ipv4Addr::new(10, 0, 1, 5), 1),
+                (Ipv4Addr::new(10, 0, 1, 9), 0)
+            ]
+            .into()
         );
         assert_eq!(k.table.services.len(), 1);
     }
