@@ -339,6 +339,7 @@ mod in_vm {
                 })
                 .unwrap_err();
             println!("vm: refused as expected: {e}");
+            assert!(e.to_string().contains("no such virtual service"), "{e}");
         })
         .join()
         .expect("the checks");

@@ -24,13 +24,23 @@ pub enum IpvsError {
     Io(#[from] std::io::Error),
     #[error("this kernel has no IPVS (no generic netlink family \"IPVS\": is ip_vs loaded?)")]
     NoFamily,
-    #[error("the kernel refused {what}: {err}")]
+    #[error("the kernel refused {what}: {}", why(err))]
     Refused { what: String, err: std::io::Error },
     #[error("an IPVS answer did not decode: {0}")]
     Decode(String),
 }
 
 pub type Result<T> = std::result::Result<T, IpvsError>;
+
+/// IPVS's errors in its own words: it reuses errno values whose usual text misleads.
+fn why(err: &std::io::Error) -> String {
+    match err.raw_os_error() {
+        Some(libc::ESRCH) => "no such virtual service".into(),
+        Some(libc::ENOENT) => "no such real server".into(),
+        Some(libc::EEXIST) => "it exists already".into(),
+        _ => err.to_string(),
+    }
+}
 
 pub struct IpvsSocket {
     sock: Socket,
