@@ -40,6 +40,10 @@ struct Known {
 pub struct IpvsApplier {
     /// By sandbox (network-namespace cookie).
     known: HashMap<u64, Known>,
+    /// Network → its load balancers, kept in step from the changes (rebuilt whole on a
+    /// full apply), so that a change costs its sandboxes, not every service.
+    by_network: HashMap<String, BTreeSet<LbRef>>,
+    indexed: bool,
 }
 
 impl IpvsApplier {
@@ -50,10 +54,15 @@ impl IpvsApplier {
 
 /// What one sandbox's IPVS should hold: a service per VIP on its networks, the live
 /// backends at weight 1, the draining ones at 0 (kept where they are, never added).
-fn wanted(scope: &SandboxScope, by_network: &HashMap<&str, Vec<&Lb>>) -> Known {
+fn wanted(
+    scope: &SandboxScope,
+    by_network: &HashMap<String, BTreeSet<LbRef>>,
+    lbs: &BTreeMap<LbRef, std::sync::Arc<Lb>>,
+) -> Known {
     let mut k = Known::default();
     for n in &scope.networks {
-        for lb in by_network.get(n.as_str()).into_iter().flatten() {
+        let refs = by_network.get(n.as_str()).into_iter().flatten();
+        for lb in refs.filter_map(|r| lbs.get(r)) {
             k.vips.insert(lb.vip);
             k.table.services.insert(
                 fwmark(lb.vip),
@@ -132,6 +141,26 @@ impl Applier for IpvsApplier {
         everything: bool,
     ) -> Result<ApplyStats> {
         self.known.retain(|c, _| desired.sandboxes.contains_key(c));
+        if everything || !self.indexed {
+            self.by_network.clear();
+            for r in desired.lbs.keys() {
+                self.by_network
+                    .entry(r.network_id.to_string())
+                    .or_default()
+                    .insert(r.clone());
+            }
+            self.indexed = true;
+        } else {
+            for r in &changed.lbs {
+                let set = self.by_network.entry(r.network_id.to_string()).or_default();
+                if desired.lbs.contains_key(r) {
+                    set.insert(r.clone());
+                } else {
+                    set.remove(r);
+                }
+            }
+            self.by_network.retain(|_, set| !set.is_empty());
+        }
         let networks: BTreeSet<&str> = changed
             .lbs
             .iter()
@@ -153,13 +182,9 @@ impl Applier for IpvsApplier {
         if touched.is_empty() {
             return Ok(stats);
         }
-        let mut by_network: HashMap<&str, Vec<&Lb>> = HashMap::new();
-        for (r, lb) in &desired.lbs {
-            by_network.entry(&*r.network_id).or_default().push(lb);
-        }
         let mut failed = BTreeMap::new();
         for (cookie, scope) in touched {
-            let want = wanted(scope, &by_network);
+            let want = wanted(scope, &self.by_network, &desired.lbs);
             let have = if everything {
                 None
             } else {
@@ -205,15 +230,30 @@ mod tests {
             backends: backends.iter().map(|b| Ipv4Addr::from(*b)).collect(),
             draining: vec![Ipv4Addr::new(10, 0, 1, 9)],
         };
-        let (a, b) = (lb([10, 0, 1, 2], &[[10, 0, 1, 5]]), lb([10, 0, 2, 2], &[]));
-        let by_network: HashMap<&str, Vec<&Lb>> = [("n1", vec![&a]), ("n2", vec![&b])].into();
+        let r = |n: &str| LbRef {
+            service_id: format!("svc-{n}").as_str().into(),
+            network_id: n.into(),
+        };
+        let lbs: BTreeMap<LbRef, std::sync::Arc<Lb>> = [
+            (
+                r("n1"),
+                std::sync::Arc::new(lb([10, 0, 1, 2], &[[10, 0, 1, 5]])),
+            ),
+            (r("n2"), std::sync::Arc::new(lb([10, 0, 2, 2], &[]))),
+        ]
+        .into();
+        let by_network: HashMap<String, BTreeSet<LbRef>> = [
+            ("n1".to_string(), [r("n1")].into()),
+            ("n2".to_string(), [r("n2")].into()),
+        ]
+        .into();
         let scope = SandboxScope {
             container_id: "c".into(),
             name: "c".into(),
             netns_path: "/x".into(),
             networks: vec!["n1".into()],
         };
-        let k = wanted(&scope, &by_network);
+        let k = wanted(&scope, &by_network, &lbs);
         assert_eq!(k.vips, [Ipv4Addr::new(10, 0, 1, 2)].into());
         // Live at weight 1, draining at 0.
         assert_eq!(
@@ -225,5 +265,38 @@ mod tests {
             .into()
         );
         assert_eq!(k.table.services.len(), 1);
+    }
+
+    proptest::proptest! {
+        /// The network index followed change by change is the one built whole.
+        #[test]
+        fn the_network_index_follows_the_changes(
+            steps in proptest::collection::vec((0u8..6, 0u8..3, proptest::bool::ANY), 0..40),
+        ) {
+            let mut a = IpvsApplier::new();
+            let mut desired = Desired::default();
+            a.apply(&desired, &Changed::default(), true).unwrap();
+            for (svc, net, present) in steps {
+                let r = LbRef {
+                    service_id: format!("s{svc}").as_str().into(),
+                    network_id: format!("n{net}").as_str().into(),
+                };
+                if present {
+                    desired.lbs.insert(r.clone(), std::sync::Arc::new(Lb {
+                        service_name: "s".into(),
+                        vip: Ipv4Addr::new(10, 0, net, svc + 2),
+                        backends: vec![],
+                        draining: vec![],
+                    }));
+                } else {
+                    desired.lbs.remove(&r);
+                }
+                let changed = Changed { lbs: [r].into(), ..Changed::default() };
+                a.apply(&desired, &changed, false).unwrap();
+            }
+            let mut whole = IpvsApplier::new();
+            whole.apply(&desired, &Changed::default(), true).unwrap();
+            proptest::prop_assert_eq!(&a.by_network, &whole.by_network);
+        }
     }
 }
