@@ -115,7 +115,7 @@ fn converge(path: &str, have: Option<&Known>, want: &Known) -> Result<(Known, Ve
         }
         if vips != Some(&want.vips) {
             let v: Vec<Ipv4Addr> = want.vips.iter().copied().collect();
-            marks::apply(&v).with_context(|| format!("the VIP marks in {path}"))?;
+            marks::apply(&v, None).with_context(|| format!("the VIP marks in {path}"))?;
         }
         let mut after = table;
         after.apply(&ops);

@@ -7,14 +7,26 @@
 //! transaction (`nft -f`), so a VIP coming or going never leaves a moment without marks.
 //! The table is small (a namespace sees a few VIPs) and changes only when a service on one
 //! of its networks comes or goes, never when a task does.
+//!
+//! The same table can send the namespace's DNS (`127.0.0.11:53`) to meshd's sockets there,
+//! what the eBPF datapath's cgroup hooks do: a `nat` output chain at priority -101, ahead
+//! of the iptables `nat` rules (priority -100) through which Docker sends it to its own
+//! resolver; the first NAT a connection meets is the one it keeps.
 use std::{io::Write, net::Ipv4Addr, process::Command};
 
 use super::plan::fwmark;
 
 pub const TABLE: &str = "meshd_ipvs";
 
+/// meshd's DNS sockets in a namespace: where `127.0.0.11:53` goes (UDP, TCP).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsPorts {
+    pub udp: u16,
+    pub tcp: u16,
+}
+
 /// The nft script that makes the table exactly this (created if missing, replaced whole).
-pub fn script(vips: &[Ipv4Addr]) -> String {
+pub fn script(vips: &[Ipv4Addr], dns: Option<DnsPorts>) -> String {
     let mut s = format!("table ip {TABLE}\ndelete table ip {TABLE}\ntable ip {TABLE} {{\n");
     s.push_str("  chain output {\n    type route hook output priority mangle; policy accept;\n");
     if !vips.is_empty() {
@@ -27,7 +39,16 @@ pub fn script(vips: &[Ipv4Addr]) -> String {
             elems.join(", ")
         ));
     }
-    s.push_str("  }\n}\n");
+    s.push_str("  }\n");
+    if let Some(d) = dns {
+        s.push_str(&format!(
+            "  chain dns {{\n    type nat hook output priority -101; policy accept;\n    \
+             ip daddr 127.0.0.11 udp dport 53 dnat to 127.0.0.11:{}\n    \
+             ip daddr 127.0.0.11 tcp dport 53 dnat to 127.0.0.11:{}\n  }}\n",
+            d.udp, d.tcp
+        ));
+    }
+    s.push_str("}\n");
     s
 }
 
@@ -41,7 +62,7 @@ pub enum MarksError {
 
 /// Applies `script(vips)` in the calling thread's namespace (nft runs as a child, which is
 /// born in that namespace).
-pub fn apply(vips: &[Ipv4Addr]) -> Result<(), MarksError> {
+pub fn apply(vips: &[Ipv4Addr], dns: Option<DnsPorts>) -> Result<(), MarksError> {
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(std::process::Stdio::piped())
@@ -51,7 +72,7 @@ pub fn apply(vips: &[Ipv4Addr]) -> Result<(), MarksError> {
         .map_err(MarksError::Spawn)?;
     if let Some(mut stdin) = child.stdin.take() {
         stdin
-            .write_all(script(vips).as_bytes())
+            .write_all(script(vips, dns).as_bytes())
             .map_err(MarksError::Spawn)?;
     }
     let out = child.wait_with_output().map_err(MarksError::Spawn)?;
@@ -69,7 +90,10 @@ mod tests {
 
     #[test]
     fn each_vip_is_marked_with_its_own_address() {
-        let s = script(&[Ipv4Addr::new(10, 0, 1, 2), Ipv4Addr::new(10, 0, 2, 2)]);
+        let s = script(
+            &[Ipv4Addr::new(10, 0, 1, 2), Ipv4Addr::new(10, 0, 2, 2)],
+            None,
+        );
         assert!(
             s.contains(
                 "meta mark set ip daddr map { 10.0.1.2 : 0x0a000102, 10.0.2.2 : 0x0a000202 }"
@@ -81,6 +105,16 @@ mod tests {
             s.starts_with("table ip meshd_ipvs\ndelete table ip meshd_ipvs\n"),
             "{s}"
         );
-        assert!(!script(&[]).contains("map"), "no VIP: an empty chain");
+        assert!(!script(&[], None).contains("map"), "no VIP: an empty chain");
+        assert!(!s.contains("dnat"), "no DNS sockets: no redirect");
+        let d = script(
+            &[],
+            Some(DnsPorts {
+                udp: 40001,
+                tcp: 40002,
+            }),
+        );
+        assert!(d.contains("udp dport 53 dnat to 127.0.0.11:40001"), "{d}");
+        assert!(d.contains("tcp dport 53 dnat to 127.0.0.11:40002"), "{d}");
     }
 }

@@ -1,0 +1,83 @@
+//! The IPVS datapath's DNS redirect (`datapath::ipvs::marks`), on this machine's kernel
+//! (nftables needs no IPVS): in a namespace of its own, UDP and TCP to `127.0.0.11:53` reach
+//! sockets listening on other ports of `127.0.0.11`, as meshd's per-sandbox DNS sockets do.
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use meshd::datapath::ipvs::marks::{self, DnsPorts};
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root && std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("the DNS redirect test needs root (CI=true: this must run, not skip)");
+    }
+    if !root {
+        eprintln!("skipping: the DNS redirect test needs root");
+    }
+    root
+}
+
+#[test]
+fn dns_to_127_0_0_11_port_53_reaches_meshds_sockets() {
+    if !is_root() {
+        return;
+    }
+    std::thread::spawn(|| {
+        // A namespace of its own, gone with this thread.
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
+        let up = std::process::Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()
+            .expect("ip");
+        assert!(up.success());
+        let dns = Ipv4Addr::new(127, 0, 0, 11);
+        let udp = UdpSocket::bind((dns, 0)).unwrap();
+        let tcp = TcpListener::bind((dns, 0)).unwrap();
+        let ports = DnsPorts {
+            udp: udp.local_addr().unwrap().port(),
+            tcp: tcp.local_addr().unwrap().port(),
+        };
+        marks::apply(&[Ipv4Addr::new(10, 0, 1, 2)], Some(ports)).expect("apply the table");
+
+        let client = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        client.send_to(b"query", (dns, 53)).unwrap();
+        udp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) = udp
+            .recv_from(&mut buf)
+            .expect("the query reaches meshd's UDP socket");
+        assert_eq!(&buf[..n], b"query");
+        udp.send_to(b"answer", from).unwrap();
+        let (n, back) = client.recv_from(&mut buf).expect("the answer");
+        assert_eq!(&buf[..n], b"answer");
+        assert_eq!(
+            back.port(),
+            53,
+            "the answer comes from port 53, as the client asked"
+        );
+
+        let mut c = TcpStream::connect((dns, 53)).expect("TCP to 127.0.0.11:53");
+        let (mut s, _) = tcp.accept().expect("reaches meshd's TCP socket");
+        c.write_all(b"q").unwrap();
+        let mut one = [0u8; 1];
+        s.read_exact(&mut one).unwrap();
+        assert_eq!(&one, b"q");
+
+        // Replaced whole: without DNS ports, 53 goes nowhere again.
+        marks::apply(&[], None).expect("apply again");
+        assert!(TcpStream::connect_timeout(
+            &std::net::SocketAddr::from((dns, 53)),
+            Duration::from_secs(2)
+        )
+        .is_err());
+    })
+    .join()
+    .expect("the checks");
+}
