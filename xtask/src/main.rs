@@ -61,8 +61,10 @@ const PACKAGES: &[&str] = &[
     "jq",
     "openssl",
     "vagrant",
-    // The IPVS datapath's test runs in a VM (this kernel has no IPVS; LAB.md).
+    // The IPVS datapath's test runs in a VM (this kernel has no IPVS; LAB.md); it strips
+    // its own binary into the VM's initramfs (objcopy).
     "qemu-system-x86",
+    "binutils",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
