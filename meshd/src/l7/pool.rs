@@ -111,15 +111,20 @@ impl Pool {
         self.idle.lock().unwrap().get_mut(t)?.pop()
     }
 
-    fn put(&self, c: Conn) {
-        if c.send.is_closed() {
+    /// Takes a connection back into the pool it came from (its own reference to it, no
+    /// second one).
+    fn put(c: Conn) {
+        let Conn {
+            send, target, pool, ..
+        } = c;
+        if send.is_closed() {
             return;
         }
-        let mut idle = self.idle.lock().unwrap();
-        let list = idle.entry(c.target).or_default();
+        let mut idle = pool.idle.lock().unwrap();
+        let list = idle.entry(target).or_default();
         if list.len() < MAX_IDLE_PER_TARGET {
             list.push(Idle {
-                send: c.send,
+                send,
                 since: Instant::now(),
             });
         }
@@ -174,7 +179,7 @@ impl Returning {
 
     fn give_back(&mut self) {
         if let Some(c) = self.conn.take() {
-            c.pool.clone().put(c);
+            Pool::put(c);
         }
     }
 }
