@@ -21,7 +21,7 @@ use tracing::warn;
 
 use crate::{
     model::EndpointMode,
-    status::{latency, unix_ms, Mode, Shared},
+    status::{latency, unix_ms, Mode, Shared, VipDatapath},
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/meshd/meshd.sock";
@@ -148,6 +148,10 @@ pub struct VipView {
     /// Local sandboxes (containers) that see this VIP.
     pub sandboxes: Vec<String>,
     pub backends: Vec<BackendView>,
+    /// Under the IPVS datapath: the VIP's IPVS service in each of those sandboxes, as the
+    /// kernel reports it (weights, connection counts).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ipvs: Vec<crate::datapath::ipvs::applier::SandboxIpvs>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -276,9 +280,27 @@ fn status(shared: &Shared) -> Result<Value> {
     let core = shared.core.read().unwrap();
     let desired = core.compiler.desired();
     let rec = shared.reconcile.lock().unwrap().clone();
-    let (adopted, entries, ingress) = {
-        let e = shared.ebpf.lock().unwrap();
-        (e.adopted.clone(), e.entries(), e.ingress_status())
+    let datapath = match &shared.datapath {
+        VipDatapath::Ebpf(e) => {
+            let e = e.lock().unwrap();
+            json!({
+                "kind": shared.choice.kind,
+                "reason": shared.choice.reason,
+                "pin_dir": id.pin_dir,
+                "cgroup": id.cgroup,
+                "adopted_at_start": e.adopted,
+                "map_entries": e.entries(),
+                "ingress": e.ingress_status(),
+                "appliers": rec.appliers,
+            })
+        }
+        VipDatapath::Ipvs(i) => json!({
+            "kind": shared.choice.kind,
+            "reason": shared.choice.reason,
+            "ipvs": i.lock().unwrap().summary(),
+            "ingress": null,
+            "appliers": rec.appliers,
+        }),
     };
     let mut dns = json!(*shared.dns_status.lock().unwrap());
     if let Some(d) = &shared.dns {
@@ -325,15 +347,7 @@ fn status(shared: &Shared) -> Result<Value> {
         "local": *shared.local.lock().unwrap(),
         "swarm": swarm,
         "feed": feed,
-        "datapath": {
-            "kind": "ebpf",
-            "pin_dir": id.pin_dir,
-            "cgroup": id.cgroup,
-            "adopted_at_start": adopted,
-            "map_entries": entries,
-            "ingress": ingress,
-            "appliers": rec.appliers,
-        },
+        "datapath": datapath,
         "reconcile": {
             "batches": rec.batches,
             "changes": rec.changes,
@@ -371,12 +385,46 @@ fn counts(shared: &Shared) -> Value {
     })
 }
 
+/// Connection counts for the services views: made (eBPF) or tracked now (IPVS).
+fn counters(shared: &Shared) -> Result<crate::datapath::ebpf::Counters> {
+    match &shared.datapath {
+        VipDatapath::Ebpf(e) => e.lock().unwrap().counters(),
+        VipDatapath::Ipvs(_) => {
+            let core = shared.core.read().unwrap();
+            let desired = core.compiler.desired();
+            let sandboxes: Vec<(String, String)> = desired
+                .sandboxes
+                .values()
+                .filter(|s| !s.netns_path.is_empty())
+                .map(|s| (s.name.clone(), s.netns_path.clone()))
+                .collect();
+            let lbs = desired.lbs.clone();
+            drop(core);
+            Ok(crate::datapath::ipvs::applier::counters(&lbs, &sandboxes))
+        }
+    }
+}
+
+/// The eBPF datapath, for the views only it has.
+fn ebpf_only<'a>(
+    shared: &'a Shared,
+    what: &str,
+) -> Result<&'a std::sync::Mutex<crate::datapath::ebpf::EbpfDatapath>> {
+    shared.datapath.ebpf().map(|e| &**e).with_context(|| {
+        format!(
+            "`meshctl {what}` shows eBPF maps; this node runs the IPVS datapath ({}): see \
+             `meshctl service NAME` for its IPVS view",
+            shared.choice.reason
+        )
+    })
+}
+
 fn handle(shared: &Shared, req: Request) -> Result<Value> {
     match req {
         Request::Dns { .. } => unreachable!("answered by handle_async"),
         Request::Status => status(shared),
         Request::Services => {
-            let counters = shared.ebpf.lock().unwrap().counters()?;
+            let counters = counters(shared)?;
             let core = shared.core.read().unwrap();
             let (state, desired) = (&core.state, core.compiler.desired());
             let list: Vec<ServiceSummary> = state
@@ -411,7 +459,7 @@ fn handle(shared: &Shared, req: Request) -> Result<Value> {
             Ok(serde_json::to_value(list)?)
         }
         Request::Service { name } => {
-            let counters = shared.ebpf.lock().unwrap().counters()?;
+            let counters = counters(shared)?;
             let core = shared.core.read().unwrap();
             let (state, desired) = (&core.state, core.compiler.desired());
             let s = state
@@ -457,7 +505,20 @@ fn handle(shared: &Shared, req: Request) -> Result<Value> {
                         }
                     })
                     .collect();
+                let ipvs = match &shared.datapath {
+                    VipDatapath::Ipvs(_) if programmed => {
+                        let seen: Vec<(String, String)> = desired
+                            .sandboxes
+                            .values()
+                            .filter(|sc| sc.networks.iter().any(|n| *n == *r.network_id))
+                            .map(|sc| (sc.name.clone(), sc.netns_path.clone()))
+                            .collect();
+                        crate::datapath::ipvs::applier::view(lb.vip, &seen)
+                    }
+                    _ => vec![],
+                };
                 vips.push(VipView {
+                    ipvs,
                     network_id: r.network_id.to_string(),
                     network: state
                         .networks
@@ -503,13 +564,19 @@ fn handle(shared: &Shared, req: Request) -> Result<Value> {
             })?)
         }
         Request::Maps => {
-            let dump = shared.ebpf.lock().unwrap().dump()?;
+            let dump = ebpf_only(shared, "maps")?.lock().unwrap().dump()?;
             Ok(serde_json::to_value(dump)?)
         }
         Request::Ingress => {
             let desired = shared.core.read().unwrap().compiler.desired().clone();
-            let view = shared
-                .ebpf
+            let Some(ebpf) = shared.datapath.ebpf() else {
+                anyhow::bail!(
+                    "this node runs the IPVS datapath ({}): published ports are Docker's own \
+                     ingress (IPVS in its ingress_sbox)",
+                    shared.choice.reason
+                );
+            };
+            let view = ebpf
                 .lock()
                 .unwrap()
                 .ingress_view(&desired)

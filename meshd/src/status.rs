@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::{
     compile::Compiler,
-    datapath::{ebpf::EbpfDatapath, ApplyStats},
+    datapath::{choice::Choice, ebpf::EbpfDatapath, ipvs::applier::IpvsApplier, ApplyStats},
     dns::DnsApplier,
     feed::{client::ClientStatus, hub::HubStatus, FeedLog},
     model::ClusterState,
@@ -174,10 +174,27 @@ pub struct Identity {
     pub cgroup: String,
 }
 
+/// The VIP datapath this node runs.
+pub enum VipDatapath {
+    Ebpf(Arc<Mutex<EbpfDatapath>>),
+    Ipvs(Arc<Mutex<IpvsApplier>>),
+}
+
+impl VipDatapath {
+    pub fn ebpf(&self) -> Option<&Arc<Mutex<EbpfDatapath>>> {
+        match self {
+            VipDatapath::Ebpf(e) => Some(e),
+            VipDatapath::Ipvs(_) => None,
+        }
+    }
+}
+
 /// Everything the API reads.
 pub struct Shared {
     pub core: Arc<RwLock<Core>>,
-    pub ebpf: Arc<Mutex<EbpfDatapath>>,
+    pub datapath: VipDatapath,
+    /// Which datapath, and why.
+    pub choice: Choice,
     pub dns: Option<Arc<Mutex<DnsApplier>>>,
     pub resolver: Option<Arc<Resolver>>,
     pub identity: Mutex<Identity>,

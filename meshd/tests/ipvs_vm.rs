@@ -448,7 +448,7 @@ mod in_vm {
         }
         // The VIP needs a route to leave by; IPVS re-routes to the real server it picks.
         sh(&format!("/usr/bin/ip route add {vip}/32 dev v0"));
-        meshd::datapath::ipvs::marks::apply(&[vip], None).expect("the marks");
+        meshd::datapath::ipvs::marks::apply(&[vip]).expect("the marks");
         let mut s = IpvsSocket::open().expect("open IPVS");
         let mut want = Table::default();
         want.services.insert(

@@ -1,4 +1,4 @@
-//! The IPVS datapath's DNS redirect (`datapath::ipvs::marks`), on this machine's kernel
+//! The IPVS datapath's DNS redirect (`datapath::ipvs::dns_redirect`), on this machine's kernel
 //! (nftables needs no IPVS): in a namespace of its own, UDP and TCP to `127.0.0.11:53` reach
 //! sockets listening on other ports of `127.0.0.11`, as meshd's per-sandbox DNS sockets do.
 use std::{
@@ -7,7 +7,10 @@ use std::{
     time::Duration,
 };
 
-use meshd::datapath::ipvs::marks::{self, DnsPorts};
+use meshd::datapath::{
+    ipvs::{dns_redirect::NftDnsRedirects, marks},
+    DnsRedirect,
+};
 
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -37,11 +40,26 @@ fn dns_to_127_0_0_11_port_53_reaches_meshds_sockets() {
         let dns = Ipv4Addr::new(127, 0, 0, 11);
         let udp = UdpSocket::bind((dns, 0)).unwrap();
         let tcp = TcpListener::bind((dns, 0)).unwrap();
-        let ports = DnsPorts {
-            udp: udp.local_addr().unwrap().port(),
-            tcp: tcp.local_addr().unwrap().port(),
-        };
-        marks::apply(&[Ipv4Addr::new(10, 0, 1, 2)], Some(ports)).expect("apply the table");
+        let ports = (
+            udp.local_addr().unwrap().port(),
+            tcp.local_addr().unwrap().port(),
+        );
+        // This thread's namespace, by path, as the applier names a sandbox's.
+        // SAFETY: gettid has no preconditions.
+        let path = format!("/proc/self/task/{}/ns/net", unsafe { libc::gettid() });
+        // The VIP marks live in a table of their own, untouched by the DNS redirect.
+        marks::apply(&[Ipv4Addr::new(10, 0, 1, 2)]).expect("apply the marks");
+        let mut redirects = NftDnsRedirects::new();
+        assert_eq!(
+            redirects.previous(7, &path),
+            None,
+            "no earlier meshd's table here"
+        );
+        assert!(redirects.set(7, &path, Some(ports)).expect("redirect"));
+        assert!(
+            !redirects.set(7, &path, Some(ports)).unwrap(),
+            "the same ports again: nothing to do"
+        );
 
         let client = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         client
@@ -70,8 +88,21 @@ fn dns_to_127_0_0_11_port_53_reaches_meshds_sockets() {
         s.read_exact(&mut one).unwrap();
         assert_eq!(&one, b"q");
 
-        // Replaced whole: without DNS ports, 53 goes nowhere again.
-        marks::apply(&[], None).expect("apply again");
+        // A restarted meshd (a store made after the namespace) reads the ports back, to
+        // rebind the same ones.
+        let mut restarted = NftDnsRedirects::new();
+        assert_eq!(restarted.previous(7, &path), Some(ports));
+
+        // Removed: 53 goes nowhere again (no resolver of Docker's here), the marks stay.
+        assert!(redirects.set(7, &path, None).expect("remove"));
+        assert_eq!(redirects.cookies(), Vec::<u64>::new());
+        let tables = std::process::Command::new("nft")
+            .args(["list", "tables"])
+            .output()
+            .expect("nft");
+        let tables = String::from_utf8_lossy(&tables.stdout);
+        assert!(tables.contains("meshd_ipvs"), "{tables}");
+        assert!(!tables.contains("meshd_dns"), "{tables}");
         assert!(TcpStream::connect_timeout(
             &std::net::SocketAddr::from((dns, 53)),
             Duration::from_secs(2)

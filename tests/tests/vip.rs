@@ -217,6 +217,15 @@ fn scenario(lab: &mut OneNodeSwarm) -> Result<()> {
         adopted["replaced_links"] == 4,
         "old links not replaced: {adopted}"
     );
+    // `--datapath auto` (the default) on a kernel with the hooks: eBPF, and why.
+    ensure!(
+        st["datapath"]["kind"] == "ebpf"
+            && st["datapath"]["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("auto: ")),
+        "datapath choice: {}",
+        st["datapath"]
+    );
     let vip_applier = &st["datapath"]["appliers"][0];
     ensure!(
         vip_applier["name"] == "ebpf"

@@ -130,6 +130,9 @@ fn run(cli: &Cli) -> Result<()> {
                         b.connections
                     );
                 }
+                for x in &v.ipvs {
+                    print_ipvs(x);
+                }
             }
             for t in &s.not_serving {
                 println!(
@@ -388,20 +391,31 @@ fn print_status(d: &Value) {
         );
     }
     let dp = &d["datapath"];
-    println!(
-        "datapath        ebpf, cgroup {}, pins {}, {} map entries",
-        s(&dp["cgroup"]),
-        s(&dp["pin_dir"]),
-        dp["map_entries"]
-    );
+    if dp["kind"] == "ipvs" {
+        let i = &dp["ipvs"];
+        println!(
+            "datapath        ipvs: {} services, {} real servers in {} sandboxes; TCP idle timeout {} s",
+            i["services"], i["real_servers"], i["sandboxes"], i["tcp_idle_timeout_s"]
+        );
+    } else {
+        println!(
+            "datapath        ebpf, cgroup {}, pins {}, {} map entries",
+            s(&dp["cgroup"]),
+            s(&dp["pin_dir"]),
+            dp["map_entries"]
+        );
+    }
+    println!("  chosen        {}", s(&dp["reason"]));
     let a = &dp["adopted_at_start"];
-    println!(
-        "adopted         {} load balancers, {} sandboxes, {} backend slots (read in {:.1} ms)",
-        a["load_balancers"],
-        a["sandboxes"],
-        a["backend_slots"],
-        a["read_ms"].as_f64().unwrap_or(0.0)
-    );
+    if !a.is_null() {
+        println!(
+            "adopted         {} load balancers, {} sandboxes, {} backend slots (read in {:.1} ms)",
+            a["load_balancers"],
+            a["sandboxes"],
+            a["backend_slots"],
+            a["read_ms"].as_f64().unwrap_or(0.0)
+        );
+    }
     for ap in dp["appliers"].as_array().into_iter().flatten() {
         println!(
             "  applier {:<6}{} applies, {} writes, {} deletes{}",
@@ -416,7 +430,11 @@ fn print_status(d: &Value) {
         );
     }
     let ig = &dp["ingress"];
-    if ig.is_null() {
+    if ig.is_null() && dp["kind"] == "ipvs" {
+        println!(
+            "ingress         Docker's (IPVS datapath): published ports are its ingress_sbox's"
+        );
+    } else if ig.is_null() {
         println!("ingress         off (--no-ingress): published ports are Docker's");
     } else {
         let names: Vec<&str> = ig["interfaces"]
@@ -512,6 +530,28 @@ fn print_status(d: &Value) {
             r["kind"].as_str().unwrap_or(""),
             r["id"].as_str().unwrap_or(""),
             r["reason"].as_str().unwrap_or("")
+        );
+    }
+}
+
+/// One sandbox's IPVS service for a VIP, as the kernel reports it.
+fn print_ipvs(x: &meshd::datapath::ipvs::applier::SandboxIpvs) {
+    if let Some(e) = &x.error {
+        println!("    IPVS in {}: cannot read: {e}", x.sandbox);
+        return;
+    }
+    println!(
+        "    IPVS in {}: fwmark {:#010x}, scheduler {}",
+        x.sandbox, x.fwmark, x.scheduler
+    );
+    println!(
+        "      {:<16} {:>6} {:>7} {:>9}",
+        "REAL SERVER", "WEIGHT", "ACTIVE", "INACTIVE"
+    );
+    for r in &x.real_servers {
+        println!(
+            "      {:<16} {:>6} {:>7} {:>9}",
+            r.addr, r.weight, r.active_conns, r.inactive_conns
         );
     }
 }

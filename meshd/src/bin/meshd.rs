@@ -106,6 +106,11 @@ struct DockerArgs {
 struct RunArgs {
     #[command(flatten)]
     docker: DockerArgs,
+    /// The VIP datapath: eBPF socket load balancing, IPVS (kernels without the cgroup
+    /// socket hooks), or `auto`: eBPF where it can run, else IPVS (the reason is logged and
+    /// shown by `meshctl status`).
+    #[arg(long, value_enum, default_value_t = meshd::datapath::choice::Asked::Auto)]
+    datapath: meshd::datapath::choice::Asked,
     /// cgroup2 directory holding the containers; the programs are attached here.
     #[arg(long, default_value = "/sys/fs/cgroup/unified/docker")]
     cgroup: PathBuf,
@@ -497,6 +502,7 @@ fn real_main() -> Result<()> {
         swarm_certs: a.docker.swarm_certs.clone(),
         feed_listen: a.docker.feed_listen,
         feed_hubs: a.docker.feed_hub.clone(),
+        datapath: a.datapath,
         pin_dir: a.pin_dir,
         cgroup: a.cgroup,
         api_socket: a.api_socket,

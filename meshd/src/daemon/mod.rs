@@ -27,8 +27,10 @@ use tracing::{error, info, warn};
 
 use crate::{
     datapath::{
-        ebpf::{dns_redirect::DnsRedirects, EbpfDatapath},
-        Applier,
+        choice::{self, Asked, Kind, Opened},
+        ebpf::dns_redirect::DnsRedirects,
+        ipvs::{applier::IpvsApplier, dns_redirect::NftDnsRedirects},
+        Applier, DnsRedirect,
     },
     dns::{resolv_conf::ResolvConfWatch, DnsApplier},
     feed::{
@@ -45,7 +47,7 @@ use crate::{
         swarm::{SwarmConfig, SwarmSource},
         TaskHint, Update,
     },
-    status::{unix_ms, Core, DnsStatus, Identity, Mode, Shared},
+    status::{unix_ms, Core, DnsStatus, Identity, Mode, Shared, VipDatapath},
 };
 
 pub mod reconcile;
@@ -65,6 +67,8 @@ pub struct Config {
     pub feed_listen: SocketAddr,
     /// Managers' feed addresses, instead of the managers the engine names.
     pub feed_hubs: Vec<SocketAddr>,
+    /// `--datapath`: eBPF, IPVS, or whichever this kernel can run.
+    pub datapath: Asked,
     pub pin_dir: PathBuf,
     pub cgroup: PathBuf,
     pub api_socket: PathBuf,
@@ -419,8 +423,30 @@ fn start_for(shared: &Shared, resume: Option<(u64, u64)>) -> Start {
 
 pub async fn run(cfg: Config) -> Result<()> {
     let cfg = Arc::new(cfg);
-    let mut ebpf = EbpfDatapath::open(&cfg.pin_dir, &cfg.cgroup, cfg.ingress.clone())?;
-    let dns_map = ebpf.take_dns_map().context("DNS map")?;
+    let (datapath, redirects, choice): (VipDatapath, Box<dyn DnsRedirect>, _) =
+        match choice::open(cfg.datapath, &cfg.pin_dir, &cfg.cgroup, cfg.ingress.clone())? {
+            Opened::Ebpf(mut ebpf, choice) => {
+                let dns_map = ebpf.take_dns_map().context("DNS map")?;
+                (
+                    VipDatapath::Ebpf(Arc::new(Mutex::new(*ebpf))),
+                    Box::new(DnsRedirects::new(dns_map)?),
+                    choice,
+                )
+            }
+            Opened::Ipvs(choice) => {
+                if cfg.ingress.is_some() {
+                    // Docker's own ingress (IPVS in its ingress_sbox) answers them: see
+                    // the README's IPVS section for why meshd does not redo it there.
+                    info!("IPVS datapath: published ports stay with Docker's ingress");
+                }
+                (
+                    VipDatapath::Ipvs(Arc::new(Mutex::new(IpvsApplier::new()))),
+                    Box::new(NftDnsRedirects::new()),
+                    choice,
+                )
+            }
+        };
+    info!(datapath = %choice.kind, reason = %choice.reason, "VIP datapath");
     let (initial, mut resolv_watch) = match cfg.dns.as_ref().map(|d| &d.upstreams) {
         Some(UpstreamSource::Fixed(servers)) => (servers.clone(), None),
         Some(UpstreamSource::ResolvConf(path)) => (Vec::new(), Some(ResolvConfWatch::new(path))),
@@ -431,11 +457,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         .as_ref()
         .map(|d| Arc::new(Resolver::new(Upstreams::new(initial.clone(), d.timeout))));
     let dns_applier = match &resolver {
-        Some(r) => Some(DnsApplier::new(
-            r.clone(),
-            dns_runtime()?,
-            DnsRedirects::new(dns_map)?,
-        )),
+        Some(r) => Some(DnsApplier::new(r.clone(), dns_runtime()?, redirects)),
         None => None,
     };
     let dns_status = match &cfg.dns {
@@ -458,8 +480,11 @@ pub async fn run(cfg: Config) -> Result<()> {
             let mut settings = l7.proxy.clone();
             settings.https_port = l7.https.map(|a| a.port());
             let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+            // Upstream sockets to a VIP are balanced by the socket programs of the cgroup
+            // they are made in (eBPF), or by the marks of the sandbox they are made in (IPVS).
+            let sockets_cgroup = (choice.kind == Kind::Ebpf).then_some(cfg.cgroup.as_path());
             let proxy =
-                crate::l7::proxy::Proxy::new(settings, store.clone(), Some(&cfg.cgroup), workers)?;
+                crate::l7::proxy::Proxy::new(settings, store.clone(), sockets_cgroup, workers)?;
             proxy.start(l7.http, l7.https)?;
             if let Some(store) = store {
                 // Renewed certificate files are served from the next handshake.
@@ -485,7 +510,8 @@ pub async fn run(cfg: Config) -> Result<()> {
     };
     let shared = Arc::new(Shared {
         core: Arc::new(RwLock::new(Core::default())),
-        ebpf: Arc::new(Mutex::new(ebpf)),
+        datapath,
+        choice,
         dns: dns_applier.map(|d| Arc::new(Mutex::new(d))),
         resolver: resolver.clone(),
         identity: Mutex::new(Identity {
@@ -505,7 +531,11 @@ pub async fn run(cfg: Config) -> Result<()> {
     let api = crate::api::serve(&cfg.api_socket, shared.clone())?;
 
     // Appliers: the VIP datapath, then DNS (names, sockets, redirect), then L7 routes.
-    let mut slots = vec![Slot::new(shared.ebpf.clone() as Arc<Mutex<dyn Applier>>)];
+    let vip_applier: Arc<Mutex<dyn Applier>> = match &shared.datapath {
+        VipDatapath::Ebpf(e) => e.clone(),
+        VipDatapath::Ipvs(i) => i.clone(),
+    };
+    let mut slots = vec![Slot::new(vip_applier)];
     if let Some(dns) = &shared.dns {
         slots.push(Slot::new(dns.clone() as Arc<Mutex<dyn Applier>>));
     }
@@ -632,7 +662,10 @@ pub async fn run(cfg: Config) -> Result<()> {
             warn!(error = %format!("{e:#}"), "cannot remove DNS redirects");
         }
     }
-    info!("stopping; pinned programs and maps keep forwarding");
+    match shared.choice.kind {
+        Kind::Ebpf => info!("stopping; pinned programs and maps keep forwarding"),
+        Kind::Ipvs => info!("stopping; IPVS keeps forwarding in every sandbox"),
+    }
     drop(api);
     let _ = std::fs::remove_file(&cfg.api_socket);
     Ok(())

@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::compile::{Changed, Desired};
 
+pub mod choice;
 pub mod ebpf;
 pub mod ipvs;
 
@@ -54,4 +55,22 @@ pub trait Applier: Send {
     fn applies_early(&self) -> bool {
         false
     }
+}
+
+/// What sends a sandbox's `127.0.0.11:53` to meshd's DNS sockets there, owned by the DNS
+/// applier: the eBPF datapath's redirect map, or an nftables table per sandbox (IPVS).
+pub trait DnsRedirect: Send {
+    /// The ports an earlier meshd sent this sandbox's DNS to (it rebinds them where it
+    /// can, so that conntrack and clients see nothing change).
+    fn previous(&mut self, cookie: u64, netns_path: &str) -> Option<(u16, u16)>;
+
+    /// Points the sandbox's DNS at these ports (host byte order), or back at dockerd's
+    /// resolver (`None`). Returns whether anything changed.
+    fn set(&mut self, cookie: u64, netns_path: &str, ports: Option<(u16, u16)>) -> Result<bool>;
+
+    /// Every sandbox back to dockerd's resolver (a clean stop: meshd's sockets close).
+    fn clear(&mut self) -> Result<usize>;
+
+    /// The sandboxes redirected.
+    fn cookies(&self) -> Vec<u64>;
 }

@@ -1,7 +1,7 @@
 //! meshd's side of the embedded DNS (the `meshd-dns` crate serves): the names per network
 //! compiled from ClusterState (`zones`), the sockets in each container (`sandboxes`), the
 //! host's upstream resolvers (`resolv_conf`), service `--hostname` templates, and the
-//! applier that keeps names, sockets and the eBPF redirect in step.
+//! applier that keeps names, sockets and the redirect (eBPF or nftables) in step.
 use std::{collections::BTreeMap, sync::Arc};
 
 use anyhow::{Context, Result};
@@ -10,7 +10,7 @@ use tracing::warn;
 
 use crate::{
     compile::{Changed, Desired},
-    datapath::{ebpf::dns_redirect::DnsRedirects, Applier, ApplyStats},
+    datapath::{Applier, ApplyStats, DnsRedirect},
 };
 
 pub mod hostname_template;
@@ -25,9 +25,7 @@ use sandboxes::{DnsSandboxes, OpenFailure, SandboxDns};
 pub struct DnsApplier {
     resolver: Arc<Resolver>,
     sockets: DnsSandboxes,
-    redirects: DnsRedirects,
-    /// Ports an earlier meshd served on (from the pinned map), tried first once each.
-    previous: BTreeMap<u64, (u16, u16)>,
+    redirects: Box<dyn DnsRedirect>,
     /// Containers whose sockets could not be opened (they keep dockerd's resolver); tried
     /// again on every apply.
     failures: BTreeMap<u64, OpenFailure>,
@@ -37,10 +35,9 @@ impl DnsApplier {
     pub fn new(
         resolver: Arc<Resolver>,
         runtime: tokio::runtime::Handle,
-        redirects: DnsRedirects,
+        redirects: Box<dyn DnsRedirect>,
     ) -> DnsApplier {
         DnsApplier {
-            previous: redirects.pinned(),
             sockets: DnsSandboxes::new(resolver.clone(), runtime),
             resolver,
             redirects,
@@ -98,10 +95,13 @@ impl Applier for DnsApplier {
         let mut first_error = None;
         for cookie in cookies {
             let scope = desired.sandboxes.get(&cookie).map(|s| &**s);
-            match self
-                .sockets
-                .sync_one(cookie, scope, self.previous.remove(&cookie))
-            {
+            let path = scope.map_or("", |s| s.netns_path.as_str());
+            // Ports an earlier meshd served on, tried first when the sockets are opened.
+            let previous = match (scope, self.sockets.ports(cookie)) {
+                (Some(_), None) => self.redirects.previous(cookie, path),
+                _ => None,
+            };
+            match self.sockets.sync_one(cookie, scope, previous) {
                 Ok(()) => {
                     self.failures.remove(&cookie);
                 }
@@ -121,7 +121,11 @@ impl Applier for DnsApplier {
                 }
             }
             let ports = self.sockets.ports(cookie);
-            match self.redirects.set(cookie, ports).context("DNS redirect") {
+            match self
+                .redirects
+                .set(cookie, path, ports)
+                .context("DNS redirect")
+            {
                 Ok(true) if ports.is_some() => stats.writes += 1,
                 Ok(true) => stats.deletes += 1,
                 Ok(false) => {}

@@ -7,6 +7,7 @@ use aya::maps::{HashMap, MapData};
 use meshd_common::DnsPorts;
 
 use super::maps::{ignore_missing, read_all};
+use crate::datapath::DnsRedirect;
 
 pub struct DnsRedirects {
     map: HashMap<MapData, u64, DnsPorts>,
@@ -19,15 +20,6 @@ impl DnsRedirects {
         Ok(DnsRedirects { map, applied })
     }
 
-    /// The redirects a restarted meshd finds pinned, in host byte order (its sockets are
-    /// gone with the old process: it rebinds the same ports where it can).
-    pub fn pinned(&self) -> BTreeMap<u64, (u16, u16)> {
-        self.applied
-            .iter()
-            .map(|(&c, p)| (c, (u16::from_be(p.udp), u16::from_be(p.tcp))))
-            .collect()
-    }
-
     pub fn len(&self) -> usize {
         self.applied.len()
     }
@@ -35,10 +27,17 @@ impl DnsRedirects {
     pub fn is_empty(&self) -> bool {
         self.applied.is_empty()
     }
+}
 
-    /// Points `127.0.0.11:53` in namespace `cookie` at these ports (host byte order), or
-    /// back at dockerd's resolver (`None`). Returns whether the map changed.
-    pub fn set(&mut self, cookie: u64, ports: Option<(u16, u16)>) -> Result<bool> {
+impl DnsRedirect for DnsRedirects {
+    /// From the pinned map: an earlier meshd's sockets are gone with it, its ports are not.
+    fn previous(&mut self, cookie: u64, _netns_path: &str) -> Option<(u16, u16)> {
+        self.applied
+            .get(&cookie)
+            .map(|p| (u16::from_be(p.udp), u16::from_be(p.tcp)))
+    }
+
+    fn set(&mut self, cookie: u64, _netns_path: &str, ports: Option<(u16, u16)>) -> Result<bool> {
         let want = ports.map(|(udp, tcp)| DnsPorts {
             udp: udp.to_be(),
             tcp: tcp.to_be(),
@@ -62,17 +61,15 @@ impl DnsRedirects {
         Ok(true)
     }
 
-    /// Every namespace back to dockerd's resolver (a clean stop: meshd's sockets close).
-    pub fn clear(&mut self) -> Result<usize> {
+    fn clear(&mut self) -> Result<usize> {
         let cookies: Vec<u64> = self.applied.keys().copied().collect();
         for c in &cookies {
-            self.set(*c, None)?;
+            self.set(*c, "", None)?;
         }
         Ok(cookies.len())
     }
 
-    /// The cookies the map names.
-    pub fn cookies(&self) -> impl Iterator<Item = u64> + '_ {
-        self.applied.keys().copied()
+    fn cookies(&self) -> Vec<u64> {
+        self.applied.keys().copied().collect()
     }
 }

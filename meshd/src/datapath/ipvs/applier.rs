@@ -50,6 +50,129 @@ impl IpvsApplier {
     pub fn new() -> IpvsApplier {
         IpvsApplier::default()
     }
+
+    /// What it holds, summed over sandboxes (for `meshctl status`).
+    pub fn summary(&self) -> IpvsSummary {
+        IpvsSummary {
+            sandboxes: self.known.len(),
+            services: self.known.values().map(|k| k.table.services.len()).sum(),
+            real_servers: self
+                .known
+                .values()
+                .flat_map(|k| k.table.services.values())
+                .map(|s| s.dests.len())
+                .sum(),
+            tcp_idle_timeout_s: TCP_IDLE_TIMEOUT,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct IpvsSummary {
+    pub sandboxes: usize,
+    pub services: usize,
+    pub real_servers: usize,
+    pub tcp_idle_timeout_s: u32,
+}
+
+/// One sandbox's IPVS service for a VIP, as the kernel reports it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SandboxIpvs {
+    pub sandbox: String,
+    pub fwmark: u32,
+    pub scheduler: String,
+    pub real_servers: Vec<RealServer>,
+    /// Why the kernel could not be read (the service is missing, the namespace is gone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RealServer {
+    pub addr: Ipv4Addr,
+    pub weight: u32,
+    pub active_conns: u32,
+    pub inactive_conns: u32,
+}
+
+/// The connections IPVS tracks now (active + inactive), by load balancer and by real
+/// server, summed over these sandboxes (name, namespace path): what `meshctl services`
+/// shows where the eBPF datapath shows connections made. A sandbox that cannot be read is
+/// left out.
+pub fn counters(
+    lbs: &BTreeMap<LbRef, std::sync::Arc<Lb>>,
+    sandboxes: &[(String, String)],
+) -> crate::datapath::ebpf::Counters {
+    let mut by_mark: HashMap<(u32, Ipv4Addr), u64> = HashMap::new();
+    for (_, path) in sandboxes {
+        let read = in_netns(path, || {
+            let mut s = IpvsSocket::open()?;
+            let marks: Vec<u32> = s.table()?.services.into_keys().collect();
+            let mut out = Vec::new();
+            for m in marks {
+                out.extend(s.dests(m)?.into_iter().map(|d| (m, d)));
+            }
+            Ok(out)
+        });
+        for (m, d) in read.into_iter().flatten() {
+            *by_mark.entry((m, d.addr)).or_default() +=
+                u64::from(d.active_conns) + u64::from(d.inactive_conns);
+        }
+    }
+    let mut out = crate::datapath::ebpf::Counters::default();
+    for (r, lb) in lbs {
+        let mark = fwmark(lb.vip);
+        for ip in lb.backends.iter().chain(&lb.draining) {
+            let n = by_mark.get(&(mark, *ip)).copied().unwrap_or(0);
+            out.per_backend.insert((r.clone(), *ip), n);
+            *out.per_lb.entry(r.clone()).or_default() += n;
+        }
+    }
+    out
+}
+
+/// The IPVS service of `vip` in each of these sandboxes, read from the kernel now (with
+/// its connection counts). Runs outside the applier's lock: it only reads.
+pub fn view(vip: Ipv4Addr, sandboxes: &[(String, String)]) -> Vec<SandboxIpvs> {
+    let mark = fwmark(vip);
+    sandboxes
+        .iter()
+        .map(|(name, path)| {
+            let read = in_netns(path, || {
+                let mut s = IpvsSocket::open()?;
+                let table = s.table()?;
+                let svc = table
+                    .services
+                    .get(&mark)
+                    .with_context(|| format!("no IPVS service for fwmark {mark:#010x}"))?;
+                Ok((svc.scheduler.clone(), s.dests(mark)?))
+            });
+            match read {
+                Ok((scheduler, dests)) => SandboxIpvs {
+                    sandbox: name.clone(),
+                    fwmark: mark,
+                    scheduler,
+                    real_servers: dests
+                        .into_iter()
+                        .map(|d| RealServer {
+                            addr: d.addr,
+                            weight: d.weight,
+                            active_conns: d.active_conns,
+                            inactive_conns: d.inactive_conns,
+                        })
+                        .collect(),
+                    error: None,
+                },
+                Err(e) => SandboxIpvs {
+                    sandbox: name.clone(),
+                    fwmark: mark,
+                    scheduler: String::new(),
+                    real_servers: vec![],
+                    error: Some(format!("{e:#}")),
+                },
+            }
+        })
+        .collect()
 }
 
 /// What one sandbox's IPVS should hold: a service per VIP on its networks, the live
@@ -115,7 +238,7 @@ fn converge(path: &str, have: Option<&Known>, want: &Known) -> Result<(Known, Ve
         }
         if vips != Some(&want.vips) {
             let v: Vec<Ipv4Addr> = want.vips.iter().copied().collect();
-            marks::apply(&v, None).with_context(|| format!("the VIP marks in {path}"))?;
+            marks::apply(&v).with_context(|| format!("the VIP marks in {path}"))?;
         }
         let mut after = table;
         after.apply(&ops);

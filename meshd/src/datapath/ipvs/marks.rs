@@ -8,27 +8,19 @@
 //! The table is small (a namespace sees a few VIPs) and changes only when a service on one
 //! of its networks comes or goes, never when a task does.
 //!
-//! The same table can send the namespace's DNS (`127.0.0.11:53`) to meshd's sockets there,
-//! what the eBPF datapath's cgroup hooks do: a `nat` output chain at priority -101, ahead
-//! of the iptables `nat` rules (priority -100) through which Docker sends it to its own
-//! resolver; the first NAT a connection meets is the one it keeps.
+//! The chain runs just after the mangle priority (-150) at which Docker's own iptables
+//! rules mark the same VIPs for Docker's IPVS services: where both mark a packet, meshd's
+//! mark is the last written, so the connection meets meshd's service.
 use std::{io::Write, net::Ipv4Addr, process::Command};
 
 use super::plan::fwmark;
 
 pub const TABLE: &str = "meshd_ipvs";
 
-/// meshd's DNS sockets in a namespace: where `127.0.0.11:53` goes (UDP, TCP).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DnsPorts {
-    pub udp: u16,
-    pub tcp: u16,
-}
-
 /// The nft script that makes the table exactly this (created if missing, replaced whole).
-pub fn script(vips: &[Ipv4Addr], dns: Option<DnsPorts>) -> String {
+pub fn script(vips: &[Ipv4Addr]) -> String {
     let mut s = format!("table ip {TABLE}\ndelete table ip {TABLE}\ntable ip {TABLE} {{\n");
-    s.push_str("  chain output {\n    type route hook output priority mangle; policy accept;\n");
+    s.push_str("  chain output {\n    type route hook output priority -140; policy accept;\n");
     if !vips.is_empty() {
         let elems: Vec<String> = vips
             .iter()
@@ -39,49 +31,46 @@ pub fn script(vips: &[Ipv4Addr], dns: Option<DnsPorts>) -> String {
             elems.join(", ")
         ));
     }
-    s.push_str("  }\n");
-    if let Some(d) = dns {
-        s.push_str(&format!(
-            "  chain dns {{\n    type nat hook output priority -101; policy accept;\n    \
-             ip daddr 127.0.0.11 udp dport 53 dnat to 127.0.0.11:{}\n    \
-             ip daddr 127.0.0.11 tcp dport 53 dnat to 127.0.0.11:{}\n  }}\n",
-            d.udp, d.tcp
-        ));
-    }
-    s.push_str("}\n");
+    s.push_str("  }\n}\n");
     s
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum MarksError {
+pub enum NftError {
     #[error("run nft: {0}")]
     Spawn(std::io::Error),
-    #[error("nft refused the marks: {0}")]
-    Refused(String),
+    #[error("nft refused {what}: {why}")]
+    Refused { what: &'static str, why: String },
 }
 
-/// Applies `script(vips)` in the calling thread's namespace (nft runs as a child, which is
-/// born in that namespace).
-pub fn apply(vips: &[Ipv4Addr], dns: Option<DnsPorts>) -> Result<(), MarksError> {
+/// Runs `nft -f -` with `script` in the calling thread's namespace (nft runs as a child,
+/// which is born in that namespace); returns what nft printed.
+pub fn nft(script: &str, what: &'static str) -> Result<String, NftError> {
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .map_err(MarksError::Spawn)?;
+        .map_err(NftError::Spawn)?;
     if let Some(mut stdin) = child.stdin.take() {
         stdin
-            .write_all(script(vips, dns).as_bytes())
-            .map_err(MarksError::Spawn)?;
+            .write_all(script.as_bytes())
+            .map_err(NftError::Spawn)?;
     }
-    let out = child.wait_with_output().map_err(MarksError::Spawn)?;
+    let out = child.wait_with_output().map_err(NftError::Spawn)?;
     if !out.status.success() {
-        return Err(MarksError::Refused(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
+        return Err(NftError::Refused {
+            what,
+            why: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Makes the calling thread's namespace mark exactly these VIPs.
+pub fn apply(vips: &[Ipv4Addr]) -> Result<(), NftError> {
+    nft(&script(vips), "the VIP marks").map(drop)
 }
 
 #[cfg(test)]
@@ -90,10 +79,7 @@ mod tests {
 
     #[test]
     fn each_vip_is_marked_with_its_own_address() {
-        let s = script(
-            &[Ipv4Addr::new(10, 0, 1, 2), Ipv4Addr::new(10, 0, 2, 2)],
-            None,
-        );
+        let s = script(&[Ipv4Addr::new(10, 0, 1, 2), Ipv4Addr::new(10, 0, 2, 2)]);
         assert!(
             s.contains(
                 "meta mark set ip daddr map { 10.0.1.2 : 0x0a000102, 10.0.2.2 : 0x0a000202 }"
@@ -105,16 +91,6 @@ mod tests {
             s.starts_with("table ip meshd_ipvs\ndelete table ip meshd_ipvs\n"),
             "{s}"
         );
-        assert!(!script(&[], None).contains("map"), "no VIP: an empty chain");
-        assert!(!s.contains("dnat"), "no DNS sockets: no redirect");
-        let d = script(
-            &[],
-            Some(DnsPorts {
-                udp: 40001,
-                tcp: 40002,
-            }),
-        );
-        assert!(d.contains("udp dport 53 dnat to 127.0.0.11:40001"), "{d}");
-        assert!(d.contains("tcp dport 53 dnat to 127.0.0.11:40002"), "{d}");
+        assert!(!script(&[]).contains("map"), "no VIP: an empty chain");
     }
 }

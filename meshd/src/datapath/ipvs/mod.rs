@@ -4,12 +4,14 @@
 //! its tasks), as differences.
 //!
 //! - `applier`: `Desired` into every local sandbox's table and marks, for what changed.
+//! - `dns_redirect`: the nftables table that sends a sandbox's DNS to meshd's sockets.
 //! - `marks`: the nftables table that marks connections to a VIP for IPVS.
 //! - `netlink`: the IPVS generic netlink family, typed.
 //! - `plan`: what to change in one namespace's IPVS table, from what is there to what
 //!   should be (pure).
 //! - `socket`: a netlink socket to one namespace's IPVS.
 pub mod applier;
+pub mod dns_redirect;
 pub mod marks;
 pub mod netlink;
 pub mod plan;
