@@ -1,211 +1,25 @@
-//! The IPVS datapath against a real kernel's IPVS, in a QEMU VM: this machine's kernel has
-//! none (LAB.md). The test binary boots Debian's kernel (fetched by `cargo xtask setup`
-//! into `target/vm/kernel`) with an initramfs holding busybox, the IPVS modules, and the
-//! test binary itself, which runs again inside as init's child (`MESHD_IN_VM` set) and
-//! reports through the console and QEMU's `isa-debug-exit` device.
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
-
-const MARK: &str = "MESHD-VM-RESULT";
-
-/// Modules in load order (`ip_vs` needs conntrack, which needs the defrag modules and
-/// crc32c).
-const MODULES: &[&str] = &[
-    "crypto/crc32c_generic.ko",
-    "lib/libcrc32c.ko",
-    "net/ipv4/netfilter/nf_defrag_ipv4.ko",
-    "net/ipv6/netfilter/nf_defrag_ipv6.ko",
-    "net/netfilter/nf_conntrack.ko",
-    "net/netfilter/ipvs/ip_vs.ko",
-    "net/netfilter/ipvs/ip_vs_rr.ko",
-    "net/netfilter/nfnetlink.ko",
-    "net/netfilter/nf_tables.ko",
-    "drivers/net/veth.ko",
-];
-
-/// Programs the test runs inside, with the libraries they link.
-const PROGRAMS: &[&str] = &["/usr/sbin/nft", "/usr/bin/ip"];
+//! The IPVS datapath against a real kernel's IPVS, in a QEMU VM (`vm`): this machine's
+//! kernel has none (LAB.md). Netlink commands, the plan, the marks and the applier with
+//! real `Desired` values, against namespaces joined by veths inside the VM.
+mod vm;
 
 #[test]
 fn ipvs_in_a_vm() {
-    if std::env::var_os("MESHD_IN_VM").is_some() {
-        in_vm::run();
+    if vm::inside() {
+        vm::report(in_vm::checks);
         return;
     }
-    let Some(kernel) = kernel_dir() else {
-        return;
-    };
-    let work = tempdir();
-    let initrd = build_initramfs(&kernel, &work.0);
-    let vmlinuz = std::fs::read_dir(kernel.join("boot"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz"))
-        })
-        .expect("a vmlinuz in the kernel package");
-    let log = work.0.join("console.log");
-    let status = Command::new("timeout")
-        .args(["-k", "5", "170", "qemu-system-x86_64"])
-        .args([
-            "-accel",
-            "tcg",
-            "-m",
-            "768",
-            "-smp",
-            "1",
-            "-nographic",
-            "-no-reboot",
-        ])
-        .arg("-kernel")
-        .arg(&vmlinuz)
-        .arg("-initrd")
-        .arg(&initrd)
-        .args(["-append", "console=ttyS0 quiet panic=-1"])
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(std::process::Stdio::inherit())
-        .status()
-        .expect("run qemu-system-x86_64 (cargo xtask setup installs it)");
-    let console = std::fs::read_to_string(&log).unwrap_or_default();
-    let tail: String = console
-        .lines()
-        .filter(|l| !l.contains('\u{1b}'))
-        .collect::<Vec<_>>()
-        .join("\n");
-    // isa-debug-exit: QEMU exits with (value << 1) | 1; init writes the test's status.
-    assert_eq!(
-        status.code(),
-        Some(1),
-        "the VM did not pass (124: timed out). Its console:\n{tail}"
-    );
-    assert!(
-        console.contains(&format!("{MARK} ok")),
-        "no result line. Its console:\n{tail}"
-    );
-    eprintln!(
-        "{}",
-        tail.lines()
-            .filter(|l| l.starts_with("vm:"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-}
-
-/// The extracted kernel package; None (skipped) outside CI when it is not there.
-fn kernel_dir() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/vm/kernel");
-    let have = dir.join("boot").is_dir()
-        && Path::new("/usr/bin/qemu-system-x86_64").exists()
-        && Path::new("/bin/busybox").exists();
-    if have {
-        return Some(dir);
-    }
-    let why = "needs Debian's kernel in target/vm/kernel, qemu-system-x86_64 and busybox-static \
-               (`cargo xtask setup` fetches them)";
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("ipvs_in_a_vm {why} (CI=true: this must run, not skip)");
-    }
-    eprintln!("skipping ipvs_in_a_vm: it {why}");
-    None
-}
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tempdir() -> TempDir {
-    let d = std::env::temp_dir().join(format!("meshd-ipvs-vm-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    TempDir(d)
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// busybox, the modules, this test binary (without its debug info) and the libraries it
-/// links, and an init that runs it.
-fn build_initramfs(kernel: &Path, work: &Path) -> PathBuf {
-    let root = work.join("root");
-    for d in ["bin", "proc", "sys", "dev", "tmp", "run", "mods"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    let mods = std::fs::read_dir(kernel.join("lib/modules"))
-        .unwrap()
-        .flatten()
-        .next()
-        .expect("a modules directory")
-        .path()
-        .join("kernel");
-    let mut load = String::new();
-    for m in MODULES {
-        let name = Path::new(m).file_name().unwrap();
-        std::fs::copy(mods.join(m), root.join("mods").join(name)).unwrap();
-        load.push_str(&format!(
-            "insmod /mods/{} || echo \"vm: insmod {m} failed\"\n",
-            name.to_string_lossy()
-        ));
-    }
-    let exe = std::env::current_exe().unwrap();
-    run(Command::new("objcopy")
-        .arg("--strip-debug")
-        .arg(&exe)
-        .arg(root.join("test")));
-    // The dynamic loader and libraries, at the paths the binaries name.
-    let copy = |p: &Path| {
-        let to = root.join(p.strip_prefix("/").unwrap());
-        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-        std::fs::copy(p, &to).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-    };
-    for bin in PROGRAMS {
-        copy(Path::new(bin));
-    }
-    for bin in PROGRAMS.iter().map(Path::new).chain([exe.as_path()]) {
-        for line in run(Command::new("ldd").arg(bin)).lines() {
-            if let Some(p) = line.split_whitespace().find(|w| w.starts_with('/')) {
-                copy(Path::new(p));
-            }
-        }
-    }
-    let init = format!(
-        "#!/bin/busybox sh\n/bin/busybox --install -s /bin\n\
-         mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n\
-         mount -t tmpfs tmp /tmp\nmount -t tmpfs run /run\nexport PATH=/usr/sbin:/usr/bin:/bin\n{load}\
-         MESHD_IN_VM=1 RUST_BACKTRACE=1 /test --exact ipvs_in_a_vm --nocapture --test-threads 1\n\
-         rc=$?\necho \"vm: test exited $rc\"\n\
-         printf \"\\\\$(printf %03o $rc)\" | dd of=/dev/port bs=1 seek=244 count=1 2>/dev/null\n\
-         poweroff -f\n"
-    );
-    std::fs::write(root.join("init"), init).unwrap();
-    std::fs::set_permissions(
-        root.join("init"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    let initrd = work.join("initrd.gz");
-    run(Command::new("sh").current_dir(&root).arg("-c").arg(format!(
-        "find . | /bin/busybox cpio -o -H newc 2>/dev/null | gzip -1 > {}",
-        initrd.display()
-    )));
-    initrd
+    vm::boot(&vm::Vm {
+        test: "ipvs_in_a_vm",
+        modules: &[],
+        // busybox's ip cannot name a veth's peer.
+        programs: &["/usr/sbin/nft", "/usr/bin/ip"],
+        binaries: &[],
+        setup: "",
+        memory_mb: 768,
+        cpus: 1,
+        timeout_s: 170,
+    });
 }
 
 /// What runs inside the VM (as root, in a kernel with IPVS).
@@ -219,19 +33,6 @@ mod in_vm {
         plan::{self, fwmark, Op, Svc, Table, SCHEDULER},
         socket::IpvsSocket,
     };
-
-    use super::MARK;
-
-    pub fn run() {
-        let r = std::panic::catch_unwind(checks);
-        match r {
-            Ok(()) => println!("{MARK} ok"),
-            Err(_) => {
-                println!("{MARK} failed");
-                std::process::exit(1);
-            }
-        }
-    }
 
     fn svc(dests: &[(Ipv4Addr, u32)]) -> Svc {
         Svc {
@@ -253,7 +54,7 @@ mod in_vm {
         ops
     }
 
-    fn checks() {
+    pub fn checks() {
         // A namespace of its own (IPVS tables are per namespace), as a container's is.
         std::thread::spawn(|| {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");

@@ -112,3 +112,57 @@ fn dns_to_127_0_0_11_port_53_reaches_meshds_sockets() {
     .join()
     .expect("the checks");
 }
+
+fn tables_here() -> String {
+    let out = std::process::Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .expect("nft");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A meshd that dies without a clean stop (here: its end of the helper's pipe closes, as
+/// it does whichever way the process ends) leaves no redirect behind: the hand-back helper
+/// (the real `meshd dns-hand-back`) removes it, and only the one it was told about.
+#[test]
+fn a_dead_meshds_redirects_are_handed_back() {
+    if !is_root() {
+        return;
+    }
+    use meshd::datapath::ipvs::dns_handback::HandBack;
+    let lock = tempfile::NamedTempFile::new().unwrap();
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
+        // The helper is another process: it names this thread's namespace by our pid.
+        // SAFETY: getpid and gettid have no preconditions.
+        let path = format!("/proc/{}/task/{}/ns/net", std::process::id(), unsafe {
+            libc::gettid()
+        });
+        let exe = std::path::Path::new(env!("CARGO_BIN_EXE_meshd"));
+        let mut redirects =
+            NftDnsRedirects::with_hand_back(HandBack::start(exe, lock.path()).expect("helper"));
+        assert!(redirects.set(7, &path, Some((40001, 40002))).unwrap());
+        assert!(tables_here().contains("meshd_dns"));
+        // A second helper (a restarted meshd's) waits for the first to finish.
+        let exe2 = exe.to_path_buf();
+        let lock2 = lock.path().to_path_buf();
+        let second = std::thread::spawn(move || HandBack::start(&exe2, &lock2));
+        drop(redirects); // "meshd died": the pipe closes; the helper cleans up and exits
+        let second = second.join().unwrap().expect("second helper");
+        assert!(
+            !tables_here().contains("meshd_dns"),
+            "the dead meshd's helper removed its redirect"
+        );
+        // A table written since with other ports is not the dead meshd's: it stays.
+        let mut again = NftDnsRedirects::with_hand_back(second);
+        assert!(again.set(8, &path, Some((40003, 40004))).unwrap());
+        meshd::datapath::ipvs::dns_redirect::apply_here(Some((40005, 40006))).unwrap();
+        drop(again);
+        assert!(
+            tables_here().contains("meshd_dns"),
+            "a redirect meshd did not leave is kept"
+        );
+    })
+    .join()
+    .expect("the checks");
+}

@@ -56,6 +56,13 @@ enum Command {
     /// Internal: the L7 front end's socket helper (started by meshd itself).
     #[command(hide = true)]
     L7SocketMaker,
+    /// Internal: gives containers back to dockerd's resolver if meshd dies (IPVS
+    /// datapath; started by meshd itself).
+    #[command(hide = true)]
+    DnsHandBack {
+        #[arg(long)]
+        lock: PathBuf,
+    },
 }
 
 /// Where Docker state comes from.
@@ -481,6 +488,9 @@ fn real_main() -> Result<()> {
     }
     if let Some(Command::L7SocketMaker) = cli.command {
         return meshd::l7::connector::helper_main();
+    }
+    if let Some(Command::DnsHandBack { lock }) = cli.command {
+        return meshd::datapath::ipvs::dns_handback::helper_main(lock);
     }
     if let Some(Command::Reset { pin_dir }) = cli.command {
         ebpf::reset(&pin_dir)?;

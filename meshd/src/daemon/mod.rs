@@ -29,7 +29,7 @@ use crate::{
     datapath::{
         choice::{self, Asked, Kind, Opened},
         ebpf::dns_redirect::DnsRedirects,
-        ipvs::{applier::IpvsApplier, dns_redirect::NftDnsRedirects},
+        ipvs::{applier::IpvsApplier, dns_handback::HandBack, dns_redirect::NftDnsRedirects},
         Applier, DnsRedirect,
     },
     dns::{resolv_conf::ResolvConfWatch, DnsApplier},
@@ -439,9 +439,17 @@ pub async fn run(cfg: Config) -> Result<()> {
                     // the README's IPVS section for why meshd does not redo it there.
                     info!("IPVS datapath: published ports stay with Docker's ingress");
                 }
+                let redirects = match &cfg.dns {
+                    Some(_) => {
+                        let exe = std::env::current_exe().context("meshd's own path")?;
+                        let lock = cfg.api_socket.with_extension("dns-hand-back.lock");
+                        NftDnsRedirects::with_hand_back(HandBack::start(&exe, &lock)?)
+                    }
+                    None => NftDnsRedirects::new(),
+                };
                 (
                     VipDatapath::Ipvs(Arc::new(Mutex::new(IpvsApplier::new()))),
-                    Box::new(NftDnsRedirects::new()),
+                    Box::new(redirects),
                     choice,
                 )
             }

@@ -14,8 +14,9 @@ use std::{
 };
 
 use anyhow::{anyhow, Context, Result};
+use tracing::warn;
 
-use super::marks::nft;
+use super::{dns_handback::HandBack, marks::nft};
 use crate::{datapath::DnsRedirect, netns};
 
 pub const TABLE: &str = "meshd_dns";
@@ -76,6 +77,8 @@ pub struct NftDnsRedirects {
     applied: BTreeMap<u64, (String, (u16, u16))>,
     /// A namespace made before this meshd may hold an earlier meshd's table.
     started: SystemTime,
+    /// Removes the redirects if meshd dies without a clean stop.
+    hand_back: Option<HandBack>,
 }
 
 impl Default for NftDnsRedirects {
@@ -89,6 +92,28 @@ impl NftDnsRedirects {
         NftDnsRedirects {
             applied: BTreeMap::new(),
             started: SystemTime::now(),
+            hand_back: None,
+        }
+    }
+
+    /// With a helper that hands the sandboxes back to dockerd's resolver if meshd dies.
+    pub fn with_hand_back(hand_back: HandBack) -> NftDnsRedirects {
+        NftDnsRedirects {
+            hand_back: Some(hand_back),
+            ..NftDnsRedirects::new()
+        }
+    }
+
+    fn tell(&mut self, path: &str, ports: Option<(u16, u16)>) {
+        let Some(h) = self.hand_back.as_mut() else {
+            return;
+        };
+        let told = match ports {
+            Some((udp, tcp)) => h.redirected(path, udp, tcp),
+            None => h.released(path),
+        };
+        if let Err(e) = told {
+            warn!(error = %format!("{e:#}"), "DNS hand-back helper unreachable: a crash would leave redirects until meshd is back");
         }
     }
 }
@@ -122,9 +147,11 @@ impl DnsRedirect for NftDnsRedirects {
                 netns::run_in(Path::new(netns_path), move || apply_here(Some(p)))
                     .with_context(|| format!("in {path}"))?;
                 self.applied.insert(cookie, (netns_path.to_string(), p));
+                self.tell(netns_path, Some(p));
             }
             None => {
                 let (path, _) = self.applied.remove(&cookie).expect("held: have != ports");
+                self.tell(&path, None);
                 // A namespace that is gone took its table with it.
                 if Path::new(&path).exists() {
                     let shown = path.clone();

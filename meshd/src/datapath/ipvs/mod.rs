@@ -4,6 +4,7 @@
 //! its tasks), as differences.
 //!
 //! - `applier`: `Desired` into every local sandbox's table and marks, for what changed.
+//! - `dns_handback`: the helper that removes the DNS redirects if meshd dies.
 //! - `dns_redirect`: the nftables table that sends a sandbox's DNS to meshd's sockets.
 //! - `marks`: the nftables table that marks connections to a VIP for IPVS.
 //! - `netlink`: the IPVS generic netlink family, typed.
@@ -11,6 +12,7 @@
 //!   should be (pure).
 //! - `socket`: a netlink socket to one namespace's IPVS.
 pub mod applier;
+pub mod dns_handback;
 pub mod dns_redirect;
 pub mod marks;
 pub mod netlink;
