@@ -126,16 +126,16 @@ mod in_vm {
     struct Meshd(Child);
 
     impl Meshd {
-        fn start() -> Meshd {
+        /// meshd with these datapath flags.
+        fn start(datapath: &[&str]) -> Meshd {
             let log = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open("/tmp/meshd.log")
                 .unwrap();
             let child = Command::new("/bin/meshd")
-                .args(["--datapath", "ipvs"])
+                .args(datapath)
                 .args(["--docker-host", "unix:///run/docker.sock"])
-                .args(["--cgroup", "/sys/fs/cgroup"])
                 .args(["--pin-dir", "/sys/fs/bpf/meshd"])
                 .args(["--api-socket", SOCKET])
                 .env("MESHD_LOG", "info")
@@ -275,7 +275,7 @@ mod in_vm {
             t0.elapsed().as_secs_f64()
         );
 
-        let mut meshd = Meshd::start();
+        let mut meshd = Meshd::start(&["--datapath", "ipvs", "--cgroup", "/sys/fs/cgroup"]);
         let st = until("meshd ready", Duration::from_secs(60), || {
             status().filter(|s| s["ready"] == true)
         });
@@ -295,6 +295,18 @@ mod in_vm {
             "vm: meshd (ipvs) sees both tasks at {:.0} s",
             t0.elapsed().as_secs_f64()
         );
+
+        // Docker's ingress stays Docker's, with meshd's idle timeout instead of 900 s.
+        let timeouts = meshd::netns::run_in(Path::new("/run/docker/netns/ingress_sbox"), || {
+            Ok(meshd::datapath::ipvs::socket::IpvsSocket::open()?.timeouts()?)
+        })
+        .expect("IPVS timeouts in ingress_sbox");
+        assert_eq!(
+            timeouts.0,
+            meshd::datapath::ipvs::applier::TCP_IDLE_TIMEOUT,
+            "ingress_sbox's TCP idle timeout"
+        );
+        println!("vm: ingress_sbox's TCP idle timeout: {} s", timeouts.0);
 
         // A container whose very first instructions resolve the name and reach the VIP.
         // Without iptables Docker's own marks and DNS redirect are not there: the name is
@@ -396,13 +408,24 @@ mod in_vm {
         });
         println!("vm: with meshd killed (-9): VIP answers {seen:?}; DNS handed back to dockerd");
 
-        // Restart: adopts what IPVS holds and rewrites none of it; names are meshd's again.
-        let mut meshd = Meshd::start();
+        // Restart, with `--datapath auto` on a node where eBPF cannot start (here: a cgroup
+        // that is not there; in the field, a kernel without the hooks): IPVS is chosen,
+        // adopts what it holds and rewrites none of it; names are meshd's again.
+        let mut meshd = Meshd::start(&["--datapath", "auto", "--cgroup", "/sys/fs/cgroup/none"]);
         let st = until("meshd ready again", Duration::from_secs(60), || {
             status().filter(|s| {
                 s["ready"] == true && s["datapath"]["appliers"][0]["applies"].as_u64() > Some(0)
             })
         });
+        let reason = st["datapath"]["reason"].as_str().unwrap_or_default();
+        assert!(
+            st["datapath"]["kind"] == "ipvs"
+                && reason.starts_with("auto: the eBPF datapath cannot start here")
+                && reason.contains("/sys/fs/cgroup/none"),
+            "{}",
+            st["datapath"]
+        );
+        println!("vm: auto chose ipvs: {reason}");
         let ap = &st["datapath"]["appliers"][0];
         assert_eq!(ap["name"], "ipvs");
         assert!(

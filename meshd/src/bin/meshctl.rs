@@ -432,7 +432,11 @@ fn print_status(d: &Value) {
     let ig = &dp["ingress"];
     if ig.is_null() && dp["kind"] == "ipvs" {
         println!(
-            "ingress         Docker's (IPVS datapath): published ports are its ingress_sbox's"
+            "ingress         Docker's (IPVS datapath): published ports are its ingress_sbox's{}",
+            match dp["ipvs"]["ingress_sbox"].as_str() {
+                Some(_) => ", with meshd's idle timeout",
+                None => "",
+            }
         );
     } else if ig.is_null() {
         println!("ingress         off (--no-ingress): published ports are Docker's");

@@ -44,6 +44,9 @@ pub struct IpvsApplier {
     /// full apply), so that a change costs its sandboxes, not every service.
     by_network: HashMap<String, BTreeSet<LbRef>>,
     indexed: bool,
+    /// Docker's ingress sandbox, whose IPVS idle timeout meshd has set (see
+    /// `ingress_timeout`).
+    ingress_sbox: Option<String>,
 }
 
 impl IpvsApplier {
@@ -63,6 +66,7 @@ impl IpvsApplier {
                 .map(|s| s.dests.len())
                 .sum(),
             tcp_idle_timeout_s: TCP_IDLE_TIMEOUT,
+            ingress_sbox: self.ingress_sbox.clone(),
         }
     }
 }
@@ -73,6 +77,8 @@ pub struct IpvsSummary {
     pub services: usize,
     pub real_servers: usize,
     pub tcp_idle_timeout_s: u32,
+    /// Docker's ingress sandbox, given the same idle timeout.
+    pub ingress_sbox: Option<String>,
 }
 
 /// One sandbox's IPVS service for a VIP, as the kernel reports it.
@@ -252,6 +258,36 @@ fn converge(path: &str, have: Option<&Known>, want: &Known) -> Result<(Known, Ve
     })
 }
 
+/// Docker's own ingress (published ports) runs on IPVS in its `ingress_sbox` namespace,
+/// next to the containers' ones; meshd leaves it to Docker but gives it the same idle
+/// timeout, so that published ports keep idle connections too. Returns the namespace's
+/// path once it is set there.
+fn ingress_timeout(desired: &Desired) -> Option<String> {
+    let dir = desired
+        .sandboxes
+        .values()
+        .find_map(|s| std::path::Path::new(&s.netns_path).parent())?;
+    let path = dir.join("ingress_sbox");
+    if !path.exists() {
+        return None;
+    }
+    let shown = path.display().to_string();
+    let set = in_netns(&shown, || {
+        let mut s = IpvsSocket::open()?;
+        if s.timeouts()?.0 != TCP_IDLE_TIMEOUT {
+            s.set_timeouts(TCP_IDLE_TIMEOUT, 0, 0)?;
+        }
+        Ok(())
+    });
+    match set {
+        Ok(()) => Some(shown),
+        Err(e) => {
+            warn!(sandbox = %shown, error = %format!("{e:#}"), "IPVS: cannot set the ingress sandbox's idle timeout");
+            None
+        }
+    }
+}
+
 impl Applier for IpvsApplier {
     fn name(&self) -> &'static str {
         "ipvs"
@@ -264,6 +300,10 @@ impl Applier for IpvsApplier {
         everything: bool,
     ) -> Result<ApplyStats> {
         self.known.retain(|c, _| desired.sandboxes.contains_key(c));
+        if everything || self.ingress_sbox.is_none() {
+            // Docker makes it again when the node leaves and rejoins a swarm.
+            self.ingress_sbox = ingress_timeout(desired);
+        }
         if everything || !self.indexed {
             self.by_network.clear();
             for r in desired.lbs.keys() {
