@@ -3,7 +3,8 @@
 //! Data flows one way: `source` (Docker API, or a manager's meshd through `feed`) →
 //! `model::ClusterState` → `compile` (pure, incremental) → `compile::Desired` → the
 //! `datapath` appliers and the `dns` applier, which write only the difference. `daemon`
-//! wires it up and runs the reconcile loop; `api` serves `status` to meshctl.
+//! wires it up and runs the reconcile loop; `api` serves `status` to meshctl, `metrics`
+//! to Prometheus.
 pub mod api;
 pub mod compile;
 pub mod daemon;
@@ -11,6 +12,7 @@ pub mod datapath;
 pub mod dns;
 pub mod feed;
 pub mod l7;
+pub mod metrics;
 pub mod model;
 pub mod netns;
 pub mod source;

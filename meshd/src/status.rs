@@ -126,6 +126,9 @@ pub struct ReconcileStatus {
     /// One step: apply the changes, compile, write (only steps that wrote something).
     #[serde(skip)]
     pub step_time: Samples,
+    /// The same latencies as Prometheus histograms (`--metrics`).
+    #[serde(skip)]
+    pub histograms: crate::metrics::Histograms,
     pub last_step_unix_ms: u64,
     /// When every source had been read once and the first full apply was done.
     pub ready_unix_ms: u64,

@@ -2,6 +2,7 @@
 //! One scenario, step by step, so one swarm serves every check (2-core CI).
 use std::{
     collections::BTreeMap,
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -243,7 +244,55 @@ fn scenario(lab: &mut OneNodeSwarm) -> Result<()> {
         "after restart: {seen:?}"
     );
 
-    // 8. Removing the service clears its entries from the kernel maps.
+    // 8. Prometheus metrics (`--metrics`, loopback only): scraped with curl from the
+    // node, the connection and DNS counters move with traffic.
+    meshd.restart_with_args(&["--metrics", "127.0.0.1:9478"])?;
+    let scrape = || -> Option<String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &node.netns, "curl", "-sf"])
+            .arg("http://127.0.0.1:9478/metrics")
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let value = |text: &str, series: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    };
+    let web_conns = "meshd_service_connections_total{service=\"web\"} ";
+    let dns_udp = "meshd_dns_queries_total{transport=\"udp\"} ";
+    let before = wait_for("metrics served", Duration::from_secs(10), || {
+        scrape().filter(|t| value(t, web_conns).is_some())
+    })?;
+    ensure!(
+        before.contains("meshd_info{version=") && before.contains("datapath=\"ebpf\""),
+        "meshd_info: {before}"
+    );
+    for h in [
+        "meshd_event_to_datapath_seconds_bucket",
+        "meshd_sync_duration_seconds_count",
+    ] {
+        ensure!(before.contains(h), "{h} missing:\n{before}");
+    }
+    let seen = get_many(node, 10, "http://web/")?;
+    ensure!(!seen.contains_key("FAILED"), "{seen:?}");
+    let after = scrape().context("scrape again")?;
+    let moved =
+        |series: &str| value(&after, series).unwrap_or(0.0) - value(&before, series).unwrap_or(0.0);
+    ensure!(
+        moved(web_conns) >= 10.0,
+        "web's connections moved by {} for 10 requests",
+        moved(web_conns)
+    );
+    ensure!(
+        moved(dns_udp) >= 10.0,
+        "DNS queries moved by {} for 10 lookups",
+        moved(dns_udp)
+    );
+
+    // 9. Removing the service clears its entries from the kernel maps.
     let vips_before = pinned_map_len(&pins.0, "MESHD_VIPS")?;
     let web_backends = meshd.ctl(&["service", "web"])?["vips"][0]["backends"]
         .as_array()

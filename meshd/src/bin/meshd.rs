@@ -137,6 +137,10 @@ struct RunArgs {
     /// Log as JSON lines.
     #[arg(long)]
     log_json: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (loopback only, e.g.
+    /// 127.0.0.1:9478). Off by default.
+    #[arg(long)]
+    metrics: Option<SocketAddr>,
     #[command(flatten)]
     dns: DnsArgs,
     #[command(flatten)]
@@ -524,6 +528,7 @@ fn real_main() -> Result<()> {
         dns: a.dns.config()?,
         ingress: a.ingress.settings(),
         l7: a.l7.config(),
+        metrics: a.metrics,
     };
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

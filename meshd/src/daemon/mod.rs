@@ -81,6 +81,8 @@ pub struct Config {
     pub ingress: Option<crate::datapath::ebpf::ingress::IngressSettings>,
     /// The L7 front end; `None`: this node serves no L7 routes.
     pub l7: Option<L7Config>,
+    /// Where Prometheus metrics are served (loopback only); `None`: not at all.
+    pub metrics: Option<SocketAddr>,
 }
 
 pub struct L7Config {
@@ -537,6 +539,10 @@ pub async fn run(cfg: Config) -> Result<()> {
         l7,
     });
     let api = crate::api::serve(&cfg.api_socket, shared.clone())?;
+    let _metrics = match cfg.metrics {
+        Some(addr) => Some(crate::metrics::serve(addr, shared.clone())?),
+        None => None,
+    };
 
     // Appliers: the VIP datapath, then DNS (names, sockets, redirect), then L7 routes.
     let vip_applier: Arc<Mutex<dyn Applier>> = match &shared.datapath {

@@ -267,12 +267,14 @@ impl Reconciler {
         st.last_step_unix_ms = unix_ms();
         if !step.written.is_empty() {
             st.step_time.push(started.elapsed());
+            st.histograms.sync.observe(started.elapsed().as_secs_f64());
             if let Some(r) = read_at {
                 st.read_to_map.push(r.elapsed());
             }
             if let Some(o) = origin {
                 let took = o.elapsed();
                 st.event_to_map.push(took);
+                st.histograms.event_to_datapath.observe(took.as_secs_f64());
                 info!(
                     writes = step.written.writes,
                     deletes = step.written.deletes,
