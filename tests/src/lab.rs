@@ -216,6 +216,9 @@ impl Lab {
             let certs = self.l7_certs();
             std::fs::create_dir_all(&certs)?;
             let l7 = [
+                // Prometheus metrics on each node's own loopback.
+                "--metrics".into(),
+                "127.0.0.1:9478".into(),
                 "--l7".into(),
                 "--l7-certs".into(),
                 certs.display().to_string(),

@@ -423,6 +423,45 @@ fn scenario(lab: &mut Lab) -> Result<()> {
         rejected.contains("typo:") && rejected.contains("copy:"),
         "meshctl routes rejected: {rejected}"
     );
+    // The same counters in Prometheus metrics (`--metrics` on the node's loopback).
+    let series = "meshd_l7_requests_total{host=\"shop.example.com\",path=\"/\",service=\"shop\"} ";
+    let scrape = || -> Result<String> {
+        let ns = &lab.node("node1")?.netns;
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "curl",
+                "-sf",
+                "http://127.0.0.1:9478/metrics",
+            ])
+            .output()?;
+        ensure!(out.status.success(), "curl /metrics on node1");
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let requests = |text: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    };
+    let before = scrape()?;
+    let n0 = requests(&before).with_context(|| format!("no {series}in:\n{before}"))?;
+    for _ in 0..3 {
+        ensure!(get(&lan, NODES[0], "shop.example.com", "/")?.status == 200);
+    }
+    let after = scrape()?;
+    let n1 = requests(&after).unwrap_or(0);
+    ensure!(n1 >= n0 + 3, "l7 requests {n0} → {n1} after 3 requests");
+    let rejected_routes: Option<u64> = after.lines().find_map(|l| {
+        l.strip_prefix("meshd_l7_routes_rejected ")?
+            .trim()
+            .parse()
+            .ok()
+    });
+    ensure!(
+        rejected_routes >= Some(2),
+        "typo and copy rejected, in the metrics: {rejected_routes:?}"
+    );
 
     // 7. The holder gone, the copy takes the host over.
     m.docker(&["service", "rm", "shop"])?;

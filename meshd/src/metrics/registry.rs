@@ -241,6 +241,23 @@ pub fn scrape(shared: &Shared) -> Result<String> {
                 "Entries meshd wrote in its eBPF maps",
                 gauge(e.entries() as i64),
             );
+            if let Some(ig) = e.ingress_status() {
+                r.register(
+                    "ingress_published_ports",
+                    "Published ports the ingress mesh answers on this node",
+                    gauge(ig.ports as i64),
+                );
+                r.register(
+                    "ingress_events",
+                    "The ingress mesh's packet counters, by event (packets_in, new_flows, \
+                     tunnelled, dropped_*, icmp_errors, ...)",
+                    counters(
+                        ig.counters
+                            .iter()
+                            .map(|(k, v)| (labels(&[("event", k)]), *v)),
+                    ),
+                );
+            }
             if let Ok(c) = e.counters() {
                 drop(e);
                 service_connections(&mut r, shared, &c);
@@ -297,6 +314,10 @@ pub fn scrape(shared: &Shared) -> Result<String> {
         );
     }
 
+    if shared.l7.is_some() {
+        l7_routes(&mut r, shared);
+    }
+
     let mut out = String::new();
     encode(&mut out, &r)?;
     Ok(out)
@@ -322,5 +343,56 @@ fn service_connections(r: &mut Registry, shared: &Shared, c: &crate::datapath::e
             per.into_iter()
                 .map(|(s, n)| (labels(&[("service", &s)]), n)),
         ),
+    );
+}
+
+/// The L7 front end, per route (host and path).
+fn l7_routes(r: &mut Registry, shared: &Shared) {
+    let core = shared.core.read().unwrap();
+    let view = crate::l7::RoutesView::build(
+        shared.l7.as_ref(),
+        core.compiler.desired(),
+        &core.state,
+        core.compiler.l7_rejected(),
+    );
+    drop(core);
+    let route = |v: &crate::l7::RouteView| {
+        labels(&[
+            ("host", &v.host),
+            ("path", &v.path),
+            ("service", &v.service),
+        ])
+    };
+    let served: Vec<&crate::l7::RouteView> = view.routes.iter().filter(|v| v.served_here).collect();
+    r.register(
+        "l7_requests",
+        "Requests the L7 front end answered, per route",
+        counters(served.iter().map(|v| (route(v), v.requests))),
+    );
+    r.register(
+        "l7_errors",
+        "Answers of status 500 and above, per route (meshd's own 502 and 503 included)",
+        counters(served.iter().map(|v| (route(v), v.errors))),
+    );
+    let time = Family::<Labels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+    for v in &served {
+        time.get_or_create(&route(v))
+            .inc_by(v.mean_ms * v.requests as f64 / 1000.0);
+    }
+    r.register_with_unit(
+        "l7_response_time",
+        "Time to the response head, summed per route (over l7_requests: the mean)",
+        Unit::Seconds,
+        time,
+    );
+    r.register(
+        "l7_in_flight",
+        "Requests being answered now",
+        gauge(view.in_flight as i64),
+    );
+    r.register(
+        "l7_routes_rejected",
+        "Services whose com.docker.lb.* labels give them no route (meshctl routes says why)",
+        gauge(view.rejected.len() as i64),
     );
 }
