@@ -276,6 +276,11 @@ fn scenario(lab: &mut OneNodeSwarm) -> Result<()> {
     ] {
         ensure!(before.contains(h), "{h} missing:\n{before}");
     }
+    let lbs = value(&before, "meshd_ebpf_map_entries{map=\"MESHD_LBS\"} ").unwrap_or(0.0);
+    ensure!(
+        lbs as usize == pinned_map_len(&pins.0, "MESHD_LBS")?,
+        "the LB map's fill in the metrics ({lbs}) is not what the kernel holds"
+    );
     let seen = get_many(node, 10, "http://web/")?;
     ensure!(!seen.contains_key("FAILED"), "{seen:?}");
     let after = scrape().context("scrape again")?;

@@ -109,6 +109,11 @@ pub fn scrape(shared: &Shared) -> Result<String> {
         counters(by_source(&|s| s.reads)),
     );
     r.register(
+        "docker_read_failures",
+        "Docker Engine API reads and event streams that failed",
+        counters(by_source(&|s| s.failures)),
+    );
+    r.register(
         "docker_events",
         "Docker events received",
         counters(by_source(&|s| s.events)),
@@ -236,10 +241,22 @@ pub fn scrape(shared: &Shared) -> Result<String> {
     match &shared.datapath {
         VipDatapath::Ebpf(e) => {
             let e = e.lock().unwrap();
+            let fill = e.map_fill();
             r.register(
                 "ebpf_map_entries",
-                "Entries meshd wrote in its eBPF maps",
-                gauge(e.entries() as i64),
+                "Entries meshd wrote in each of its VIP maps",
+                gauges(
+                    fill.iter()
+                        .map(|(m, n, _)| (labels(&[("map", m)]), *n as i64)),
+                ),
+            );
+            r.register(
+                "ebpf_map_capacity",
+                "Entries each VIP map can hold",
+                gauges(
+                    fill.iter()
+                        .map(|(m, _, c)| (labels(&[("map", m)]), i64::from(*c))),
+                ),
             );
             if let Some(ig) = e.ingress_status() {
                 r.register(

@@ -69,6 +69,9 @@ pub struct SourceStatus {
     pub connected: bool,
     pub events: u64,
     pub reads: u64,
+    /// Reads (and event streams) that failed.
+    #[serde(default)]
+    pub failures: u64,
     pub last_error: Option<String>,
     pub resyncs: u64,
     /// The directory where Docker makes container namespaces, watched for new ones.
@@ -194,6 +197,7 @@ impl LocalSource {
     fn failed(&self, e: &dyn std::fmt::Display) {
         let mut st = self.status.lock().unwrap();
         st.connected = false;
+        st.failures += 1;
         st.last_error = Some(e.to_string());
     }
 

@@ -132,6 +132,7 @@ fn failed(managers: &Managers, status: &Mutex<SourceStatus>, which: usize, e: &A
     managers.failed(which);
     let mut st = status.lock().unwrap();
     st.connected = false;
+    st.failures += 1;
     st.last_error = Some(e.to_string());
     st.endpoint = managers.pick().1.endpoint().to_string();
 }

@@ -243,6 +243,11 @@ impl EbpfDatapath {
         self.ingress.as_ref().map(ingress::Ingress::status)
     }
 
+    /// Per VIP map: name, entries, capacity.
+    pub fn map_fill(&self) -> [(&'static str, usize, u32); 6] {
+        self.applied.fill()
+    }
+
     /// Entries meshd holds in the VIP maps.
     pub fn entries(&self) -> usize {
         self.applied.entries()

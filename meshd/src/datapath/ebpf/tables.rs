@@ -417,6 +417,19 @@ impl KernelTables {
         }
     }
 
+    /// Per VIP map: its name, the entries meshd wrote there, and its capacity.
+    pub fn fill(&self) -> [(&'static str, usize, u32); 6] {
+        use meshd_common::{capacity as cap, map_names as maps};
+        [
+            (maps::SANDBOXES, self.sandboxes.len(), cap::SANDBOXES),
+            (maps::VIPS, self.vips.len(), cap::VIPS),
+            (maps::LBS, self.lbs.len(), cap::LBS),
+            (maps::BACKENDS, self.backends.len(), cap::BACKENDS),
+            (maps::LB_META, self.lb_meta.len(), cap::LBS),
+            (maps::NET_META, self.net_meta.len(), cap::NETWORKS),
+        ]
+    }
+
     pub fn entries(&self) -> usize {
         self.sandboxes.len()
             + self.vips.len()
