@@ -9,8 +9,42 @@ use std::{env, path::PathBuf, process::Command};
 const DEBIAN_CARGO: &str = "/usr/bin/cargo";
 const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
 
+/// The git revision built (`meshd --version`), or "unknown" outside a checkout.
+fn git_revision(manifest_dir: &std::path::Path) -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .arg("-C")
+            .arg(manifest_dir)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let Some(rev) = git(&["rev-parse", "--short=12", "HEAD"]) else {
+        return "unknown".into();
+    };
+    let dirty =
+        git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    if dirty {
+        format!("{rev}-modified")
+    } else {
+        rev
+    }
+}
+
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
+    println!(
+        "cargo:rustc-env=MESHD_GIT_REV={}",
+        git_revision(&manifest_dir)
+    );
+    for f in ["HEAD", "index"] {
+        println!(
+            "cargo:rerun-if-changed={}",
+            manifest_dir.join("../.git").join(f).display()
+        );
+    }
     let ebpf_dir = manifest_dir.join("../meshd-ebpf");
     let common_dir = manifest_dir.join("../meshd-common");
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());

@@ -340,6 +340,7 @@ fn status(shared: &Shared) -> Result<Value> {
     };
     let served = (unix_ms().saturating_sub(id.started_unix_ms)) / 1000;
     Ok(json!({
+        "version": crate::VERSION,
         "node_id": id.node_id,
         "mode": id.mode,
         "uptime_s": served,

@@ -5,6 +5,9 @@
 //! `datapath` appliers and the `dns` applier, which write only the difference. `daemon`
 //! wires it up and runs the reconcile loop; `api` serves `status` to meshctl, `metrics`
 //! to Prometheus.
+/// The version and the git revision built, as `--version` and `meshctl version` print it.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("MESHD_GIT_REV"), ")");
+
 pub mod api;
 pub mod compile;
 pub mod daemon;

@@ -270,6 +270,14 @@ fn scenario(lab: &mut OneNodeSwarm) -> Result<()> {
         before.contains("meshd_info{version=") && before.contains("datapath=\"ebpf\""),
         "meshd_info: {before}"
     );
+    let version = meshd.status()?["version"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    ensure!(
+        version.starts_with(env!("CARGO_PKG_VERSION")) && version.contains(" ("),
+        "meshctl status: version {version:?}"
+    );
     for h in [
         "meshd_event_to_datapath_seconds_bucket",
         "meshd_sync_duration_seconds_count",

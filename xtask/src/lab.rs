@@ -1,4 +1,4 @@
-//! `cargo xtask lab up | status | exec | deploy | down`: a real multi-node swarm on this
+//! `cargo xtask lab up | status | exec | meshctl | deploy | down`: a real multi-node swarm on this
 //! machine with meshd on every node (see `meshd_tests::lab` for how it is built).
 use std::{path::PathBuf, time::Duration};
 
@@ -52,6 +52,15 @@ pub enum LabCmd {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
+    /// meshctl against a node's meshd: `lab meshctl node1 -- service web`.
+    Meshctl {
+        #[arg(long, default_value = DEFAULT_NAME)]
+        name: String,
+        /// node1, node2, ...
+        node: String,
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// `docker stack deploy` a compose file on the lab's manager.
     Deploy {
         #[arg(long, default_value = DEFAULT_NAME)]
@@ -101,6 +110,17 @@ pub fn run(cmd: LabCmd) -> Result<()> {
         LabCmd::Exec { name, node, cmd } => {
             let lab = Lab::open(&name)?;
             let st = lab.exec_command(&node, &cmd)?.status()?;
+            std::process::exit(st.code().unwrap_or(1));
+        }
+        LabCmd::Meshctl { name, node, args } => {
+            let lab = Lab::open(&name)?;
+            let socket = lab.meshd(&node)?.socket.clone();
+            let st = std::process::Command::new(bin("meshctl"))
+                .arg("--socket")
+                .arg(&socket)
+                .args(&args)
+                .status()
+                .context("run meshctl")?;
             std::process::exit(st.code().unwrap_or(1));
         }
         LabCmd::Deploy { name, file, stack } => {
@@ -200,11 +220,7 @@ fn up(spec: LabSpec, demo: bool) -> Result<()> {
         println!("  {x} exec node1 -- curl -s http://{addr}:8081/cgi-bin/vote   # host mode; web → app (dnsrr) → db (VIP)");
         println!("  {x} exec node1 -- docker service ps {DEMO_STACK}_app");
         println!("  {x} exec node1 -- docker service scale {DEMO_STACK}_db=3");
-        println!(
-            "  {x} exec node1 -- {} --socket {} service {DEMO_STACK}_db",
-            bin("meshctl").display(),
-            lab.meshds[0].socket.display()
-        );
+        println!("  {x} meshctl node1 -- service {DEMO_STACK}_db");
     }
     println!("  {x} exec node2 -- docker ps");
     println!("  {x} deploy FILE            # your own stack (image meshlab:1)");

@@ -10,7 +10,11 @@ use meshd::{
 use serde_json::Value;
 
 #[derive(Parser)]
-#[command(version, about = "Inspect meshd: services, VIPs, backends, counters")]
+#[command(
+    name = "meshctl",
+    version = meshd::VERSION,
+    about = "Inspect meshd: services, VIPs, backends, counters"
+)]
 struct Cli {
     /// meshd's API socket.
     #[arg(long, global = true, env = "MESHCTL_SOCKET", default_value = meshd::api::DEFAULT_SOCKET)]
@@ -50,6 +54,12 @@ enum Command {
         #[arg(long = "type", default_value = "A")]
         qtype: String,
     },
+    /// meshctl's version and git revision, and the running meshd's.
+    Version,
+    /// Shell completions for meshctl, on stdout (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// meshctl's man page (roff), on stdout.
+    Man,
 }
 
 fn main() {
@@ -60,8 +70,43 @@ fn main() {
     }
 }
 
+/// Writes to stdout; a reader that went away (`| head`) is not an error.
+fn write_out(bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    match std::io::stdout().write_all(bytes) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
+    }
+}
+
 fn run(cli: &Cli) -> Result<()> {
     let req = match &cli.command {
+        Command::Version => {
+            println!("meshctl {}", meshd::VERSION);
+            match call(&cli.socket, &Request::Status) {
+                Ok(st) => println!(
+                    "meshd   {}",
+                    st["version"]
+                        .as_str()
+                        .unwrap_or("(older than 0.1: no version)")
+                ),
+                Err(e) => println!("meshd   not reachable: {e:#}"),
+            }
+            return Ok(());
+        }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            // Into a buffer first: clap_complete panics on a closed stdout (`| head`).
+            let mut out = Vec::new();
+            clap_complete::generate(*shell, &mut cmd, "meshctl", &mut out);
+            return write_out(&out);
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_mangen::Man::new(cmd).render(&mut out)?;
+            return write_out(&out);
+        }
         Command::Status => Request::Status,
         Command::Services => Request::Services,
         Command::Service { name } => Request::Service { name: name.clone() },
@@ -147,6 +192,9 @@ fn run(cli: &Cli) -> Result<()> {
         Command::Ingress => print_ingress(serde_json::from_value(data)?),
         Command::Routes => print_routes(serde_json::from_value(data)?),
         Command::Dns { .. } => print_dns(&data),
+        Command::Version | Command::Completions { .. } | Command::Man => {
+            unreachable!("answered without meshd")
+        }
     }
     Ok(())
 }

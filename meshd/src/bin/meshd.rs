@@ -29,7 +29,7 @@ use meshd_dns::upstream::MAX_UPSTREAMS;
 
 #[derive(Parser)]
 #[command(
-    version,
+    version = meshd::VERSION,
     about = "Service networking for Docker Swarm on a kernel datapath"
 )]
 struct Cli {

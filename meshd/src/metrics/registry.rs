@@ -87,7 +87,7 @@ pub fn scrape(shared: &Shared) -> Result<String> {
         "meshd's version and the VIP datapath it runs (value 1)",
         gauges([(
             labels(&[
-                ("version", env!("CARGO_PKG_VERSION")),
+                ("version", crate::VERSION),
                 ("datapath", &choice.kind.to_string()),
             ]),
             1,
