@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod dns;
 pub mod feed;
+pub mod journal;
 pub mod l7;
 pub mod metrics;
 pub mod model;

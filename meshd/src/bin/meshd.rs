@@ -463,7 +463,12 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // One line with the whole cause chain; no backtrace for an operator's mistake.
-            eprintln!("meshd: {e:#}");
+            let prio = if meshd::journal::under_journald() {
+                "<3>"
+            } else {
+                ""
+            };
+            eprintln!("{prio}meshd: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }
@@ -487,6 +492,15 @@ fn real_main() -> Result<()> {
         .with_writer(std::io::stderr);
     if cli.run.log_json {
         fmt.json().init();
+    } else if meshd::journal::under_journald() {
+        // The journal stamps and colours lines itself; it takes the priority from a prefix.
+        fmt.with_ansi(false)
+            .event_format(meshd::journal::SyslogPrefix(
+                tracing_subscriber::fmt::format()
+                    .without_time()
+                    .with_ansi(false),
+            ))
+            .init();
     } else {
         fmt.init();
     }
