@@ -117,7 +117,11 @@ fn mutate(v: &mut Value, picks: &[(usize, Mutation)]) {
                     // Many small elements, or fewer copies of a big one (the test's own
                     // time stays small; the decoder sees an array far past any real one).
                     let one = slot.clone();
-                    let n = if one.to_string().len() < 64 { 20_000 } else { 200 };
+                    let n = if one.to_string().len() < 64 {
+                        20_000
+                    } else {
+                        200
+                    };
                     *slot = Value::Array(vec![one; n]);
                 }
             }

@@ -425,37 +425,47 @@ fn start_for(shared: &Shared, resume: Option<(u64, u64)>) -> Start {
 
 pub async fn run(cfg: Config) -> Result<()> {
     let cfg = Arc::new(cfg);
-    let (datapath, redirects, choice): (VipDatapath, Box<dyn DnsRedirect>, _) =
-        match choice::open(cfg.datapath, &cfg.pin_dir, &cfg.cgroup, cfg.ingress.clone())? {
-            Opened::Ebpf(mut ebpf, choice) => {
-                let dns_map = ebpf.take_dns_map().context("DNS map")?;
-                (
-                    VipDatapath::Ebpf(Arc::new(Mutex::new(*ebpf))),
-                    Box::new(DnsRedirects::new(dns_map)?),
-                    choice,
-                )
+    let (datapath, redirects, choice): (VipDatapath, Box<dyn DnsRedirect>, _) = match choice::open(
+        cfg.datapath,
+        &cfg.pin_dir,
+        &cfg.cgroup,
+        cfg.ingress.clone(),
+    )? {
+        Opened::Ebpf(mut ebpf, choice) => {
+            let dns_map = ebpf.take_dns_map().context("DNS map")?;
+            (
+                VipDatapath::Ebpf(Arc::new(Mutex::new(*ebpf))),
+                Box::new(DnsRedirects::new(dns_map)?),
+                choice,
+            )
+        }
+        Opened::Ipvs(choice) => {
+            if cfg.ingress.is_some() {
+                // Docker's own ingress (IPVS in its ingress_sbox) answers them: see
+                // the README's IPVS section for why meshd does not redo it there.
+                info!("IPVS datapath: published ports stay with Docker's ingress");
             }
-            Opened::Ipvs(choice) => {
-                if cfg.ingress.is_some() {
-                    // Docker's own ingress (IPVS in its ingress_sbox) answers them: see
-                    // the README's IPVS section for why meshd does not redo it there.
-                    info!("IPVS datapath: published ports stay with Docker's ingress");
-                }
-                let redirects = match &cfg.dns {
-                    Some(_) => {
-                        let exe = std::env::current_exe().context("meshd's own path")?;
-                        let lock = cfg.api_socket.with_extension("dns-hand-back.lock");
-                        NftDnsRedirects::with_hand_back(HandBack::start(&exe, &lock)?)
+            let redirects = match &cfg.dns {
+                Some(_) => {
+                    let exe = std::env::current_exe().context("meshd's own path")?;
+                    let lock = cfg.api_socket.with_extension("dns-hand-back.lock");
+                    match HandBack::start(&exe, &lock) {
+                        Ok(h) => NftDnsRedirects::with_hand_back(h),
+                        Err(e) => {
+                            warn!(error = %format!("{e:#}"), "no DNS hand-back helper: if meshd dies, containers' names fail until it is back");
+                            NftDnsRedirects::new()
+                        }
                     }
-                    None => NftDnsRedirects::new(),
-                };
-                (
-                    VipDatapath::Ipvs(Arc::new(Mutex::new(IpvsApplier::new()))),
-                    Box::new(redirects),
-                    choice,
-                )
-            }
-        };
+                }
+                None => NftDnsRedirects::new(),
+            };
+            (
+                VipDatapath::Ipvs(Arc::new(Mutex::new(IpvsApplier::new()))),
+                Box::new(redirects),
+                choice,
+            )
+        }
+    };
     info!(datapath = %choice.kind, reason = %choice.reason, "VIP datapath");
     let (initial, mut resolv_watch) = match cfg.dns.as_ref().map(|d| &d.upstreams) {
         Some(UpstreamSource::Fixed(servers)) => (servers.clone(), None),

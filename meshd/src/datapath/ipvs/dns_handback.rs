@@ -23,6 +23,9 @@ use tracing::warn;
 use super::dns_redirect::{apply_here, read_here};
 use crate::netns;
 
+/// How long meshd waits for its helper to take the lock.
+const READY_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// meshd's end of the helper.
 pub struct HandBack {
     child: Child,
@@ -42,10 +45,17 @@ impl HandBack {
             .spawn()
             .with_context(|| format!("start {} dns-hand-back", exe.display()))?;
         let out = child.stdout.take().expect("piped");
-        let mut line = String::new();
-        BufReader::new(out)
-            .read_line(&mut line)
-            .context("read the DNS hand-back helper")?;
+        // An earlier helper still cleaning up holds the lock; one stuck for good must not
+        // hold meshd's start: give up after a while.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(out).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(READY_WITHIN)
+            .unwrap_or_else(|_| "(no answer: an earlier helper holds the lock)".into());
         if line.trim() != "ready" {
             let _ = child.kill();
             let _ = child.wait();
