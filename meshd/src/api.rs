@@ -584,16 +584,7 @@ fn handle(shared: &Shared, req: Request) -> Result<Value> {
                 .context("meshd runs with --no-ingress: published ports are Docker's")?;
             Ok(serde_json::to_value(view)?)
         }
-        Request::Routes => {
-            let core = shared.core.read().unwrap();
-            let view = crate::l7::RoutesView::build(
-                shared.l7.as_ref(),
-                core.compiler.desired(),
-                &core.state,
-                core.compiler.l7_rejected(),
-            );
-            Ok(serde_json::to_value(view)?)
-        }
+        Request::Routes => Ok(serde_json::to_value(crate::l7::RoutesView::of(shared))?),
     }
 }
 

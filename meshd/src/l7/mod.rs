@@ -71,6 +71,17 @@ pub struct RouteView {
 }
 
 impl RoutesView {
+    /// The view of what this meshd serves now.
+    pub fn of(shared: &crate::status::Shared) -> RoutesView {
+        let core = shared.core.read().unwrap();
+        RoutesView::build(
+            shared.l7.as_ref(),
+            core.compiler.desired(),
+            &core.state,
+            core.compiler.l7_rejected(),
+        )
+    }
+
     pub fn build(
         handle: Option<&L7Handle>,
         desired: &Desired,

@@ -365,14 +365,7 @@ fn service_connections(r: &mut Registry, shared: &Shared, c: &crate::datapath::e
 
 /// The L7 front end, per route (host and path).
 fn l7_routes(r: &mut Registry, shared: &Shared) {
-    let core = shared.core.read().unwrap();
-    let view = crate::l7::RoutesView::build(
-        shared.l7.as_ref(),
-        core.compiler.desired(),
-        &core.state,
-        core.compiler.l7_rejected(),
-    );
-    drop(core);
+    let view = crate::l7::RoutesView::of(shared);
     let route = |v: &crate::l7::RouteView| {
         labels(&[
             ("host", &v.host),
