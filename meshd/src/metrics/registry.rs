@@ -103,26 +103,28 @@ pub fn scrape(shared: &Shared) -> Result<String> {
             (labels(&[("source", "swarm")]), f(&swarm)),
         ]
     };
-    r.register(
-        "docker_reads",
-        "Docker Engine API reads (one request answered)",
-        counters(by_source(&|s| s.reads)),
-    );
-    r.register(
-        "docker_read_failures",
-        "Docker Engine API reads and event streams that failed",
-        counters(by_source(&|s| s.failures)),
-    );
-    r.register(
-        "docker_events",
-        "Docker events received",
-        counters(by_source(&|s| s.events)),
-    );
-    r.register(
-        "docker_resyncs",
-        "Full reads of what a source follows",
-        counters(by_source(&|s| s.resyncs)),
-    );
+    type Field = fn(&crate::source::local::SourceStatus) -> u64;
+    let per_source: [(&str, &str, Field); 4] = [
+        (
+            "docker_reads",
+            "Docker Engine API reads (one request answered)",
+            |s| s.reads,
+        ),
+        (
+            "docker_read_failures",
+            "Docker Engine API reads and event streams that failed",
+            |s| s.failures,
+        ),
+        ("docker_events", "Docker events received", |s| s.events),
+        (
+            "docker_resyncs",
+            "Full reads of what a source follows",
+            |s| s.resyncs,
+        ),
+    ];
+    for (name, help, field) in per_source {
+        r.register(name, help, counters(by_source(&field)));
+    }
     r.register(
         "docker_connected",
         "Whether the source's Docker API answers now (1) or not (0)",

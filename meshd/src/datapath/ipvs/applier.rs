@@ -300,8 +300,9 @@ impl Applier for IpvsApplier {
         everything: bool,
     ) -> Result<ApplyStats> {
         self.known.retain(|c, _| desired.sandboxes.contains_key(c));
+        // Until it is set once (Docker makes it when the node joins a swarm), then at each
+        // full pass (it is made again when the node leaves and rejoins).
         if everything || self.ingress_sbox.is_none() {
-            // Docker makes it again when the node leaves and rejoins a swarm.
             self.ingress_sbox = ingress_timeout(desired);
         }
         if everything || !self.indexed {
