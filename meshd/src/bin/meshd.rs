@@ -53,6 +53,8 @@ enum Command {
         #[command(flatten)]
         docker: Box<DockerArgs>,
     },
+    /// meshd's man page (roff, section 8), on stdout.
+    Man,
     /// Internal: the L7 front end's socket helper (started by meshd itself).
     #[command(hide = true)]
     L7SocketMaker,
@@ -485,6 +487,17 @@ fn limit_malloc_arenas() {
 fn real_main() -> Result<()> {
     limit_malloc_arenas();
     let cli = Cli::parse();
+    if let Some(Command::Man) = cli.command {
+        let cmd = <Cli as clap::CommandFactory>::command();
+        let mut out = Vec::new();
+        clap_mangen::Man::new(cmd).section("8").render(&mut out)?;
+        return std::io::Write::write_all(&mut std::io::stdout(), &out)
+            .or_else(|e| match e.kind() {
+                std::io::ErrorKind::BrokenPipe => Ok(()),
+                _ => Err(e),
+            })
+            .context("write the man page");
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("MESHD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let fmt = tracing_subscriber::fmt()
