@@ -11,6 +11,7 @@ mod bench_ingress;
 mod bench_l7;
 mod bench_l7_reconfig;
 mod lab;
+mod package;
 
 #[derive(Parser)]
 #[command(about = "meshd's developer tasks")]
@@ -30,6 +31,9 @@ enum Cmd {
         #[command(subcommand)]
         cmd: lab::LabCmd,
     },
+    /// Build meshd's Debian package (binaries, unit, /etc/default/meshd, man pages,
+    /// completions) into target/debian.
+    Package(package::PackageArgs),
     /// Benchmarks; each prints ratios against a baseline measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -65,6 +69,8 @@ const PACKAGES: &[&str] = &[
     // its own binary into the VM's initramfs (objcopy).
     "qemu-system-x86",
     "binutils",
+    // `cargo xtask package`: dpkg-shlibdeps computes the package's library dependencies.
+    "dpkg-dev",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -76,6 +82,7 @@ fn main() -> Result<()> {
             test()
         }
         Cmd::Lab { cmd } => lab::run(cmd),
+        Cmd::Package(args) => package::run(args),
         Cmd::Bench { which } => {
             setup()?;
             // Measure what operators run: optimised builds: every binary (meshd, meshctl,
