@@ -63,6 +63,7 @@ fn meshd_ipvs_datapath_in_a_vm() {
         programs: PROGRAMS,
         binaries: &[(meshd, "meshd")],
         setup: SETUP,
+        boot: vm::Boot::Busybox,
         memory_mb: 2048,
         cpus: 2,
         timeout_s: 300,

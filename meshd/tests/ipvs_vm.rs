@@ -16,6 +16,7 @@ fn ipvs_in_a_vm() {
         programs: &["/usr/sbin/nft", "/usr/bin/ip"],
         binaries: &[],
         setup: "",
+        boot: vm::Boot::Busybox,
         memory_mb: 768,
         cpus: 1,
         timeout_s: 170,

@@ -1,8 +1,11 @@
-//! A QEMU VM for the tests that need a kernel this machine lacks (IPVS: LAB.md). The test
-//! binary boots Debian's kernel (fetched by `cargo xtask setup` into `target/vm/kernel`)
-//! with an initramfs holding busybox, the modules, the programs asked for, and the test
-//! binary itself, which runs again inside as init's child (`MESHD_IN_VM` set) and reports
-//! through the console and QEMU's `isa-debug-exit` device.
+//! A QEMU VM for the tests that need a kernel this machine lacks (IPVS: LAB.md) or a
+//! systemd as PID 1 (the package test). The test binary boots Debian's kernel (fetched by
+//! `cargo xtask setup` into `target/vm/kernel`) with an initramfs holding busybox, the
+//! modules, the programs asked for, and the test binary itself, which runs again inside
+//! (`MESHD_IN_VM` set) and reports through the console and QEMU's `isa-debug-exit` device.
+//! It runs as init's child ([`Boot::Busybox`]), or as a service of this machine's own
+//! systemd, booted from this machine's root shared read-only over 9p under a throwaway
+//! tmpfs overlay ([`Boot::HostSystemd`]): whatever the test installs is gone with the VM.
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -35,13 +38,41 @@ pub struct Vm<'a> {
     pub programs: &'a [&'a str],
     /// Binaries copied without their debug info to `/bin/NAME`, with their libraries.
     pub binaries: &'a [(&'a Path, &'a str)],
-    /// Shell lines init runs before the test.
+    /// Shell lines init runs before the test (under `Boot::HostSystemd`: before systemd
+    /// starts, with the new root at /newroot).
     pub setup: &'a str,
+    pub boot: Boot,
     pub memory_mb: u32,
     pub cpus: u32,
     /// QEMU is ended after this long.
     pub timeout_s: u32,
 }
+
+/// How the test runs inside.
+pub enum Boot {
+    /// busybox init runs it, everything in the initramfs.
+    Busybox,
+    /// This machine's root (9p, read-only, under a tmpfs overlay) boots its own systemd
+    /// into a target whose one service runs the test with these variables.
+    // Each test crate builds this module; only the package test boots systemd.
+    #[allow(dead_code)]
+    HostSystemd { env: Vec<(String, String)> },
+}
+
+/// The host root: 9p over virtio-pci, and the overlay on it (load order).
+const HOST_ROOT_MODULES: &[&str] = &[
+    "drivers/virtio/virtio_ring.ko",
+    "drivers/virtio/virtio.ko",
+    "drivers/virtio/virtio_pci_modern_dev.ko",
+    "drivers/virtio/virtio_pci_legacy_dev.ko",
+    "drivers/virtio/virtio_pci.ko",
+    "net/9p/9pnet.ko",
+    "net/9p/9pnet_virtio.ko",
+    "fs/netfs/netfs.ko",
+    "fs/fscache/fscache.ko",
+    "fs/9p/9p.ko",
+    "fs/overlayfs/overlay.ko",
+];
 
 /// Whether this process is the copy running inside the VM.
 pub fn inside() -> bool {
@@ -77,8 +108,8 @@ pub fn boot(vm: &Vm) {
         .expect("a vmlinuz in the kernel package");
     let log = work.0.join("console.log");
     let started = std::time::Instant::now();
-    let status = Command::new("timeout")
-        .args(["-k", "5", &vm.timeout_s.to_string(), "qemu-system-x86_64"])
+    let mut qemu = Command::new("timeout");
+    qemu.args(["-k", "5", &vm.timeout_s.to_string(), "qemu-system-x86_64"])
         .args(["-accel", "tcg", "-nographic", "-no-reboot"])
         .args(["-m", &vm.memory_mb.to_string()])
         .args(["-smp", &vm.cpus.to_string()])
@@ -86,8 +117,20 @@ pub fn boot(vm: &Vm) {
         .arg(&vmlinuz)
         .arg("-initrd")
         .arg(&initrd)
-        .args(["-append", "console=ttyS0 quiet panic=-1"])
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
+    match vm.boot {
+        Boot::Busybox => qemu.args(["-append", "console=ttyS0 quiet panic=-1"]),
+        Boot::HostSystemd { .. } => qemu
+            .args([
+                "-virtfs",
+                "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+            ])
+            .args([
+                "-append",
+                "console=ttyS0 quiet panic=-1 systemd.show_status=false",
+            ]),
+    };
+    let status = qemu
         .stdin(std::process::Stdio::null())
         .stdout(std::fs::File::create(&log).unwrap())
         .stderr(std::process::Stdio::inherit())
@@ -180,7 +223,11 @@ fn build_initramfs(vm: &Vm, kernel: &Path, work: &Path) -> PathBuf {
         .path()
         .join("kernel");
     let mut load = String::new();
-    for m in BASE_MODULES.iter().chain(vm.modules) {
+    let root_modules = match vm.boot {
+        Boot::Busybox => &[][..],
+        Boot::HostSystemd { .. } => HOST_ROOT_MODULES,
+    };
+    for m in BASE_MODULES.iter().chain(root_modules).chain(vm.modules) {
         let name = Path::new(m).file_name().unwrap();
         std::fs::copy(mods.join(m), root.join("mods").join(name))
             .unwrap_or_else(|e| panic!("module {m}: {e}"));
@@ -190,6 +237,14 @@ fn build_initramfs(vm: &Vm, kernel: &Path, work: &Path) -> PathBuf {
         ));
     }
     let exe = std::env::current_exe().unwrap();
+    // The test's exit status, through isa-debug-exit (QEMU ends at once).
+    let report = "rc=$?\necho \"vm: test exited $rc\"\n\
+         printf \"\\\\$(printf %03o $rc)\" | dd of=/dev/port bs=1 seek=244 count=1 2>/dev/null\n";
+    if let Boot::HostSystemd { env } = &vm.boot {
+        // Everything else, the test binary too, is on the host root at its own path.
+        host_systemd_init(&root, vm, env, &exe, &load, report);
+        return pack(&root, work);
+    }
     let strip = |from: &Path, to: &Path| {
         run(Command::new("objcopy")
             .arg("--strip-debug")
@@ -226,25 +281,89 @@ fn build_initramfs(vm: &Vm, kernel: &Path, work: &Path) -> PathBuf {
     }
     let init = format!(
         "#!/bin/busybox sh\n/bin/busybox --install -s /bin\n\
-         mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n\
-         mount -t tmpfs tmp /tmp\nmount -t tmpfs run /run\nmount -t tmpfs var /var\n\
-         ln -s /run /var/run\n\
-         export PATH=/usr/sbin:/usr/bin:/bin\n{load}{setup}\n\
-         MESHD_IN_VM=1 RUST_BACKTRACE=1 /test --exact {test} --nocapture --test-threads 1\n\
-         rc=$?\necho \"vm: test exited $rc\"\n\
-         printf \"\\\\$(printf %03o $rc)\" | dd of=/dev/port bs=1 seek=244 count=1 2>/dev/null\n\
-         poweroff -f\n",
+             mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n\
+             mount -t tmpfs tmp /tmp\nmount -t tmpfs run /run\nmount -t tmpfs var /var\n\
+             ln -s /run /var/run\n\
+             export PATH=/usr/sbin:/usr/bin:/bin\n{load}{setup}\n\
+             MESHD_IN_VM=1 RUST_BACKTRACE=1 /test --exact {test} --nocapture --test-threads 1\n\
+             {report}poweroff -f\n",
         setup = vm.setup,
         test = vm.test,
     );
-    std::fs::write(root.join("init"), init).unwrap();
-    std::fs::set_permissions(
-        root.join("init"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    write_exec(&root.join("init"), &init);
+    pack(&root, work)
+}
+
+fn write_exec(path: &Path, text: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+}
+
+/// The init of `Boot::HostSystemd`: mounts this machine's root (9p) under a tmpfs overlay,
+/// gives it a target whose one service runs the test (from its path on this machine, the
+/// same inside), keeps out what this machine would start but the test does not need, and
+/// hands over to systemd.
+fn host_systemd_init(
+    root: &Path,
+    vm: &Vm,
+    env: &[(String, String)],
+    exe: &Path,
+    load: &str,
+    report: &str,
+) {
+    let vars: String = [("MESHD_IN_VM", "1"), ("RUST_BACKTRACE", "1")]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .chain(env.iter().cloned())
+        .map(|(k, v)| format!("export {k}='{v}'\n"))
+        .collect();
+    write_exec(
+        &root.join("vm-test"),
+        &format!(
+            "#!/bin/sh\n{vars}{exe} --exact {test} --nocapture --test-threads 1\n{report}",
+            exe = exe.display(),
+            test = vm.test,
+        ),
+    );
+    let units = "[Unit]\nDescription=meshd VM test\nRequires=meshd-vm-test.service\n\
+                 After=meshd-vm-test.service\nAllowIsolate=yes\n";
+    let service = "[Unit]\nDescription=meshd VM test\nAfter=basic.target\n\
+                   [Service]\nType=oneshot\nExecStart=/vm-test\n\
+                   StandardOutput=tty\nStandardError=tty\nTTYPath=/dev/ttyS0\n";
+    // What this machine enables that a package test does not want started (Docker; the
+    // network clock). Its /.dockerenv would make systemd take the VM for a container.
+    // Timers too: a catch-up apt run would hold dpkg's lock.
+    let masked = "docker.socket docker.service containerd.service systemd-timesyncd.service \
+                  apt-daily.timer apt-daily-upgrade.timer man-db.timer dpkg-db-backup.timer \
+                  e2scrub_all.timer fstrim.timer";
+    let init = format!(
+        "#!/bin/busybox sh\n/bin/busybox --install -s /bin\n\
+         mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n\
+         {load}\
+         mkdir -p /host /rw /newroot\n\
+         mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=loose,ro hostroot /host\n\
+         mount -t tmpfs rw /rw\nmkdir -p /rw/upper /rw/work\n\
+         mount -t overlay overlay -o lowerdir=/host,upperdir=/rw/upper,workdir=/rw/work /newroot\n\
+         cp /vm-test /newroot/vm-test\n\
+         : > /newroot/etc/fstab\nrm -f /newroot/.dockerenv\n\
+         u=/newroot/etc/systemd/system\nmkdir -p $u\n\
+         printf '{units}' > $u/meshd-vm-test.target\n\
+         printf '{service}' > $u/meshd-vm-test.service\n\
+         for m in {masked}; do ln -sf /dev/null $u/$m; done\n\
+         {setup}\n\
+         umount /proc /sys /dev\n\
+         exec switch_root /newroot /lib/systemd/systemd --unit=meshd-vm-test.target\n\
+         echo 'vm: switch_root failed'\n{report}",
+        setup = vm.setup,
+    );
+    write_exec(&root.join("init"), &init);
+}
+
+/// The initramfs: `root` as a gzipped newc cpio.
+fn pack(root: &Path, work: &Path) -> PathBuf {
     let initrd = work.join("initrd.gz");
-    run(Command::new("sh").current_dir(&root).arg("-c").arg(format!(
+    run(Command::new("sh").current_dir(root).arg("-c").arg(format!(
         "find . | /bin/busybox cpio -o -H newc 2>/dev/null | gzip -1 > {}",
         initrd.display()
     )));
