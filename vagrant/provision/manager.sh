@@ -11,10 +11,5 @@ if [ "$(docker info -f '{{.Swarm.LocalNodeState}}')" != active ]; then
   docker swarm init --advertise-addr "$NODE_IP"
 fi
 docker swarm join-token -q worker > "$LAB/worker-token"
-# Debian 12 is pure cgroup2 and Docker uses the systemd driver: containers live under
-# system.slice. Sockets of processes meshd does not know pass through untouched.
-cat > /etc/default/meshd <<ENV
-MESHD_ARGS=--docker-host unix:///var/run/docker.sock --cgroup /sys/fs/cgroup/system.slice
-ENV
-systemctl enable --now meshd
+# meshd (installed and started by the package) learns this node's swarm role.
 systemctl restart meshd

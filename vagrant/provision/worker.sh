@@ -14,8 +14,5 @@ if [ "$(docker info -f '{{.Swarm.LocalNodeState}}')" != active ]; then
   docker swarm join --advertise-addr "$NODE_IP" --token "$(cat "$LAB/worker-token")" \
     "$MANAGER_IP:2377"
 fi
-cat > /etc/default/meshd <<ENV
-MESHD_ARGS=--docker-host unix:///var/run/docker.sock --cgroup /sys/fs/cgroup/system.slice
-ENV
-systemctl enable --now meshd
+# meshd (installed and started by the package) learns this node's swarm role.
 systemctl restart meshd
