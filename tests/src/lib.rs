@@ -14,6 +14,7 @@ use serde_json::Value;
 pub mod container;
 pub mod dns_fixture;
 pub mod fake_docker;
+pub mod fault_proxy;
 pub mod image;
 pub mod lab;
 pub mod meshd_proc;

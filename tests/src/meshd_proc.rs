@@ -76,7 +76,8 @@ impl Meshd {
         Meshd::start_with_args(node, pin_dir, manager, &[])
     }
 
-    /// As `start_with`, with extra meshd flags (`--dns-upstream ...`).
+    /// As `start_with`, with extra meshd flags (`--dns-upstream ...`; a `--docker-host`
+    /// among them replaces the node's own).
     pub fn start_with_args(
         node: &Node,
         pin_dir: &Path,
@@ -85,7 +86,9 @@ impl Meshd {
     ) -> Result<Meshd> {
         let mut m = Meshd::handle(node, pin_dir, true);
         m.args.extend_from_slice(extra);
-        m.args.extend(["--docker-host".into(), node.host()]);
+        if !extra.iter().any(|a| a == "--docker-host") {
+            m.args.extend(["--docker-host".into(), node.host()]);
+        }
         m.args.extend([
             "--swarm-certs".into(),
             node.swarm_certs().display().to_string(),

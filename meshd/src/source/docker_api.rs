@@ -66,6 +66,50 @@ pub enum ApiError {
     BadHost(String),
     #[error("GET {path}: called off (meshd is stopping)")]
     Cancelled { path: String },
+    #[error("event stream from {endpoint}: closed by the engine")]
+    StreamClosed { endpoint: String },
+}
+
+/// A request path as an operator reads it in a log or `meshctl status`: the query's
+/// filters percent-decoded, an event stream's (long, always the same) left out.
+fn shown(path: &str) -> String {
+    if path.starts_with("/events") {
+        return "/events".into();
+    }
+    let b = path.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// What an error answer says: the engine's `{"message": ...}`, else the first 500 bytes.
+fn error_text(body: &[u8]) -> String {
+    let message = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("message")?.as_str().map(str::to_string));
+    message
+        .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned())
+        .trim()
+        .chars()
+        .take(500)
+        .collect()
 }
 
 /// TLS material for a TCP endpoint.
@@ -273,13 +317,9 @@ impl DockerApi {
             }
             if !status.is_success() {
                 return Err(ApiError::Status {
-                    path: path.into(),
+                    path: shown(path),
                     status,
-                    body: String::from_utf8_lossy(&body)
-                        .trim()
-                        .chars()
-                        .take(500)
-                        .collect(),
+                    body: error_text(&body),
                 });
             }
             Ok(body)
@@ -287,7 +327,7 @@ impl DockerApi {
         tokio::time::timeout(REQUEST_TIMEOUT, fut)
             .await
             .map_err(|_| ApiError::Timeout {
-                path: path.into(),
+                path: shown(path),
                 timeout: REQUEST_TIMEOUT,
             })?
     }
@@ -328,20 +368,30 @@ impl DockerApi {
         let resp = tokio::time::timeout(REQUEST_TIMEOUT, fut)
             .await
             .map_err(|_| ApiError::Timeout {
-                path: path.clone(),
+                path: shown(&path),
                 timeout: REQUEST_TIMEOUT,
             })??;
-        if !resp.status().is_success() {
+        let status = resp.status();
+        if !status.is_success() {
+            // An error answer is short and complete: what the engine says, if it says it in
+            // time.
+            let body = tokio::time::timeout(REQUEST_TIMEOUT, resp.into_body().collect())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .map(|b| error_text(&b.to_bytes()))
+                .unwrap_or_default();
             return Err(ApiError::Status {
-                path,
-                status: resp.status(),
-                body: String::new(),
+                path: shown(&path),
+                status,
+                body,
             });
         }
         Ok(EventStream {
             body: resp.into_body(),
             buf: BytesMut::new(),
             counters: self.counters.clone(),
+            endpoint: self.display.clone(),
         })
     }
 }
@@ -351,6 +401,7 @@ pub struct EventStream {
     body: Incoming,
     buf: BytesMut,
     counters: Arc<ApiCounters>,
+    endpoint: String,
 }
 
 impl EventStream {
@@ -370,7 +421,7 @@ impl EventStream {
                 None => return Ok(None),
                 Some(Err(reason)) => {
                     return Err(ApiError::Http {
-                        endpoint: "events".into(),
+                        endpoint: self.endpoint.clone(),
                         reason,
                     })
                 }
