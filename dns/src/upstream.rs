@@ -92,6 +92,9 @@ pub struct Upstreams {
     servers: Vec<SocketAddr>,
     timeout: Duration,
     last_failure: Mutex<Vec<Option<Instant>>>,
+    /// Servers whose last exchange failed (no answer, not a SERVFAIL): logged once when one
+    /// goes down and once when it answers again, not per query.
+    unreachable: Mutex<Vec<bool>>,
 }
 
 impl Upstreams {
@@ -101,6 +104,7 @@ impl Upstreams {
             servers,
             timeout,
             last_failure: Mutex::new(vec![None; n]),
+            unreachable: Mutex::new(vec![false; n]),
         }
     }
 
@@ -111,17 +115,18 @@ impl Upstreams {
     /// The same timeout over `servers`; a server also in `self` keeps its failure time.
     pub fn replaced(&self, servers: Vec<SocketAddr>) -> Upstreams {
         let old = self.last_failure.lock().unwrap();
-        let last_failure = servers
+        let was = self.unreachable.lock().unwrap();
+        let at = |s: &SocketAddr| self.servers.iter().position(|o| o == s);
+        let last_failure = servers.iter().map(|s| old[at(s)?]).collect();
+        let unreachable = servers
             .iter()
-            .map(|s| {
-                let i = self.servers.iter().position(|o| o == s)?;
-                old[i]
-            })
+            .map(|s| at(s).is_some_and(|i| was[i]))
             .collect();
         Upstreams {
             servers,
             timeout: self.timeout,
             last_failure: Mutex::new(last_failure),
+            unreachable: Mutex::new(unreachable),
         }
     }
 
@@ -137,6 +142,23 @@ impl Upstreams {
 
     fn mark(&self, i: usize, failed: bool) {
         self.last_failure.lock().unwrap()[i] = failed.then(Instant::now);
+    }
+
+    /// Whether server `i` answered at all (`None`) or not (why): the down and up lines an
+    /// operator needs.
+    fn reached(&self, i: usize, error: Option<&str>) {
+        let was = std::mem::replace(&mut self.unreachable.lock().unwrap()[i], error.is_some());
+        match (was, error) {
+            (false, Some(error)) => tracing::warn!(
+                upstream = %self.servers[i],
+                error,
+                "DNS upstream down: forwarded queries go to the next one, or fail"
+            ),
+            (true, None) => {
+                tracing::info!(upstream = %self.servers[i], "DNS upstream answers again")
+            }
+            _ => {}
+        }
     }
 
     /// Sends `query` upstream. `tcp`: the client asked over TCP, so we do too.
@@ -164,6 +186,7 @@ impl Upstreams {
             };
             match attempt {
                 Ok((reply, over_tcp)) => {
+                    self.reached(i, None);
                     let rcode = reply.get(3).map_or(0, |b| b & 0x0f);
                     let answer = Forwarded {
                         reply,
@@ -183,6 +206,7 @@ impl Upstreams {
                 }
                 Err(e) => {
                     self.mark(i, true);
+                    self.reached(i, Some(&e));
                     failed.push((server, e));
                 }
             }

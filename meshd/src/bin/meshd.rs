@@ -515,7 +515,9 @@ fn real_main() -> Result<()> {
             ))
             .init();
     } else {
-        fmt.init();
+        // Colours only for a person at a terminal, not in a log file or a pipe.
+        use std::io::IsTerminal;
+        fmt.with_ansi(std::io::stderr().is_terminal()).init();
     }
     if let Some(Command::L7SocketMaker) = cli.command {
         return meshd::l7::connector::helper_main();

@@ -23,7 +23,7 @@ use tokio::{
     sync::{broadcast, mpsc, watch},
     task::JoinHandle,
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     datapath::{
@@ -597,9 +597,13 @@ pub async fn run(cfg: Config) -> Result<()> {
         let docker = cfg.docker.clone();
         tokio::spawn(async move {
             let mut delay = Duration::from_millis(100);
+            // The failure last warned about: a repeat is at debug level (the local source
+            // reports the engine's outage too).
+            let mut warned: Option<String> = None;
             loop {
                 match place(&docker).await {
                     Ok(p) => {
+                        warned = None;
                         place_tx.send_if_modified(|cur| {
                             let changed = cur.as_ref() != Some(&p);
                             *cur = Some(p.clone());
@@ -608,7 +612,13 @@ pub async fn run(cfg: Config) -> Result<()> {
                         delay = Duration::from_secs(5);
                     }
                     Err(e) => {
-                        warn!(error = %e, "cannot read this node's engine (/info); the datapath keeps what it has");
+                        let reason = e.to_string();
+                        if warned.as_deref() == Some(reason.as_str()) {
+                            debug!(error = %reason, "still cannot read this node's engine (/info)");
+                        } else {
+                            warn!(error = %reason, "cannot read this node's engine (/info); the datapath keeps what it has");
+                            warned = Some(reason);
+                        }
                         delay = (delay * 2).min(Duration::from_secs(5));
                     }
                 }

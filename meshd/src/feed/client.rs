@@ -16,7 +16,7 @@ use tokio::{
     task::JoinHandle,
 };
 use tokio_rustls::{client::TlsStream, TlsConnector};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     certs::{manager_name, SwarmCerts},
@@ -119,21 +119,30 @@ impl Subscriber {
             }
             let addr = hubs[at % hubs.len()];
             let result = self.follow(addr, &mut resume).await;
-            {
+            // The same failure again (every manager down, retried every few seconds) is
+            // logged at debug level: an outage is one line, not one per retry.
+            let repeated = {
                 let mut st = self.status.lock().unwrap();
                 st.connected = false;
-                if let Err(e) = &result {
-                    st.last_error = Some(e.clone());
+                match &result {
+                    Err(e) => st.last_error.replace(e.clone()).as_ref() == Some(e),
+                    Ok(_) => false,
                 }
-            }
+            };
             match result {
                 // It was serving: try it again at once (a restart), then the others.
                 Ok(true) => backoff = Duration::from_millis(100),
                 _ => {
                     at += 1;
                     self.status.lock().unwrap().failovers += 1;
-                    if let Err(e) = result {
-                        warn!(hub = %addr, error = %e, "feed: manager unreachable; trying the next");
+                    match result {
+                        Err(e) if repeated => {
+                            debug!(hub = %addr, error = %e, "feed: manager still unreachable")
+                        }
+                        Err(e) => {
+                            warn!(hub = %addr, error = %e, "feed: manager unreachable; trying the next")
+                        }
+                        Ok(_) => {}
                     }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));

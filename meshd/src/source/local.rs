@@ -86,6 +86,61 @@ pub struct SourceStatus {
     pub last_full_read_ms: f64,
     /// Overlay networks whose peers (as this node's engine has them) are followed.
     pub overlays_followed: usize,
+    /// Since when the engine fails (none while it answers), and how often since.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub down_since_unix_ms: Option<u64>,
+    pub outage_failures: u64,
+    #[serde(skip)]
+    warned_unix_ms: u64,
+}
+
+/// How often a continuing outage is logged again (each failure is at debug level).
+const OUTAGE_REMINDER_MS: u64 = 5 * 60 * 1000;
+
+impl SourceStatus {
+    /// A read or event stream of `source` failed. Logged as a warning when it starts an
+    /// outage or gives a new reason, at debug level when it repeats, with a reminder every
+    /// few minutes: an engine that stays down is one line, not one per retry.
+    pub fn failed(&mut self, source: &'static str, e: &dyn std::fmt::Display) {
+        let now = crate::status::unix_ms();
+        let reason = e.to_string();
+        let repeat = self.down_since_unix_ms.is_some()
+            && self.last_error.as_deref() == Some(reason.as_str());
+        self.connected = false;
+        self.failures += 1;
+        self.outage_failures += 1;
+        let since = *self.down_since_unix_ms.get_or_insert(now);
+        if !repeat || now.saturating_sub(self.warned_unix_ms) >= OUTAGE_REMINDER_MS {
+            warn!(
+                source,
+                endpoint = %self.endpoint,
+                error = %reason,
+                failures = self.outage_failures,
+                down_s = now.saturating_sub(since) / 1000,
+                "Docker engine failing; the datapath keeps what it has and meshd retries"
+            );
+            self.warned_unix_ms = now;
+        } else {
+            tracing::debug!(source, error = %reason, "Docker engine still failing");
+        }
+        self.last_error = Some(reason);
+    }
+
+    /// `source` read its engine in full again: the end of an outage, if there was one.
+    pub fn recovered(&mut self, source: &'static str) {
+        if let Some(since) = self.down_since_unix_ms.take() {
+            info!(
+                source,
+                endpoint = %self.endpoint,
+                failures = self.outage_failures,
+                down_s = crate::status::unix_ms().saturating_sub(since) as f64 / 1000.0,
+                "Docker engine answers again; caught up"
+            );
+        }
+        self.outage_failures = 0;
+        self.connected = true;
+        self.last_error = None;
+    }
 }
 
 /// A container between `create` and `start`.
@@ -195,58 +250,45 @@ impl LocalSource {
     }
 
     fn failed(&self, e: &dyn std::fmt::Display) {
-        let mut st = self.status.lock().unwrap();
-        st.connected = false;
-        st.failures += 1;
-        st.last_error = Some(e.to_string());
+        self.status.lock().unwrap().failed("local", e);
     }
 
-    /// Follows the engine until the process ends.
+    /// Follows the engine until the process ends. A failure leaves everything programmed
+    /// as it is and retries, backing off to 5 s, until a full read succeeds again.
     pub async fn run(mut self) {
         let mut backoff = Duration::from_millis(100);
         loop {
             match self.api.events(EVENTS).await {
                 Ok(mut events) => {
-                    backoff = Duration::from_millis(100);
                     if let Err(e) = self.resync().await {
-                        warn!(error = %e, "cannot list local containers; retrying");
                         self.failed(&e);
-                        tokio::time::sleep(backoff).await;
-                        continue;
-                    }
-                    {
-                        let mut st = self.status.lock().unwrap();
-                        st.connected = true;
-                        st.last_error = None;
-                    }
-                    self.watch_netns_dir();
-                    loop {
-                        tokio::select! {
-                            ev = events.next() => match ev {
-                                Ok(Some(Ok(ev))) => {
-                                    self.status.lock().unwrap().events += 1;
-                                    self.on_event(ev, Instant::now());
-                                }
-                                Ok(Some(Err(reason))) => warn!(reason, "skipped a malformed event"),
-                                Ok(None) => {
-                                    warn!(endpoint = self.api.endpoint(), "local event stream closed");
-                                    self.failed(&"event stream closed");
-                                    break;
-                                }
-                                Err(e) => {
-                                    warn!(error = %e, "local event stream failed");
-                                    self.failed(&e);
-                                    break;
-                                }
-                            },
-                            Some(b) = self.back_rx.recv() => self.on_back(b).await,
+                    } else {
+                        backoff = Duration::from_millis(100);
+                        self.status.lock().unwrap().recovered("local");
+                        self.watch_netns_dir();
+                        loop {
+                            tokio::select! {
+                                ev = events.next() => match ev {
+                                    Ok(Some(Ok(ev))) => {
+                                        self.status.lock().unwrap().events += 1;
+                                        self.on_event(ev, Instant::now());
+                                    }
+                                    Ok(Some(Err(reason))) => warn!(reason, "skipped a malformed event"),
+                                    Ok(None) => {
+                                        self.failed(&ApiError::StreamClosed { endpoint: self.api.endpoint().to_string() });
+                                        break;
+                                    }
+                                    Err(e) => {
+                                        self.failed(&e);
+                                        break;
+                                    }
+                                },
+                                Some(b) = self.back_rx.recv() => self.on_back(b).await,
+                            }
                         }
                     }
                 }
-                Err(e) => {
-                    warn!(error = %e, ?backoff, "cannot open the local event stream");
-                    self.failed(&e);
-                }
+                Err(e) => self.failed(&e),
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));

@@ -33,9 +33,17 @@ impl Managers {
     /// Reading manager `which` failed: move on, unless someone already did.
     pub fn failed(&self, which: usize) {
         let next = (which + 1) % self.apis.len();
-        let _ = self
+        let moved = self
             .current
-            .compare_exchange(which, next, Ordering::Relaxed, Ordering::Relaxed);
+            .compare_exchange(which, next, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok();
+        if moved && next != which {
+            tracing::warn!(
+                from = self.apis[which].endpoint(),
+                to = self.apis[next].endpoint(),
+                "manager failing; moving to the next one"
+            );
+        }
     }
 
     pub fn endpoints(&self) -> Vec<String> {

@@ -128,12 +128,22 @@ fn tasks_query(services: &[String]) -> String {
     format!("/tasks?filters={}", encode(&filter))
 }
 
+/// A list the manager answered that does not decode as a whole.
+fn undecodable(path: &str, reason: String) -> ApiError {
+    ApiError::Status {
+        path: path.into(),
+        status: hyper::StatusCode::OK,
+        body: reason,
+    }
+}
+
+/// Records a failed read against manager `which` and moves on to the next manager. Every
+/// error the source's reads return was recorded where it happened, so callers only decide
+/// what to retry.
 fn failed(managers: &Managers, status: &Mutex<SourceStatus>, which: usize, e: &ApiError) {
-    managers.failed(which);
     let mut st = status.lock().unwrap();
-    st.connected = false;
-    st.failures += 1;
-    st.last_error = Some(e.to_string());
+    st.failed("swarm", e);
+    managers.failed(which);
     st.endpoint = managers.pick().1.endpoint().to_string();
 }
 
@@ -218,18 +228,14 @@ impl SwarmSource {
             let (which, api) = self.api();
             match api.events(EVENTS).await {
                 Ok(mut events) => {
-                    backoff = Duration::from_millis(100);
                     if let Err(e) = self.full_sync().await {
-                        warn!(error = %e, "cannot read the swarm; retrying");
-                        self.failed(which, &e);
+                        debug!(error = %e, "full read of the swarm failed; retrying");
                         tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
                         continue;
                     }
-                    {
-                        let mut st = self.status.lock().unwrap();
-                        st.connected = true;
-                        st.last_error = None;
-                    }
+                    backoff = Duration::from_millis(100);
+                    self.status.lock().unwrap().recovered("swarm");
                     let mut tick = tokio::time::interval(Duration::from_secs(1));
                     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                     loop {
@@ -247,12 +253,10 @@ impl SwarmSource {
                                 }
                                 Ok(Some(Err(reason))) => warn!(reason, "skipped a malformed event"),
                                 Ok(None) => {
-                                    warn!(endpoint = api.endpoint(), "swarm event stream closed");
-                                    self.failed(which, &ApiError::TlsConfig("event stream closed".into()));
+                                    self.failed(which, &ApiError::StreamClosed { endpoint: api.endpoint().to_string() });
                                     break;
                                 }
                                 Err(e) => {
-                                    warn!(error = %e, "swarm event stream failed");
                                     self.failed(which, &e);
                                     break;
                                 }
@@ -266,10 +270,7 @@ impl SwarmSource {
                         }
                     }
                 }
-                Err(e) => {
-                    warn!(error = %e, ?backoff, "cannot open the swarm event stream");
-                    self.failed(which, &e);
-                }
+                Err(e) => self.failed(which, &e),
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -322,7 +323,7 @@ impl SwarmSource {
                     Err(e) if DockerApi::is_not_found(&e) => {
                         self.send(vec![Change::DropService(id.clone())], Some(at))
                     }
-                    Err(e) => warn!(error = %e, service = %id, "cannot read a changed service"),
+                    Err(e) => debug!(error = %e, service = %id, "cannot read a changed service"),
                 }
                 // Its tasks move next (a scale, a rolling update, a new service).
                 self.start_following(&id, Some(at));
@@ -338,7 +339,7 @@ impl SwarmSource {
                     },
                     Err(e) if DockerApi::is_not_found(&e) => Change::DropNode(id.clone()),
                     Err(e) => {
-                        warn!(error = %e, node = %id, "cannot read a changed node");
+                        debug!(error = %e, node = %id, "cannot read a changed node");
                         return;
                     }
                 };
@@ -366,7 +367,7 @@ impl SwarmSource {
                     },
                     Err(e) if DockerApi::is_not_found(&e) => Change::DropNetwork(id.clone()),
                     Err(e) => {
-                        warn!(error = %e, network = %id, "cannot read a changed network");
+                        debug!(error = %e, network = %id, "cannot read a changed network");
                         return;
                     }
                 };
@@ -394,10 +395,10 @@ impl SwarmSource {
                 let (managers, status) = (managers.clone(), status.clone());
                 let mut read = Ahead(tokio::spawn(async move {
                     let body = get(&managers, &status, &q).await?;
-                    decode::tasks(&body).map_err(|e| ApiError::Status {
-                        path: "/tasks".into(),
-                        status: hyper::StatusCode::OK,
-                        body: e,
+                    decode::tasks(&body).map_err(|e| {
+                        let e = undecodable("/tasks", e);
+                        failed(&managers, &status, managers.pick().0, &e);
+                        e
                     })
                 }));
                 async move {
@@ -461,7 +462,7 @@ impl SwarmSource {
         let changed = match self.read_tasks(&due, origin).await {
             Ok(c) => c,
             Err(e) => {
-                warn!(error = %e, "cannot re-read tasks; trying again");
+                debug!(error = %e, "cannot re-read tasks; trying again");
                 for s in &due {
                     if let Some(f) = self.follow.get_mut(s) {
                         f.due = Instant::now() + self.cfg.fast_max;
@@ -506,10 +507,10 @@ impl SwarmSource {
     async fn full_sync(&mut self) -> Result<(), ApiError> {
         let started = Instant::now();
         let mut changes = Vec::new();
-        let bad = |e: String, path: &str| ApiError::Status {
-            path: path.into(),
-            status: hyper::StatusCode::OK,
-            body: e,
+        let bad = |e: String, path: &str| {
+            let e = undecodable(path, e);
+            failed(&self.managers, &self.status, self.managers.pick().0, &e);
+            e
         };
         let (networks, rn) = decode::list(
             &self.get("/networks").await?,
@@ -575,9 +576,12 @@ impl SwarmSource {
     /// `resync`), and the full lists when their time comes.
     async fn safety_net(&mut self) {
         if Instant::now() >= self.next_full {
-            if let Err(e) = self.full_sync().await {
-                warn!(error = %e, "safety-net re-read failed");
-                self.next_full = Instant::now() + Duration::from_secs(5);
+            match self.full_sync().await {
+                Ok(()) => self.status.lock().unwrap().recovered("swarm"),
+                Err(e) => {
+                    debug!(error = %e, "safety-net re-read failed");
+                    self.next_full = Instant::now() + Duration::from_secs(5);
+                }
             }
             return;
         }
@@ -612,18 +616,14 @@ impl SwarmSource {
                     }
                 }
             }
-            Err(e) => warn!(error = %e, "safety-net re-read failed"),
+            Err(e) => debug!(error = %e, "safety-net re-read failed"),
         }
     }
 }
 
 /// One full read (`meshd check`): networks, nodes, services and every live task.
 pub async fn read_once(api: &DockerApi) -> Result<Vec<Change>, ApiError> {
-    let bad = |e: String, path: &str| ApiError::Status {
-        path: path.into(),
-        status: hyper::StatusCode::OK,
-        body: e,
-    };
+    let bad = |e: String, path: &str| undecodable(path, e);
     let (n, rn) = decode::list(
         &api.get_bytes("/networks").await?,
         Kind::Network,
