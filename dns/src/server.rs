@@ -13,7 +13,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use arc_swap::ArcSwap;
@@ -30,6 +30,7 @@ use tracing::{debug, warn};
 use crate::{
     answer::{answer, error_reply, Decision, Transport, Why},
     batch::{send_all, RecvBatch, BATCH},
+    latency::Latency,
     upstream::{truncate_for_udp, ForwardError, Forwarded, Upstreams},
     Zones,
 };
@@ -55,6 +56,12 @@ pub struct Stats {
     pub notimp: AtomicU64,
     pub servfail: AtomicU64,
     pub dropped: AtomicU64,
+    /// Query received → reply handed to the kernel, for the queries answered from the
+    /// zones (UDP: per receive batch).
+    pub local_latency: Latency,
+    /// The same for forwarded queries: the upstream's time, mostly (SERVFAIL after every
+    /// upstream failed included).
+    pub forward_latency: Latency,
 }
 
 #[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
@@ -152,6 +159,11 @@ impl Resolver {
         self.upstreams.load().servers().to_vec()
     }
 
+    /// The upstream servers and whether each answered its last query.
+    pub fn upstream_reachable(&self) -> Vec<(SocketAddr, bool)> {
+        self.upstreams.load().reachable()
+    }
+
     /// Forwards from now on go to `servers`. A server kept from the old set keeps its
     /// failure history, so a resolv.conf rewrite does not bring a dead server back first.
     pub fn set_upstreams(&self, servers: Vec<SocketAddr>) {
@@ -171,6 +183,7 @@ impl Resolver {
 
     /// Everything the server does for one packet, forwarding included.
     pub async fn resolve(&self, packet: &[u8], networks: &[String], t: Transport) -> Resolution {
+        let started = Instant::now();
         let (decision, why) = self.decide(packet, networks, t);
         let mut out = Resolution {
             why,
@@ -181,6 +194,7 @@ impl Resolver {
         match decision {
             Decision::Reply(r) => {
                 self.stats.count_reply(&r);
+                self.stats.local_latency.observe(started.elapsed());
                 out.reply = Some(r);
             }
             Decision::Drop => {
@@ -206,14 +220,17 @@ impl Resolver {
         t: Transport,
     ) -> (Option<Vec<u8>>, Result<SocketAddr, ForwardError>) {
         self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
-        match self.ask_upstreams(packet, t).await {
+        let started = Instant::now();
+        let out = match self.ask_upstreams(packet, t).await {
             Ok(f) => (Some(f.reply), Ok(f.upstream)),
             Err(e) => {
                 self.stats.forward_failed.fetch_add(1, Ordering::Relaxed);
                 let servfail = error_reply(packet, hickory_proto::op::ResponseCode::ServFail);
                 (servfail, Err(e))
             }
-        }
+        };
+        self.stats.forward_latency.observe(started.elapsed());
+        out
     }
 
     async fn ask_upstreams(&self, packet: &[u8], t: Transport) -> Result<Forwarded, ForwardError> {
@@ -305,6 +322,7 @@ async fn serve_udp(resolver: Arc<Resolver>, scope: Arc<ArcSwap<Scope>>, sock: Ar
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         }
+        let started = Instant::now();
         let read = sock.try_io(Interest::READABLE, || {
             RECV.with(|b| {
                 let mut b = b.borrow_mut();
@@ -335,6 +353,10 @@ async fn serve_udp(resolver: Arc<Resolver>, scope: Arc<ArcSwap<Scope>>, sock: Ar
                     debug!(error = %e, %to, "DNS UDP send failed");
                 }
             }
+            resolver
+                .stats
+                .local_latency
+                .observe_n(started.elapsed(), out.len() as u64);
             out.clear();
         }
     }

@@ -144,9 +144,20 @@ impl Upstreams {
         self.last_failure.lock().unwrap()[i] = failed.then(Instant::now);
     }
 
+    /// Each server, and whether its last exchange got an answer (a server not asked yet
+    /// counts as reachable).
+    pub fn reachable(&self) -> Vec<(SocketAddr, bool)> {
+        let down = self.unreachable.lock().unwrap();
+        self.servers
+            .iter()
+            .copied()
+            .zip(down.iter().map(|d| !d))
+            .collect()
+    }
+
     /// Whether server `i` answered at all (`None`) or not (why): the down and up lines an
-    /// operator needs.
-    fn reached(&self, i: usize, error: Option<&str>) {
+    /// operator needs. True when this changed whether it is down.
+    fn reached(&self, i: usize, error: Option<&str>) -> bool {
         let was = std::mem::replace(&mut self.unreachable.lock().unwrap()[i], error.is_some());
         match (was, error) {
             (false, Some(error)) => tracing::warn!(
@@ -157,8 +168,9 @@ impl Upstreams {
             (true, None) => {
                 tracing::info!(upstream = %self.servers[i], "DNS upstream answers again")
             }
-            _ => {}
+            _ => return false,
         }
+        true
     }
 
     /// Sends `query` upstream. `tcp`: the client asked over TCP, so we do too.
@@ -368,6 +380,26 @@ mod tests {
         assert_eq!(u.order(), [1, 2, 0]);
         u.mark(0, false);
         assert_eq!(u.order(), [0, 1, 2]);
+    }
+
+    #[test]
+    fn an_upstream_goes_down_and_up_once_not_per_query() {
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        let u = Upstreams::new(vec![a, b], Duration::from_millis(10));
+        assert_eq!(u.reachable(), [(a, true), (b, true)]);
+        assert!(u.reached(0, Some("timed out")), "the first failure is news");
+        assert!(!u.reached(0, Some("timed out")), "a repeat is not");
+        assert!(
+            !u.reached(1, None),
+            "an answer from a server that was up is not"
+        );
+        assert_eq!(u.reachable(), [(a, false), (b, true)]);
+        // Down survives a resolv.conf rewrite that keeps the server.
+        let v = u.replaced(vec![b, a]);
+        assert_eq!(v.reachable(), [(b, true), (a, false)]);
+        assert!(v.reached(1, None), "answering again is news");
+        assert_eq!(v.reachable(), [(b, true), (a, true)]);
     }
 
     #[test]

@@ -6,12 +6,13 @@ use std::collections::BTreeMap;
 
 use anyhow::Result;
 use prometheus_client::{
-    encoding::text::encode,
+    encoding::{text::encode, EncodeMetric, MetricEncoder, NoLabelSet},
     metrics::{
         counter::Counter,
         family::Family,
         gauge::Gauge,
         histogram::{exponential_buckets, Histogram},
+        MetricType, TypedMetric,
     },
     registry::{Registry, Unit},
 };
@@ -38,6 +39,26 @@ impl Default for Histograms {
             event_to_datapath: Histogram::new(buckets()),
             sync: Histogram::new(buckets()),
         }
+    }
+}
+
+/// The DNS server's own histogram (atomics it observes per receive batch), in the text
+/// format: one snapshot per scrape.
+#[derive(Debug, Default)]
+struct DnsLatency(std::sync::Mutex<meshd_dns::latency::LatencyView>);
+
+impl TypedMetric for DnsLatency {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for DnsLatency {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let v = self.0.lock().unwrap();
+        encoder.encode_histogram::<NoLabelSet>(v.sum_seconds, v.count, &v.buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
     }
 }
 
@@ -330,6 +351,32 @@ pub fn scrape(shared: &Shared) -> Result<String> {
             "dns_forward_failures",
             "Queries no upstream resolver answered",
             counter(s.forward_failed),
+        );
+        r.register(
+            "dns_upstream_up",
+            "Whether an upstream resolver answered its last forwarded query (1) or not (0)",
+            gauges(
+                res.upstream_reachable()
+                    .into_iter()
+                    .map(|(u, up)| (labels(&[("upstream", &u.to_string())]), i64::from(up))),
+            ),
+        );
+        let latency = Family::<Labels, DnsLatency>::default();
+        for (path, l) in [
+            ("local", &res.stats.local_latency),
+            ("forwarded", &res.stats.forward_latency),
+        ] {
+            *latency
+                .get_or_create(&labels(&[("path", path)]))
+                .0
+                .lock()
+                .unwrap() = l.view();
+        }
+        r.register_with_unit(
+            "dns_reply_duration",
+            "Query received to reply sent: answered from the zones (local) or forwarded",
+            Unit::Seconds,
+            latency,
         );
     }
 
