@@ -183,6 +183,14 @@ impl Meshd {
         Ok(serde_json::from_str(&out)?)
     }
 
+    /// meshctl's human output.
+    pub fn ctl_text(&self, args: &[&str]) -> Result<String> {
+        run(Command::new(bin("meshctl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args))
+    }
+
     pub fn status(&self) -> Result<Value> {
         self.ctl(&["status"])
     }

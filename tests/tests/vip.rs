@@ -263,6 +263,7 @@ fn scenario(lab: &mut OneNodeSwarm) -> Result<()> {
     };
     let web_conns = "meshd_service_connections_total{service=\"web\"} ";
     let dns_udp = "meshd_dns_queries_total{transport=\"udp\"} ";
+    let dns_local = "meshd_dns_reply_duration_seconds_count{path=\"local\"} ";
     let before = wait_for("metrics served", Duration::from_secs(10), || {
         scrape().filter(|t| value(t, web_conns).is_some())
     })?;
@@ -303,6 +304,51 @@ fn scenario(lab: &mut OneNodeSwarm) -> Result<()> {
         moved(dns_udp) >= 10.0,
         "DNS queries moved by {} for 10 lookups",
         moved(dns_udp)
+    );
+    // Each lookup answered from the zones is timed; every one of them took under 5 s.
+    ensure!(
+        moved(dns_local) >= 10.0,
+        "DNS local latency count moved by {} for 10 lookups",
+        moved(dns_local)
+    );
+    let under = |t: &str| {
+        value(
+            t,
+            "meshd_dns_reply_duration_seconds_bucket{le=\"5.24288\",path=\"local\"} ",
+        )
+        .unwrap_or(0.0)
+    };
+    ensure!(
+        under(&after) - under(&before) == moved(dns_local),
+        "DNS latency buckets: {}",
+        after
+            .lines()
+            .filter(|l| l.starts_with("meshd_dns_reply_duration"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    // meshctl for a person: tables and sentences, no JSON objects or arrays inside.
+    for cmd in [
+        &["status"][..],
+        &["services"],
+        &["service", "web"],
+        &["maps"],
+    ] {
+        let text = meshd.ctl_text(cmd)?;
+        ensure!(
+            !text.contains("{\"") && !text.contains("[{") && !text.contains("\":"),
+            "meshctl {cmd:?} prints JSON:\n{text}"
+        );
+        ensure!(
+            text.contains("web") || cmd == ["status"] || cmd == ["maps"],
+            "meshctl {cmd:?} does not name web:\n{text}"
+        );
+    }
+    let maps = meshd.ctl_text(&["maps"])?;
+    ensure!(
+        maps.lines().any(|l| l.contains(&vip)),
+        "meshctl maps has no row for {vip}:\n{maps}"
     );
 
     // 9. Removing the service clears its entries from the kernel maps.

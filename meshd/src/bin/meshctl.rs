@@ -188,7 +188,7 @@ fn run(cli: &Cli) -> Result<()> {
                 );
             }
         }
-        Command::Maps => println!("{}", serde_json::to_string_pretty(&data)?),
+        Command::Maps => print_maps(&data),
         Command::Ingress => print_ingress(serde_json::from_value(data)?),
         Command::Routes => print_routes(serde_json::from_value(data)?),
         Command::Dns { .. } => print_dns(&data),
@@ -197,6 +197,70 @@ fn run(cli: &Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Docker's short form of an id.
+fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}
+
+/// What the kernel maps hold, as tables: load balancers, VIP entries, sandboxes.
+fn print_maps(d: &Value) {
+    let list = |k: &str| d[k].as_array().cloned().unwrap_or_default();
+    let text = |v: &Value| v.as_str().unwrap_or("").to_string();
+    let (lbs, vips, sandboxes) = (list("lbs"), list("vips"), list("sandboxes"));
+    println!(
+        "{} load balancers, {} VIP entries, {} sandboxes, {} networks; {} backend slots, {} reverse-NAT entries",
+        lbs.len(),
+        vips.len(),
+        sandboxes.len(),
+        list("networks").len(),
+        d["backend_slots"],
+        d["revnat_entries"]
+    );
+    println!(
+        "\n{:>5}  {:<15} {:<12} {:<12}  BACKENDS",
+        "LB", "VIP", "NETWORK", "SERVICE"
+    );
+    for lb in &lbs {
+        let backends: Vec<String> = lb["backends"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(text)
+            .collect();
+        println!(
+            "{:>5}  {:<15} {:<12} {:<12}  {}",
+            lb["lb_id"],
+            text(&lb["vip"]),
+            short(&text(&lb["network_id"])),
+            short(&text(&lb["service_id"])),
+            if backends.is_empty() {
+                "(none)".to_string()
+            } else {
+                backends.join(" ")
+            }
+        );
+    }
+    println!("\n{:<12} {:<15} {:>5}", "NETWORK", "VIP", "LB");
+    for v in &vips {
+        println!(
+            "{:<12} {:<15} {:>5}",
+            short(&text(&v["network_id"])),
+            text(&v["vip"]),
+            v["lb_id"]
+        );
+    }
+    println!("\n{:<20}  NETWORKS (lookup order)", "NETNS COOKIE");
+    for sb in &sandboxes {
+        let nets: Vec<String> = sb["networks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|n| short(&text(n)).to_string())
+            .collect();
+        println!("{:<20}  {}", sb["netns_cookie"], nets.join(" "));
+    }
 }
 
 fn print_ingress(v: IngressView) {
@@ -383,6 +447,16 @@ fn print_status(d: &Value) {
         );
         if let Some(e) = v["last_error"].as_str() {
             println!("  last error    {e}");
+        }
+        if let Some(since) = v["down_since_unix_ms"].as_u64() {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            println!(
+                "  failing for   {} s, {} failures; the datapath keeps what it has",
+                now.saturating_sub(since) / 1000,
+                v["outage_failures"]
+            );
         }
     };
     src("local engine", &d["local"]);
