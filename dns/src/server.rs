@@ -387,7 +387,9 @@ fn handle_udp(
             tokio::spawn(async move {
                 let (reply, upstream) = resolver.forward(&packet, Transport::Udp).await;
                 if let Err(e) = upstream {
-                    warn!(error = %e, container, "forwarding failed; answering SERVFAIL");
+                    // Per query at debug level: an upstream going down is one warning
+                    // (`upstream`), and `forward_failed` counts every query it costs.
+                    debug!(error = %e, container, "forwarding failed; answering SERVFAIL");
                 }
                 if let Some(r) = reply {
                     let _ = sock.send_to(&r, from).await;

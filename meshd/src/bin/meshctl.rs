@@ -231,7 +231,7 @@ fn print_maps(d: &Value) {
             .collect();
         println!(
             "{:>5}  {:<15} {:<12} {:<12}  {}",
-            lb["lb_id"],
+            lb["lb_id"].to_string(),
             text(&lb["vip"]),
             short(&text(&lb["network_id"])),
             short(&text(&lb["service_id"])),
@@ -248,7 +248,7 @@ fn print_maps(d: &Value) {
             "{:<12} {:<15} {:>5}",
             short(&text(&v["network_id"])),
             text(&v["vip"]),
-            v["lb_id"]
+            v["lb_id"].to_string()
         );
     }
     println!("\n{:<20}  NETWORKS (lookup order)", "NETNS COOKIE");
@@ -259,7 +259,7 @@ fn print_maps(d: &Value) {
             .flatten()
             .map(|n| short(&text(n)).to_string())
             .collect();
-        println!("{:<20}  {}", sb["netns_cookie"], nets.join(" "));
+        println!("{:<20}  {}", sb["netns_cookie"].to_string(), nets.join(" "));
     }
 }
 
