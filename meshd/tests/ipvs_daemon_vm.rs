@@ -8,6 +8,8 @@
 //! kernel's state without rewriting it.
 mod vm;
 
+use vm::until;
+
 use std::{
     collections::BTreeMap,
     path::Path,
@@ -68,18 +70,6 @@ fn meshd_ipvs_datapath_in_a_vm() {
         cpus: 2,
         timeout_s: 300,
     });
-}
-
-/// Polls `f` until it gives a value or `deadline` passes (then panics with `what`).
-fn until<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + deadline;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// Runs a command; its stdout, or None when it fails.

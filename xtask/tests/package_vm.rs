@@ -11,6 +11,8 @@
 #[allow(dead_code)]
 mod vm;
 
+use vm::until;
+
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -76,18 +78,6 @@ struct Cleanup(PathBuf);
 impl Drop for Cleanup {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Polls `f` until it gives a value or `deadline` passes (then panics with `what`).
-fn until<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + deadline;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

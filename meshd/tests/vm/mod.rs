@@ -9,6 +9,7 @@
 use std::{
     path::{Path, PathBuf},
     process::Command,
+    time::{Duration, Instant},
 };
 
 const MARK: &str = "MESHD-VM-RESULT";
@@ -75,6 +76,20 @@ const HOST_ROOT_MODULES: &[&str] = &[
 ];
 
 /// Whether this process is the copy running inside the VM.
+/// Polls `f` until it gives a value or `deadline` passes (then panics with `what`); used
+/// inside the VM, where the test is a plain process.
+#[allow(dead_code)] // not every VM test waits for something
+pub fn until<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 pub fn inside() -> bool {
     std::env::var_os("MESHD_IN_VM").is_some()
 }
