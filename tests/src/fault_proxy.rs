@@ -1,7 +1,9 @@
 //! A unix-socket proxy in front of a real dockerd that, when told to, breaks its answers the
 //! ways an engine under stress does: a 500, a body cut off half-way (the connection
 //! closed), a body that stops half-way and never ends. Event streams break the same way
-//! at their next event. Between faults it passes bytes through untouched.
+//! at their next event. It can also rewrite one kind of answer (a well-formed answer with
+//! one object made unreadable), to show that object rejected alone. Between faults it
+//! passes bytes through untouched.
 use std::{
     io::{Read, Write},
     os::unix::net::{UnixListener, UnixStream},
@@ -11,6 +13,7 @@ use std::{
         Arc, Mutex,
     },
     thread::JoinHandle,
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
@@ -28,12 +31,27 @@ pub enum Fault {
     HangBody,
 }
 
+/// Answers to requests whose path contains `path` have `from` replaced by `to`.
+#[derive(Clone, Debug)]
+pub struct Rewrite {
+    pub path: String,
+    pub from: String,
+    pub to: String,
+}
+
+struct Conn {
+    sock: UnixStream,
+    /// An event stream (a rewrite leaves those open).
+    stream: AtomicBool,
+}
+
 struct Shared {
     upstream: PathBuf,
     fault: Mutex<Fault>,
+    rewrite: Mutex<Option<Rewrite>>,
     /// Every client connection, so a change of fault drops them all (pooled connections
     /// would otherwise carry on under the old rule).
-    conns: Mutex<Vec<UnixStream>>,
+    conns: Mutex<Vec<Arc<Conn>>>,
     faulted: AtomicU64,
     stopping: AtomicBool,
 }
@@ -53,6 +71,7 @@ impl FaultProxy {
         let shared = Arc::new(Shared {
             upstream: upstream.into(),
             fault: Mutex::new(Fault::None),
+            rewrite: Mutex::new(None),
             conns: Mutex::new(Vec::new()),
             faulted: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
@@ -64,11 +83,14 @@ impl FaultProxy {
                     break;
                 }
                 let Ok(conn) = conn else { continue };
-                if let Ok(c) = conn.try_clone() {
-                    s.conns.lock().unwrap().push(c);
-                }
+                let Ok(sock) = conn.try_clone() else { continue };
+                let c = Arc::new(Conn {
+                    sock,
+                    stream: AtomicBool::new(false),
+                });
+                s.conns.lock().unwrap().push(c.clone());
                 let s = s.clone();
-                std::thread::spawn(move || serve(&s, conn));
+                std::thread::spawn(move || serve(&s, &c, conn));
             }
         });
         Ok(FaultProxy {
@@ -86,12 +108,28 @@ impl FaultProxy {
     /// From now on, answers break this way; every open connection is dropped.
     pub fn set(&self, fault: Fault) {
         *self.shared.fault.lock().unwrap() = fault;
-        for c in self.shared.conns.lock().unwrap().drain(..) {
-            let _ = c.shutdown(std::net::Shutdown::Both);
-        }
+        self.drop_conns(true);
     }
 
-    /// Answers broken so far.
+    fn drop_conns(&self, streams: bool) {
+        self.shared.conns.lock().unwrap().retain(|c| {
+            if !streams && c.stream.load(Ordering::SeqCst) {
+                return true;
+            }
+            let _ = c.sock.shutdown(std::net::Shutdown::Both);
+            false
+        });
+    }
+
+    /// From now on, answers are rewritten this way (`None`: no more); every open
+    /// connection but the event streams is dropped (so meshd reads the changes it sees
+    /// events for, without a fresh start of its streams).
+    pub fn rewrite(&self, rewrite: Option<Rewrite>) {
+        *self.shared.rewrite.lock().unwrap() = rewrite;
+        self.drop_conns(false);
+    }
+
+    /// Answers broken (or rewritten) so far.
     pub fn faulted(&self) -> u64 {
         self.shared.faulted.load(Ordering::SeqCst)
     }
@@ -127,11 +165,12 @@ fn read_head(from: &mut UnixStream) -> Option<(Vec<u8>, Vec<u8>)> {
     }
 }
 
-fn serve(s: &Shared, mut client: UnixStream) {
+fn serve(s: &Shared, conn: &Conn, mut client: UnixStream) {
     // Requests meshd sends are GETs: a head and no body.
     let Some((mut request, rest)) = read_head(&mut client) else {
         return;
     };
+    conn.stream.store(is_stream(&request), Ordering::SeqCst);
     let fault = *s.fault.lock().unwrap();
     if fault == Fault::Status500 {
         let body = br#"{"message":"fault injected by the test: 500"}"#;
@@ -148,6 +187,11 @@ fn serve(s: &Shared, mut client: UnixStream) {
     let Ok(mut upstream) = UnixStream::connect(&s.upstream) else {
         return;
     };
+    let rewrite = s.rewrite.lock().unwrap().clone();
+    if let Some(rw) = rewrite.filter(|_| fault == Fault::None && !is_stream(&request)) {
+        rewrite_one(s, &rw, client, upstream, request);
+        return;
+    }
     request.extend_from_slice(&rest);
     if upstream.write_all(&request).is_err() {
         return;
@@ -194,4 +238,102 @@ fn serve(s: &Shared, mut client: UnixStream) {
         while matches!(client.read(&mut sink), Ok(n) if n > 0) {}
     }
     let _ = client.shutdown(std::net::Shutdown::Both);
+}
+
+/// The request's target (`GET /v1.47/services/x HTTP/1.1` → `/v1.47/services/x`).
+fn target(request: &[u8]) -> &str {
+    std::str::from_utf8(request)
+        .ok()
+        .and_then(|r| r.split(' ').nth(1))
+        .unwrap_or_default()
+}
+
+/// Event streams never end: they are passed through, never rewritten.
+fn is_stream(request: &[u8]) -> bool {
+    target(request).contains("/events")
+}
+
+/// One request on its own connection: asked of the engine as HTTP/1.0 (so it answers with
+/// a plain body and closes), read whole, rewritten when its path matches, and answered with
+/// a length and `Connection: close` (so a pooled connection never carries a later request
+/// past this function).
+fn rewrite_one(
+    s: &Shared,
+    rw: &Rewrite,
+    mut client: UnixStream,
+    mut upstream: UnixStream,
+    request: Vec<u8>,
+) {
+    let text = String::from_utf8_lossy(&request).into_owned();
+    let Some((line, headers)) = text.split_once("\r\n") else {
+        return;
+    };
+    let line = line.replacen("HTTP/1.1", "HTTP/1.0", 1);
+    let headers: String = headers
+        .split("\r\n")
+        .filter(|h| !h.is_empty() && !h.to_ascii_lowercase().starts_with("connection:"))
+        .map(|h| format!("{h}\r\n"))
+        .collect();
+    let asked = format!("{line}\r\n{headers}Connection: close\r\n\r\n");
+    // An engine that does not close is not waited for for ever.
+    let _ = upstream.set_read_timeout(Some(Duration::from_secs(10)));
+    if upstream.write_all(asked.as_bytes()).is_err() {
+        return;
+    }
+    let Some((head, mut body)) = read_head(&mut upstream) else {
+        return;
+    };
+    let mut chunk = [0u8; 65536];
+    while let Ok(n) = upstream.read(&mut chunk) {
+        if n == 0 {
+            break;
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    if target(&request).contains(&rw.path) {
+        let before = String::from_utf8_lossy(&body).into_owned();
+        let after = before.replace(&rw.from, &rw.to);
+        if after != before {
+            s.faulted.fetch_add(1, Ordering::SeqCst);
+        }
+        body = after.into_bytes();
+    }
+    let status = head
+        .split("\r\n")
+        .next()
+        .unwrap_or("HTTP/1.1 502 Bad Gateway");
+    let status = status.replacen("HTTP/1.0", "HTTP/1.1", 1);
+    let _ = write!(
+        client,
+        "{status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = client.write_all(&body);
+    let _ = client.shutdown(std::net::Shutdown::Both);
+}
+
+/// A chunked body's bytes (`size\r\ndata\r\n` … `0\r\n\r\n`).
+fn dechunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&raw[..eol])
+            .ok()
+            .and_then(|l| usize::from_str_radix(l.split(';').next()?.trim(), 16).ok())
+            .unwrap_or(0);
+        raw = &raw[eol + 2..];
+        if size == 0 || raw.len() < size {
+            break;
+        }
+        out.extend_from_slice(&raw[..size]);
+        raw = raw.get(size + 2..).unwrap_or_default();
+    }
+    out
 }

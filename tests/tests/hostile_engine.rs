@@ -2,12 +2,14 @@
 //! answers 500, cuts bodies (and event streams) off half-way, or stops sending half-way
 //! and never ends. Under each, the kernel maps stay exactly as they were and the VIP and the
 //! name keep answering; meshd says what is wrong (`meshctl status`, the metrics); once the
-//! engine answers again it catches up on what changed meanwhile.
+//! engine answers again it catches up on what changed meanwhile. And an answer that reads
+//! well but holds one unreadable service costs that service alone: meshd rejects it with
+//! its reason (meshctl, the metrics), keeps its last good version, and follows the rest.
 use std::{path::PathBuf, process::Command, time::Duration};
 
 use anyhow::{ensure, Context, Result};
 use meshd_tests::{
-    fault_proxy::{Fault, FaultProxy},
+    fault_proxy::{Fault, FaultProxy, Rewrite},
     require_root, run, run_tag, wait_for, Meshd, Node, PinGuard, WEB_CMD,
 };
 use serde_json::Value;
@@ -201,6 +203,126 @@ fn scenario(
         still_served(node, &vip)?;
         outage_logged_once(meshd, log_from, log_mid).with_context(|| format!("{fault:?}"))?;
     }
+    one_bad_service(node, meshd, proxy, &vip, replicas)
+}
+
+/// The engine's answer for service `other` has a number for its name: `other` alone is
+/// rejected, and says why; `web` keeps being followed.
+fn one_bad_service(
+    node: &Node,
+    meshd: &Meshd,
+    proxy: &FaultProxy,
+    vip: &str,
+    mut replicas: usize,
+) -> Result<()> {
+    node.create_service("other", "front", 1, "5s", &["sh", "-c", WEB_CMD])?;
+    node.wait_running("other", 1)?;
+    meshd.wait_backends("other", 1)?;
+    let other = node.docker(&["service", "inspect", "-f", "{{.ID}}", "other"])?;
+    let other = other.trim();
+    let rejected = |status: &Value| -> Vec<Value> {
+        status["rejected"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r["kind"] == "service")
+            .cloned()
+            .collect()
+    };
+    ensure!(
+        rejected(&meshd.status()?).is_empty(),
+        "a service rejected before the test broke one"
+    );
+    let rewritten = proxy.faulted();
+    proxy.rewrite(Some(Rewrite {
+        path: "/services".into(),
+        from: r#""Name":"other""#.into(),
+        to: r#""Name":42"#.into(),
+    }));
+    // An event for `other` makes meshd read it again, and web scales meanwhile.
+    node.docker(&[
+        "service",
+        "update",
+        "-d",
+        "--label-add",
+        "hostile=1",
+        "other",
+    ])?;
+    replicas += 1;
+    node.docker(&["service", "scale", "-d", &format!("web={replicas}")])?;
+    let reason = wait_for(
+        "meshd to reject the unreadable service",
+        Duration::from_secs(30),
+        || {
+            let r = rejected(&meshd.status().ok()?);
+            let r = r.iter().find(|r| r["id"] == other)?;
+            r["reason"].as_str().map(String::from)
+        },
+    )?;
+    ensure!(proxy.faulted() > rewritten, "the proxy rewrote nothing");
+    ensure!(
+        reason.starts_with("Spec.Name: invalid type"),
+        "the reason does not say what is wrong: {reason}"
+    );
+    let text = meshd.ctl_text(&["status"])?;
+    ensure!(
+        text.contains(other) && text.contains(&reason),
+        "meshctl status does not show the rejection:\n{text}"
+    );
+    let gauge = |want: f64| {
+        wait_for(
+            &format!("meshd_rejected_objects{{kind=\"service\"}} to be {want}"),
+            Duration::from_secs(10),
+            || {
+                let t = scrape(node)?;
+                (counter(&t, r#"meshd_rejected_objects{kind="service"}"#) == want).then_some(())
+            },
+        )
+    };
+    gauge(1.0)?;
+    // The rest still applies: web's scale is followed; `other` keeps its last good version.
+    node.wait_running("web", replicas)?;
+    wait_for(
+        "meshd to follow web's scale beside the rejected service",
+        Duration::from_secs(30),
+        || (meshd.backends("web") == Some(replicas)).then_some(()),
+    )?;
+    ensure!(
+        meshd.backends("other") == Some(1),
+        "the rejected service lost its last good backends"
+    );
+    still_served(node, vip)?;
+    let log = std::fs::read_to_string(&meshd.log)?;
+    let said: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("object rejected") && l.contains(other))
+        .collect();
+    ensure!(
+        said.len() == 1 && said[0].contains("Spec.Name"),
+        "the rejection is not logged once with its reason: {said:?}"
+    );
+    eprintln!("rejected {other} alone: {reason}");
+
+    // The engine answers well again: the next event for it clears the rejection.
+    proxy.rewrite(None);
+    node.docker(&[
+        "service",
+        "update",
+        "-d",
+        "--label-add",
+        "hostile=2",
+        "other",
+    ])?;
+    wait_for("the rejection to clear", Duration::from_secs(30), || {
+        rejected(&meshd.status().ok()?).is_empty().then_some(())
+    })?;
+    gauge(0.0)?;
+    let log = std::fs::read_to_string(&meshd.log)?;
+    ensure!(
+        log.lines()
+            .any(|l| l.contains("object no longer rejected") && l.contains(other)),
+        "the end of the rejection is not logged"
+    );
     Ok(())
 }
 

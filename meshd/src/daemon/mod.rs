@@ -51,6 +51,7 @@ use crate::{
 };
 
 pub mod reconcile;
+mod rejections;
 
 use reconcile::{Reconciler, Slot};
 

@@ -12,11 +12,12 @@ use std::{
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
+use super::rejections;
 use crate::{
     compile::Changed,
     datapath::{Applier, ApplyStats},
     feed::{feeds, report_of},
-    model::{Change, Dirty, NodeReport},
+    model::{Change, Dirty, NodeReport, Rejected},
     source::{Origin, Update},
     status::{unix_ms, ApplierStatus, Core, ReconcileStatus},
 };
@@ -71,6 +72,8 @@ pub struct Reconciler {
     /// Services whose tasks the cold read has brought so far: only their load balancers
     /// may be written before it is over (one whose tasks are not read yet has none).
     read_whole: BTreeSet<String>,
+    /// The rejected objects as last logged.
+    rejected_logged: Vec<Rejected>,
 }
 
 /// Which full reads must arrive before the first apply.
@@ -111,6 +114,7 @@ impl Reconciler {
             early_compile: Duration::ZERO,
             early_apply: Duration::ZERO,
             read_whole: BTreeSet::new(),
+            rejected_logged: Vec::new(),
         }
     }
 
@@ -205,6 +209,13 @@ impl Reconciler {
                 } = &mut *core;
                 let t = Instant::now();
                 let changed = compiler.update(state, &dirty);
+                // The first apply says what the whole read rejected (slices compiled early
+                // may have changed the list before).
+                if changed.rejected || !was_ready {
+                    let now = &compiler.desired().rejected;
+                    rejections::log(&self.rejected_logged, now);
+                    self.rejected_logged.clone_from(now);
+                }
                 if !was_ready {
                     let mut st = self.status.lock().unwrap();
                     st.first_compile_ms = t.elapsed().as_secs_f64() * 1000.0;
