@@ -11,7 +11,7 @@ use std::{
 const BOUNDS: usize = 20;
 const FIRST_NS: u64 = 10_000;
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Latency {
     /// Per bucket (not cumulative); the last one is +Inf.
     buckets: [AtomicU64; BOUNDS + 1],
@@ -47,6 +47,20 @@ impl Latency {
 
     pub fn observe(&self, took: Duration) {
         self.observe_n(took, 1);
+    }
+
+    /// The sum of several (per-worker copies of one histogram).
+    pub fn view_of<'a>(all: impl IntoIterator<Item = &'a Latency>) -> LatencyView {
+        let mut total = Latency::default().view();
+        for l in all {
+            let v = l.view();
+            total.count += v.count;
+            total.sum_seconds += v.sum_seconds;
+            for (t, b) in total.buckets.iter_mut().zip(&v.buckets) {
+                t.1 += b.1;
+            }
+        }
+        total
     }
 
     pub fn view(&self) -> LatencyView {
@@ -89,6 +103,19 @@ mod tests {
         assert_eq!(v.buckets[BOUNDS], (f64::INFINITY, 1));
         assert_eq!(v.buckets.iter().map(|b| b.1).sum::<u64>(), 5);
         assert!((v.sum_seconds - (0.000_01 + 3.0 * 0.000_015 + 60.0)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn copies_sum_bucket_by_bucket() {
+        let (a, b) = (Latency::default(), Latency::default());
+        a.observe(Duration::from_micros(10));
+        b.observe(Duration::from_micros(10));
+        b.observe(Duration::from_secs(60));
+        let v = Latency::view_of([&a, &b]);
+        assert_eq!(v.count, 3);
+        assert_eq!(v.buckets[0], (0.000_01, 2));
+        assert_eq!(v.buckets[BOUNDS], (f64::INFINITY, 1));
+        assert_eq!(Latency::view_of([]).count, 0);
     }
 
     #[test]

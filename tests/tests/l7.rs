@@ -452,6 +452,17 @@ fn scenario(lab: &mut Lab) -> Result<()> {
     let after = scrape()?;
     let n1 = requests(&after).unwrap_or(0);
     ensure!(n1 >= n0 + 3, "l7 requests {n0} → {n1} after 3 requests");
+    // And the route's latency histogram counts them.
+    let timed = |text: &str| -> Option<u64> {
+        let series = "meshd_l7_response_duration_seconds_count{host=\"shop.example.com\",path=\"/\",service=\"shop\"} ";
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    };
+    let (t0, t1) = (timed(&before).unwrap_or(0), timed(&after).unwrap_or(0));
+    ensure!(
+        t1 >= t0 + 3,
+        "l7 response duration count {t0} → {t1} after 3 requests"
+    );
     let rejected_routes: Option<u64> = after.lines().find_map(|l| {
         l.strip_prefix("meshd_l7_routes_rejected ")?
             .trim()

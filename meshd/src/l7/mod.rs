@@ -68,6 +68,9 @@ pub struct RouteView {
     pub requests: u64,
     pub errors: u64,
     pub mean_ms: f64,
+    /// Time to the response head, over every worker (for the metrics).
+    #[serde(skip)]
+    pub latency: meshd_dns::latency::LatencyView,
 }
 
 impl RoutesView {
@@ -99,19 +102,23 @@ impl RoutesView {
                     .collect()
             })
             .unwrap_or_default();
-        let mut stats: std::collections::HashMap<&str, (u64, u64, u64)> = Default::default();
+        type Counts<'a> = (u64, u64, Vec<&'a meshd_dns::latency::Latency>);
+        let mut stats: std::collections::HashMap<&str, Counts> = Default::default();
         for t in &tables {
             for s in t.routes() {
                 let e = stats.entry(&*s.route.service_id).or_default();
                 e.0 += s.stats.requests.load(Ordering::Relaxed);
                 e.1 += s.stats.errors.load(Ordering::Relaxed);
-                e.2 += s.stats.latency_us.load(Ordering::Relaxed);
+                e.2.push(&s.stats.latency);
             }
         }
         let mut routes = Vec::new();
         for r in desired.l7.values() {
             let served = stats.get(&*r.service_id);
-            let (requests, errors, us) = served.copied().unwrap_or_default();
+            let (requests, errors) = served.map_or((0, 0), |s| (s.0, s.1));
+            let latency = meshd_dns::latency::Latency::view_of(
+                served.into_iter().flat_map(|s| &s.2).copied(),
+            );
             let spec = &r.spec;
             let (mode, network) = match &r.via {
                 crate::compile::l7::Via::Host => ("host".to_string(), None),
@@ -167,11 +174,12 @@ impl RoutesView {
                     served_here: served.is_some(),
                     requests,
                     errors,
-                    mean_ms: if requests == 0 {
+                    mean_ms: if latency.count == 0 {
                         0.0
                     } else {
-                        us as f64 / requests as f64 / 1000.0
+                        latency.sum_seconds * 1000.0 / latency.count as f64
                     },
+                    latency: latency.clone(),
                 });
             }
         }

@@ -37,8 +37,8 @@ pub struct RouteStats {
     pub requests: AtomicU64,
     /// Answers of 500 and above (meshd's own 502/503 included).
     pub errors: AtomicU64,
-    /// Time to the response head, summed (microseconds).
-    pub latency_us: AtomicU64,
+    /// Time to the response head.
+    pub latency: meshd_dns::latency::Latency,
 }
 
 impl RouteStats {
@@ -47,8 +47,7 @@ impl RouteStats {
         if status >= 500 {
             self.errors.fetch_add(1, Ordering::Relaxed);
         }
-        self.latency_us
-            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        self.latency.observe(took);
     }
 }
 

@@ -42,16 +42,16 @@ impl Default for Histograms {
     }
 }
 
-/// The DNS server's own histogram (atomics it observes per receive batch), in the text
-/// format: one snapshot per scrape.
+/// A histogram kept in atomics where it is observed (the DNS server per receive batch, the
+/// L7 workers per request), in the text format: one snapshot per scrape.
 #[derive(Debug, Default)]
-struct DnsLatency(std::sync::Mutex<meshd_dns::latency::LatencyView>);
+struct Snapshot(std::sync::Mutex<meshd_dns::latency::LatencyView>);
 
-impl TypedMetric for DnsLatency {
+impl TypedMetric for Snapshot {
     const TYPE: MetricType = MetricType::Histogram;
 }
 
-impl EncodeMetric for DnsLatency {
+impl EncodeMetric for Snapshot {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
         let v = self.0.lock().unwrap();
         encoder.encode_histogram::<NoLabelSet>(v.sum_seconds, v.count, &v.buckets, None)
@@ -361,7 +361,7 @@ pub fn scrape(shared: &Shared) -> Result<String> {
                     .map(|(u, up)| (labels(&[("upstream", &u.to_string())]), i64::from(up))),
             ),
         );
-        let latency = Family::<Labels, DnsLatency>::default();
+        let latency = Family::<Labels, Snapshot>::default();
         for (path, l) in [
             ("local", &res.stats.local_latency),
             ("forwarded", &res.stats.forward_latency),
@@ -433,14 +433,13 @@ fn l7_routes(r: &mut Registry, shared: &Shared) {
         "Answers of status 500 and above, per route (meshd's own 502 and 503 included)",
         counters(served.iter().map(|v| (route(v), v.errors))),
     );
-    let time = Family::<Labels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+    let time = Family::<Labels, Snapshot>::default();
     for v in &served {
-        time.get_or_create(&route(v))
-            .inc_by(v.mean_ms * v.requests as f64 / 1000.0);
+        *time.get_or_create(&route(v)).0.lock().unwrap() = v.latency.clone();
     }
     r.register_with_unit(
-        "l7_response_time",
-        "Time to the response head, summed per route (over l7_requests: the mean)",
+        "l7_response_duration",
+        "Request received to the response head sent, per route",
         Unit::Seconds,
         time,
     );
