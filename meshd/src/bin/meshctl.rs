@@ -531,11 +531,12 @@ fn print_status(d: &Value) {
     let a = &dp["adopted_at_start"];
     if !a.is_null() {
         println!(
-            "adopted         {} load balancers, {} sandboxes, {} backend slots (read in {:.1} ms)",
+            "adopted         {} load balancers, {} sandboxes, {} backend slots (read in {:.1} ms; opened in {:.0} ms)",
             a["load_balancers"],
             a["sandboxes"],
             a["backend_slots"],
-            a["read_ms"].as_f64().unwrap_or(0.0)
+            a["read_ms"].as_f64().unwrap_or(0.0),
+            a["open_ms"].as_f64().unwrap_or(0.0)
         );
     }
     for ap in dp["appliers"].as_array().into_iter().flatten() {
