@@ -177,7 +177,7 @@ impl EbpfDatapath {
                 "load the eBPF object (if an older meshd pinned maps of another layout, \
                  run `meshd reset --pin-dir ...`)",
             )?;
-        // The verifier is most of opening (a quarter of meshd's CPU to ready at 10k
+        // The verifier is the largest part of opening (about 15% of meshd's CPU to ready at 10k
         // services): the programs are verified side by side, one thread each.
         std::thread::scope(|scope| -> Result<()> {
             let loads: Vec<_> = ebpf
