@@ -102,23 +102,23 @@ impl RoutesView {
                     .collect()
             })
             .unwrap_or_default();
-        type Counts<'a> = (u64, u64, Vec<&'a meshd_dns::latency::Latency>);
+        type Counts<'a> = (u64, Vec<&'a meshd_dns::latency::Latency>);
         let mut stats: std::collections::HashMap<&str, Counts> = Default::default();
         for t in &tables {
             for s in t.routes() {
                 let e = stats.entry(&*s.route.service_id).or_default();
-                e.0 += s.stats.requests.load(Ordering::Relaxed);
-                e.1 += s.stats.errors.load(Ordering::Relaxed);
-                e.2.push(&s.stats.latency);
+                e.0 += s.stats.errors.load(Ordering::Relaxed);
+                e.1.push(&s.stats.latency);
             }
         }
         let mut routes = Vec::new();
         for r in desired.l7.values() {
             let served = stats.get(&*r.service_id);
-            let (requests, errors) = served.map_or((0, 0), |s| (s.0, s.1));
+            let errors = served.map_or(0, |s| s.0);
             let latency = meshd_dns::latency::Latency::view_of(
-                served.into_iter().flat_map(|s| &s.2).copied(),
+                served.into_iter().flat_map(|s| &s.1).copied(),
             );
+            let requests = latency.count;
             let spec = &r.spec;
             let (mode, network) = match &r.via {
                 crate::compile::l7::Via::Host => ("host".to_string(), None),
