@@ -94,8 +94,27 @@ pub fn l7(rounds: usize, seconds: u32, connections: u32) -> Result<()> {
             || in_lan(&["curl", "-skf", "-m", "3", "-H", &host, url]).ok(),
         )?;
     }
+    // Whose CPU each path costs on the nodes (the proxy's; none for the direct path).
+    let meshd_pid = |n: &str| -> Result<i32> {
+        lab.meshd(n)?
+            .pid()
+            .map(|p| p as i32)
+            .context("meshd is not running")
+    };
+    let (m1, m2) = (meshd_pid("node1")?, meshd_pid("node2")?);
+    let ngx = vec![nginx.0.pid()];
+    let proxies: [Vec<i32>; 7] = [
+        vec![],
+        ngx.clone(),
+        ngx.clone(),
+        vec![m1],
+        vec![m1, m2],
+        ngx,
+        vec![m1],
+    ];
     let mut rps = vec![Vec::new(); paths.len()];
     let mut p99 = vec![Vec::new(); paths.len()];
+    let mut cpu = vec![Vec::new(); paths.len()];
     eprintln!(
         "bench l7: {rounds} rounds × {} paths × {seconds} s, wrk -t2 -c{connections}",
         paths.len()
@@ -106,6 +125,7 @@ pub fn l7(rounds: usize, seconds: u32, connections: u32) -> Result<()> {
             order.reverse();
         }
         for i in order {
+            let before = cpu_ns(&proxies[i]);
             let out = in_lan(&[
                 "wrk",
                 "-t2",
@@ -119,6 +139,10 @@ pub fn l7(rounds: usize, seconds: u32, connections: u32) -> Result<()> {
             let (r, p) = parse_wrk(&out).with_context(|| format!("wrk said {out}"))?;
             rps[i].push(r);
             p99[i].push(p);
+            if !proxies[i].is_empty() {
+                let used = cpu_ns(&proxies[i]).saturating_sub(before) as f64;
+                cpu[i].push(used / 1000.0 / (r * seconds as f64));
+            }
         }
         eprintln!("  round {}/{rounds} done", round + 1);
     }
@@ -129,22 +153,32 @@ pub fn l7(rounds: usize, seconds: u32, connections: u32) -> Result<()> {
     );
     println!("  ×nginx: median of each round's ratio to nginx over the same protocol, with its 95% interval");
     println!("  nginx sends the headers an Interlock route has, as meshd does; \"nginx, bare\" sends none");
+    println!("  CPU µs/req: the proxy's CPU time (every thread, from schedstat) per request served (relayed: both meshds)");
     println!(
-        "{:<22} {:>9} {:>22} {:>10} {:>22}",
-        "path", "req/s", "×nginx (req/s)", "p99 ms", "×nginx (p99)"
+        "{:<22} {:>9} {:>22} {:>10} {:>22} {:>11} {:>22}",
+        "path", "req/s", "×nginx (req/s)", "p99 ms", "×nginx (p99)", "CPU µs/req", "×nginx (CPU)"
     );
     let ratio = |v: &[Vec<f64>], i: usize, base: usize| -> Vec<f64> {
         v[i].iter().zip(&v[base]).map(|(x, b)| x / b).collect()
     };
     for (i, (name, _, base)) in paths.iter().enumerate() {
         let base = *base;
+        let (c, cr) = match cpu[i].is_empty() {
+            true => ("-".to_string(), "-".to_string()),
+            false => (
+                format!("{:.1}", median(cpu[i].clone())),
+                spread(&ratio(&cpu, i, base)),
+            ),
+        };
         println!(
-            "{:<22} {:>9.0} {:>22} {:>10.2} {:>22}",
+            "{:<22} {:>9.0} {:>22} {:>10.2} {:>22} {:>11} {:>22}",
             name,
             median(rps[i].clone()),
             spread(&ratio(&rps, i, base)),
             median(p99[i].clone()),
             spread(&ratio(&p99, i, base)),
+            c,
+            cr,
         );
     }
     println!("direct ÷ nginx (req/s): {}", spread(&ratio(&rps, 0, 1)));
@@ -178,6 +212,32 @@ fn parse_wrk(out: &str) -> Option<(f64, f64)> {
         return None;
     };
     Some((rps, ms))
+}
+
+/// CPU time (ns) used so far by `pids`, their threads and their descendants (nginx's
+/// workers are its master's children), from `/proc/*/task/*/schedstat`.
+fn cpu_ns(pids: &[i32]) -> u64 {
+    let mut total = 0;
+    let mut todo: Vec<i32> = pids.to_vec();
+    while let Some(pid) = todo.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let p = t.path();
+            if let Ok(s) = std::fs::read_to_string(p.join("schedstat")) {
+                total += s
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+            if let Ok(c) = std::fs::read_to_string(p.join("children")) {
+                todo.extend(c.split_whitespace().filter_map(|v| v.parse::<i32>().ok()));
+            }
+        }
+    }
+    total
 }
 
 struct RemoveOnDrop(std::path::PathBuf);
