@@ -108,6 +108,14 @@ fn on_lab(tag: &str, nodes: usize, scenario: fn(&mut Lab) -> Result<()>) {
         eprintln!("FAILED: {e:#}");
         for (i, m) in lab.meshds.iter().enumerate() {
             eprintln!("--- meshd on node{} ---\n{}", i + 1, m.log_tail());
+            // What its kernel maps and routes held at the failure (a VIP route that went
+            // dark once, step 7, with nothing in the log to say why).
+            for what in ["maps", "routes"] {
+                match m.ctl_text(&[what]) {
+                    Ok(t) => eprintln!("--- meshctl {what} on node{} ---\n{t}", i + 1),
+                    Err(e) => eprintln!("--- meshctl {what} on node{}: {e:#}", i + 1),
+                }
+            }
         }
         panic!("{e:#}");
     }
