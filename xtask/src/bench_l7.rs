@@ -76,42 +76,42 @@ pub fn l7(rounds: usize, seconds: u32, connections: u32) -> Result<()> {
     let _etc = RemoveOnDrop(etc.clone());
     let nginx = nginx(&lab, &task, &certs)?;
 
-    // (name, URL, the row its ratios are to)
-    let paths: [(&str, String, usize); 7] = [
-        ("direct to the task", format!("http://{task}:7000/"), 1),
-        ("nginx", format!("http://{HOST}:8088/"), 1),
-        ("nginx, bare", format!("http://{HOST}:8090/"), 1),
-        ("meshd", format!("http://{HOST}/"), 1),
-        ("meshd, relayed", "http://192.168.100.2/".to_string(), 1),
-        ("nginx, TLS", format!("https://{HOST}:8444/"), 5),
-        ("meshd, TLS", format!("https://{HOST}:8443/"), 5),
-    ];
-    let host = format!("Host: {HOST}");
-    for (name, url, _) in &paths {
-        wait_for(
-            &format!("{name} to answer"),
-            std::time::Duration::from_secs(20),
-            || in_lan(&["curl", "-skf", "-m", "3", "-H", &host, url]).ok(),
-        )?;
-    }
-    // Whose CPU each path costs on the nodes (the proxy's; none for the direct path).
+    // Whose CPU each path costs on the nodes: the proxy's (none for the direct path).
     let meshd_pid = |n: &str| -> Result<i32> {
         lab.meshd(n)?
             .pid()
             .map(|p| p as i32)
             .context("meshd is not running")
     };
-    let (m1, m2) = (meshd_pid("node1")?, meshd_pid("node2")?);
-    let ngx = vec![nginx.0.pid()];
-    let proxies: [Vec<i32>; 7] = [
-        vec![],
-        ngx.clone(),
-        ngx.clone(),
-        vec![m1],
-        vec![m1, m2],
-        ngx,
-        vec![m1],
+    let (m1, m2, ngx) = (meshd_pid("node1")?, meshd_pid("node2")?, nginx.0.pid());
+    // (name, URL, the row its ratios are to, the proxy's processes)
+    let paths: [(&str, String, usize, Vec<i32>); 7] = [
+        (
+            "direct to the task",
+            format!("http://{task}:7000/"),
+            1,
+            vec![],
+        ),
+        ("nginx", format!("http://{HOST}:8088/"), 1, vec![ngx]),
+        ("nginx, bare", format!("http://{HOST}:8090/"), 1, vec![ngx]),
+        ("meshd", format!("http://{HOST}/"), 1, vec![m1]),
+        (
+            "meshd, relayed",
+            "http://192.168.100.2/".to_string(),
+            1,
+            vec![m1, m2],
+        ),
+        ("nginx, TLS", format!("https://{HOST}:8444/"), 5, vec![ngx]),
+        ("meshd, TLS", format!("https://{HOST}:8443/"), 5, vec![m1]),
     ];
+    let host = format!("Host: {HOST}");
+    for (name, url, _, _) in &paths {
+        wait_for(
+            &format!("{name} to answer"),
+            std::time::Duration::from_secs(20),
+            || in_lan(&["curl", "-skf", "-m", "3", "-H", &host, url]).ok(),
+        )?;
+    }
     let mut rps = vec![Vec::new(); paths.len()];
     let mut p99 = vec![Vec::new(); paths.len()];
     let mut cpu = vec![Vec::new(); paths.len()];
@@ -125,7 +125,7 @@ pub fn l7(rounds: usize, seconds: u32, connections: u32) -> Result<()> {
             order.reverse();
         }
         for i in order {
-            let before = cpu_ns(&proxies[i]);
+            let before = cpu_ns(&paths[i].3);
             let out = in_lan(&[
                 "wrk",
                 "-t2",
@@ -139,8 +139,8 @@ pub fn l7(rounds: usize, seconds: u32, connections: u32) -> Result<()> {
             let (r, p) = parse_wrk(&out).with_context(|| format!("wrk said {out}"))?;
             rps[i].push(r);
             p99[i].push(p);
-            if !proxies[i].is_empty() {
-                let used = cpu_ns(&proxies[i]).saturating_sub(before) as f64;
+            if !paths[i].3.is_empty() {
+                let used = cpu_ns(&paths[i].3).saturating_sub(before) as f64;
                 cpu[i].push(used / 1000.0 / (r * seconds as f64));
             }
         }
@@ -161,7 +161,7 @@ pub fn l7(rounds: usize, seconds: u32, connections: u32) -> Result<()> {
     let ratio = |v: &[Vec<f64>], i: usize, base: usize| -> Vec<f64> {
         v[i].iter().zip(&v[base]).map(|(x, b)| x / b).collect()
     };
-    for (i, (name, _, base)) in paths.iter().enumerate() {
+    for (i, (name, _, base, _)) in paths.iter().enumerate() {
         let base = *base;
         let (c, cr) = match cpu[i].is_empty() {
             true => ("-".to_string(), "-".to_string()),
