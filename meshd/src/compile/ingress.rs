@@ -142,10 +142,7 @@ fn backends(state: &ClusterState, service_id: &str, ingress: &str) -> Vec<Ingres
         .filter(|t| state.serves(t))
         .filter_map(|t| {
             let addr = *t.addresses.get(ingress)?;
-            let local = state
-                .sandboxes_on(ingress)
-                .find(|s| s.endpoints.get(ingress).and_then(|e| e.addr) == Some(addr))
-                .and_then(|s| s.gateway.map(|g| g.addr));
+            let local = local_gateway(state, ingress, addr);
             let node = state.nodes.get(&*t.node_id).and_then(|n| n.addr);
             // Neither here nor anywhere known: nowhere to send it.
             (local.is_some() || node.is_some()).then_some(IngressBackend { addr, node, local })
@@ -165,6 +162,42 @@ fn draining(state: &ClusterState, service_id: &str, ingress: &str) -> Vec<Ipv4Ad
     out.sort();
     out.dedup();
     out
+}
+
+/// The `docker_gwbridge` address of the local container holding `addr` on the ingress
+/// network (the first by container id, as `local_gateways` has it).
+fn local_gateway(state: &ClusterState, ingress: &str, addr: Ipv4Addr) -> Option<Ipv4Addr> {
+    state
+        .sandboxes_on(ingress)
+        .find(|s| s.endpoints.get(ingress).and_then(|e| e.addr) == Some(addr))
+        .and_then(|s| s.gateway.map(|g| g.addr))
+}
+
+/// What an ingress backend's `local` is read from: every local container's ingress address
+/// → its `docker_gwbridge` address (None: it has none yet). A change here changes the
+/// backends of whichever service has a task at that address, whatever the container claims
+/// to be.
+pub fn local_gateways(state: &ClusterState) -> BTreeMap<Ipv4Addr, Option<Ipv4Addr>> {
+    let Some(ingress) = ingress_network(state) else {
+        return BTreeMap::new();
+    };
+    let mut out = BTreeMap::new();
+    for s in state.sandboxes_on(ingress) {
+        if let Some(addr) = s.endpoints.get(ingress).and_then(|e| e.addr) {
+            out.entry(addr).or_insert(s.gateway.map(|g| g.addr));
+        }
+    }
+    out
+}
+
+/// Whether one of `service_id`'s tasks is at one of `addrs` on the ingress network.
+pub fn has_task_at(state: &ClusterState, service_id: &str, addrs: &BTreeSet<Ipv4Addr>) -> bool {
+    let Some(ingress) = ingress_network(state) else {
+        return false;
+    };
+    state
+        .tasks_of(service_id)
+        .any(|t| t.addresses.get(ingress).is_some_and(|a| addrs.contains(a)))
 }
 
 /// This node's task containers on the ingress network, serving or not (a task shutting

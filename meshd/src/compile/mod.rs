@@ -9,6 +9,7 @@
 //! gives the same Desired byte for byte, so a restarted meshd recomputes exactly the tables
 //! it left pinned.
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     sync::Arc,
@@ -278,6 +279,9 @@ pub struct Compiler {
     ingress_claims: BTreeMap<IngressPort, BTreeSet<Id>>,
     /// What of a service's ports cannot be used, by service id.
     ingress_notes: BTreeMap<Id, Rejected>,
+    /// `ingress::local_gateways` as last compiled: ingress backends are matched to local
+    /// containers by address, so a container's leg moving recompiles the services at it.
+    ingress_gateways: BTreeMap<Ipv4Addr, Option<Ipv4Addr>>,
     l7: l7::L7Claims,
 }
 
@@ -456,7 +460,29 @@ impl Compiler {
     /// The published ports of the dirty services, and the node addresses when nodes moved.
     fn update_ingress(&mut self, state: &ClusterState, dirty: &Dirty, changed: &mut Changed) {
         let mut ports = BTreeSet::new();
-        for sid in &dirty.services {
+        let mut services: Cow<BTreeSet<Id>> = Cow::Borrowed(&dirty.services);
+        if !dirty.sandboxes.is_empty() {
+            let gateways = ingress::local_gateways(state);
+            let old = &self.ingress_gateways;
+            let moved: BTreeSet<Ipv4Addr> = gateways
+                .iter()
+                .filter(|(a, g)| old.get(a) != Some(g))
+                .map(|(a, _)| *a)
+                .chain(old.keys().filter(|a| !gateways.contains_key(a)).copied())
+                .collect();
+            if !moved.is_empty() {
+                let at: Vec<Id> = self
+                    .ingress_of
+                    .keys()
+                    .filter(|sid| !dirty.services.contains(*sid))
+                    .filter(|sid| ingress::has_task_at(state, sid, &moved))
+                    .cloned()
+                    .collect();
+                services.to_mut().extend(at);
+            }
+            self.ingress_gateways = gateways;
+        }
+        for sid in services.iter() {
             let (fresh, note) = ingress::service_ingress(state, sid);
             let fresh: Vec<(IngressPort, Arc<IngressLb>)> =
                 fresh.into_iter().map(|(p, lb)| (p, Arc::new(lb))).collect();
