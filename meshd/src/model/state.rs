@@ -171,7 +171,7 @@ pub struct ClusterState {
     pub overlay_peers: BTreeMap<Id, HashSet<Ipv4Addr>>,
     index: Index,
     /// One allocation per service, node and network id, shared by everything that names it.
-    pool: std::collections::HashSet<Id>,
+    pool: std::collections::HashSet<Id, foldhash::fast::RandomState>,
 }
 
 impl PartialEq for ClusterState {
@@ -328,6 +328,10 @@ impl ClusterState {
                     .collect();
                 for id in gone {
                     self.drop_task(&id, &mut d);
+                }
+                if let Some(first) = tasks.first() {
+                    let sid = self.intern(&first.service_id);
+                    self.tasks.reserve(&sid, tasks.len());
                 }
                 for t in tasks {
                     self.put_task(t, &mut d);

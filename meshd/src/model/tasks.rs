@@ -10,13 +10,17 @@ use super::objects::{Id, Task};
 #[derive(Clone, Debug, Default)]
 pub struct Tasks {
     by_service: BTreeMap<Id, Vec<Task>>,
-    service_of: HashMap<Id, Id>,
+    service_of: HashMap<Id, Id, foldhash::fast::RandomState>,
 }
 
 impl PartialEq for Tasks {
     /// The tasks (`service_of` follows from them).
     fn eq(&self, o: &Self) -> bool {
-        self.by_service == o.by_service
+        // A list reserved but not filled (`reserve`) holds no task.
+        fn filled(t: &Tasks) -> impl Iterator<Item = (&Id, &Vec<Task>)> + '_ {
+            t.by_service.iter().filter(|(_, l)| !l.is_empty())
+        }
+        filled(self).eq(filled(o))
     }
 }
 
@@ -45,6 +49,16 @@ impl Tasks {
     /// A service's tasks, sorted by id.
     pub fn of_service(&self, service_id: &str) -> &[Task] {
         self.by_service.get(service_id).map_or(&[], Vec::as_slice)
+    }
+
+    /// Room for `n` tasks in `service_id`'s list, taken at once: a service's tasks arrive
+    /// together, and growing the list one slot per task moved it once per task.
+    pub fn reserve(&mut self, service_id: &Id, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let list = self.by_service.entry(service_id.clone()).or_default();
+        list.reserve_exact(n.saturating_sub(list.len()));
     }
 
     /// Puts `t` in (replacing the task with its id), and returns the one it replaced. A
@@ -104,6 +118,18 @@ mod tests {
     use super::*;
     use crate::model::state_tests::task;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_reserved_list_holds_nothing_until_filled() {
+        let mut tasks = Tasks::default();
+        tasks.reserve(&"s1".into(), 10);
+        assert_eq!(tasks, Tasks::default());
+        assert!(tasks.of_service("s1").is_empty());
+        let t = task("t1", "s1", "n", "net", [10, 0, 0, 1]);
+        tasks.insert(t.clone());
+        assert_eq!(tasks.of_service("s1"), &[t][..]);
+        assert_ne!(tasks, Tasks::default());
+    }
 
     proptest! {
         /// Whatever is put in and taken out, `Tasks` answers as a map by task id does.
