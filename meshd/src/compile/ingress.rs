@@ -72,10 +72,11 @@ pub fn ingress_network(state: &ClusterState) -> Option<&Id> {
 }
 
 /// The ports a service publishes in ingress mode, each with its live tasks, and what of its
-/// spec cannot be used (said once, for the service).
+/// spec cannot be used (said once, for the service). `legs`: `local_legs(state)`.
 pub fn service_ingress(
     state: &ClusterState,
     service_id: &str,
+    legs: &BTreeMap<Ipv4Addr, BridgeLeg>,
 ) -> (Vec<(IngressPort, IngressLb)>, Option<Rejected>) {
     let Some(service) = state.services.get(service_id) else {
         return (Vec::new(), None);
@@ -123,7 +124,7 @@ pub fn service_ingress(
                 service_name: service.name.clone(),
                 target: p.target,
                 client,
-                backends: backends(state, service_id, ingress),
+                backends: backends(state, service_id, ingress, legs),
                 draining: draining(state, service_id, ingress),
             },
         ));
@@ -136,13 +137,19 @@ pub fn service_ingress(
     (out, note)
 }
 
-fn backends(state: &ClusterState, service_id: &str, ingress: &str) -> Vec<IngressBackend> {
+/// `legs`: this node's task containers on the ingress network (`local_legs`).
+fn backends(
+    state: &ClusterState,
+    service_id: &str,
+    ingress: &str,
+    legs: &BTreeMap<Ipv4Addr, BridgeLeg>,
+) -> Vec<IngressBackend> {
     let mut out: Vec<IngressBackend> = state
         .tasks_of(service_id)
         .filter(|t| state.serves(t))
         .filter_map(|t| {
             let addr = *t.addresses.get(ingress)?;
-            let local = local_gateway(state, ingress, addr);
+            let local = legs.get(&addr).map(|l| l.addr);
             let node = state.nodes.get(&*t.node_id).and_then(|n| n.addr);
             // Neither here nor anywhere known: nowhere to send it.
             (local.is_some() || node.is_some()).then_some(IngressBackend { addr, node, local })
@@ -161,32 +168,6 @@ fn draining(state: &ClusterState, service_id: &str, ingress: &str) -> Vec<Ipv4Ad
         .collect();
     out.sort();
     out.dedup();
-    out
-}
-
-/// The `docker_gwbridge` address of the local container holding `addr` on the ingress
-/// network (the first by container id, as `local_gateways` has it).
-fn local_gateway(state: &ClusterState, ingress: &str, addr: Ipv4Addr) -> Option<Ipv4Addr> {
-    state
-        .sandboxes_on(ingress)
-        .find(|s| s.endpoints.get(ingress).and_then(|e| e.addr) == Some(addr))
-        .and_then(|s| s.gateway.map(|g| g.addr))
-}
-
-/// What an ingress backend's `local` is read from: every local container's ingress address
-/// → its `docker_gwbridge` address (None: it has none yet). A change here changes the
-/// backends of whichever service has a task at that address, whatever the container claims
-/// to be.
-pub fn local_gateways(state: &ClusterState) -> BTreeMap<Ipv4Addr, Option<Ipv4Addr>> {
-    let Some(ingress) = ingress_network(state) else {
-        return BTreeMap::new();
-    };
-    let mut out = BTreeMap::new();
-    for s in state.sandboxes_on(ingress) {
-        if let Some(addr) = s.endpoints.get(ingress).and_then(|e| e.addr) {
-            out.entry(addr).or_insert(s.gateway.map(|g| g.addr));
-        }
-    }
     out
 }
 

@@ -279,9 +279,6 @@ pub struct Compiler {
     ingress_claims: BTreeMap<IngressPort, BTreeSet<Id>>,
     /// What of a service's ports cannot be used, by service id.
     ingress_notes: BTreeMap<Id, Rejected>,
-    /// `ingress::local_gateways` as last compiled: ingress backends are matched to local
-    /// containers by address, so a container's leg moving recompiles the services at it.
-    ingress_gateways: BTreeMap<Ipv4Addr, Option<Ipv4Addr>>,
     l7: l7::L7Claims,
 }
 
@@ -462,15 +459,17 @@ impl Compiler {
         let mut ports = BTreeSet::new();
         let mut services: Cow<BTreeSet<Id>> = Cow::Borrowed(&dirty.services);
         if !dirty.sandboxes.is_empty() {
-            let gateways = ingress::local_gateways(state);
-            let old = &self.ingress_gateways;
-            let moved: BTreeSet<Ipv4Addr> = gateways
-                .iter()
-                .filter(|(a, g)| old.get(a) != Some(g))
-                .map(|(a, _)| *a)
-                .chain(old.keys().filter(|a| !gateways.contains_key(a)).copied())
-                .collect();
-            if !moved.is_empty() {
+            let legs = ingress::local_legs(state);
+            if legs != self.desired.ingress_local {
+                // Backends are matched to local containers by address: a leg that came,
+                // went or moved changes the services with a task there.
+                let old = &self.desired.ingress_local;
+                let moved: BTreeSet<Ipv4Addr> = legs
+                    .iter()
+                    .filter(|(a, l)| old.get(a) != Some(l))
+                    .map(|(a, _)| *a)
+                    .chain(old.keys().filter(|a| !legs.contains_key(a)).copied())
+                    .collect();
                 let at: Vec<Id> = self
                     .ingress_of
                     .keys()
@@ -479,11 +478,12 @@ impl Compiler {
                     .cloned()
                     .collect();
                 services.to_mut().extend(at);
+                self.desired.ingress_local = legs;
+                changed.ingress_local = true;
             }
-            self.ingress_gateways = gateways;
         }
         for sid in services.iter() {
-            let (fresh, note) = ingress::service_ingress(state, sid);
+            let (fresh, note) = ingress::service_ingress(state, sid, &self.desired.ingress_local);
             let fresh: Vec<(IngressPort, Arc<IngressLb>)> =
                 fresh.into_iter().map(|(p, lb)| (p, Arc::new(lb))).collect();
             let old = self.ingress_of.remove(sid).unwrap_or_default();
@@ -533,13 +533,6 @@ impl Compiler {
                 None => self.desired.ingress.remove(&p),
             };
             changed.ingress.insert(p);
-        }
-        if !dirty.sandboxes.is_empty() {
-            let legs = ingress::local_legs(state);
-            if legs != self.desired.ingress_local {
-                self.desired.ingress_local = legs;
-                changed.ingress_local = true;
-            }
         }
         if dirty.nodes {
             let nodes = ingress::node_addrs(state);
