@@ -276,13 +276,21 @@ enum Origin {
 #[inline(always)]
 fn to_published(ctx: &mut TcContext, p: &mut Packet, conf: &IngressConfig, origin: Origin) -> Option<i32> {
     let loopback = p.daddr.to_ne_bytes()[0] == 127;
+    // A container asking another node's published port is served here, as if it had asked
+    // this node's: every node answers a port with the same tasks, and the container's
+    // private source would not come back from that node (nothing masquerades it when
+    // dockerd runs without iptables, and a hop is saved when something does).
+    let mut other_node = false;
     if loopback {
         // localhost:PORT, as Docker's mesh answers it: only from the node itself.
         if origin != Origin::ThisNode {
             return None;
         }
-    } else {
-        unsafe { IG_ADDRS.get(&p.daddr) }?;
+    } else if unsafe { IG_ADDRS.get(&p.daddr) }.is_none() {
+        if origin != Origin::LocalContainer || unsafe { IG_NODES.get(&p.daddr) }.is_none() {
+            return None;
+        }
+        other_node = true;
     }
     let port = *unsafe {
         IG_PORTS.get(&IngressPortKey {
@@ -300,9 +308,11 @@ fn to_published(ctx: &mut TcContext, p: &mut Packet, conf: &IngressConfig, origi
     let key = p.key();
     // A local container's reply would go straight back over the bridge, and localhost
     // cannot leave the node: those are always SNAT, to an address the reply comes back to.
+    // Another node's address is this node's own to the task, as the reply must come here.
     let snat = match origin {
         Origin::Outside => None,
         Origin::ThisNode if loopback => Some(conf.node_addr),
+        _ if other_node => Some(conf.node_addr),
         _ => Some(p.daddr),
     };
     // A TCP SYN is a new connection even on an old flow's addresses and ports (a client

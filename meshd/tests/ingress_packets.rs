@@ -878,6 +878,33 @@ fn the_node_itself_and_its_containers_reach_published_ports() {
         assert_eq!(verdict, TC_ACT_REDIRECT);
         let s = seen(&out);
         assert_eq!((s.src.0, s.dst), (NODE, (TASK_GW, 80)));
+        // The same container asking another node's address is served here, from this
+        // node's address (its private source would not come back from the other node),
+        // and the reply shows the address it asked.
+        let (verdict, out) = n.run(
+            prog_names::INGRESS_BACK,
+            n.bridge,
+            &packet((container, 46001), (PEER, 8080), TCP, 0),
+        );
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let s = seen(&out);
+        assert_eq!((s.src.0, s.dst), (NODE, (TASK_GW, 80)));
+        let (verdict, back) = n.run(
+            prog_names::INGRESS_BACK,
+            n.bridge,
+            &packet((TASK_GW, 80), s.src, TCP, 0),
+        );
+        assert_eq!(verdict, TC_ACT_REDIRECT);
+        let b = seen(&back);
+        assert_eq!((b.src, b.dst), ((PEER, 8080), (container, 46001)));
+        // An address that is no swarm node's is routed as the kernel would.
+        let (verdict, out) = n.run(
+            prog_names::INGRESS_BACK,
+            n.bridge,
+            &packet((container, 46002), (CLIENT, 8080), TCP, 0),
+        );
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(seen(&out).dst, (CLIENT, 8080), "untouched");
     });
 }
 

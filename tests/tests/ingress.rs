@@ -232,8 +232,8 @@ fn scenario(lab: &mut Lab) -> Result<()> {
         "node1 counted {tcp_flows} new TCP flows for 300 connections"
     );
 
-    // 1b. From node1 itself (localhost and its own address) and from a container on node1:
-    //     the same port answers.
+    // 1b. From node1 itself (localhost and its own address) and from a container on node1
+    //     (to node1's address and to the other nodes'): the same port answers.
     let labtool = bin("labtool").display().to_string();
     for target in ["127.0.0.1:8080", "192.168.100.1:8080", "192.168.100.2:8080"] {
         for _ in 0..5 {
@@ -257,11 +257,15 @@ fn scenario(lab: &mut Lab) -> Result<()> {
         IMAGE,
         "sh",
         "-c",
-        "for i in 1 2 3 4 5; do labtool tcp-read 192.168.100.1:8080 || exit 1; done",
+        "for n in 1 2 3; do for i in 1 2 3 4 5; do \
+         labtool tcp-read 192.168.100.$n:8080 || exit 1; done; done",
     ])?;
     ensure!(
-        out.lines().count() == 5,
-        "from a container on node1: {out:?}"
+        out.lines().count() == 15
+            && out
+                .lines()
+                .all(|l| l.split_whitespace().nth(1).map(peer_ip) == Some("192.168.100.1")),
+        "from a container on node1 to every node's 8080 (served from node1's address): {out:?}"
     );
 
     // 2. The opt-in: tasks see the client's own address and port, TCP and UDP, also through
