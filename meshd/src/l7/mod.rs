@@ -13,6 +13,7 @@ pub mod labels;
 pub mod pool;
 pub mod proxy;
 pub mod sni;
+pub mod stop;
 pub mod table;
 pub mod tls;
 

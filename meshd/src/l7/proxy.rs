@@ -34,6 +34,7 @@ use super::{
     connector::{Connector, SocketMaker, Target},
     pool::{Pool, Returning},
     sni,
+    stop::StopSignal,
     table::{normalize_host, RouteTable, Served},
 };
 use crate::compile::l7::Upstream;
@@ -138,7 +139,7 @@ pub struct Proxy {
     /// Makes the upstream sockets of every worker's client, and passthrough connections.
     connector: Connector,
     /// Set once meshd is stopping.
-    stop: tokio::sync::watch::Sender<bool>,
+    stop: StopSignal,
     /// Client connections being served.
     active: Arc<AtomicUsize>,
     settings: ProxySettings,
@@ -183,7 +184,7 @@ impl Proxy {
             nodes: ArcSwap::default(),
             tls,
             connector,
-            stop: tokio::sync::watch::Sender::new(false),
+            stop: StopSignal::default(),
             active: Arc::default(),
             proxy_id_header: HeaderValue::from_str(&settings.proxy_id)
                 .ok()
@@ -391,7 +392,6 @@ impl Proxy {
     /// The next connection on `listener`; None once meshd is stopping (the listener is
     /// then dropped: new connections are refused).
     async fn accept(&self, listener: &TcpListener) -> Option<(TcpStream, SocketAddr)> {
-        let mut stop = self.stop.subscribe();
         loop {
             tokio::select! {
                 r = listener.accept() => match r {
@@ -404,7 +404,7 @@ impl Proxy {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 },
-                _ = stopping(&mut stop) => return None,
+                _ = self.stop.stopping() => return None,
             }
         }
     }
@@ -416,7 +416,6 @@ impl Proxy {
         I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     {
         let _active = Active::new(&self.active);
-        let mut stop = self.stop.subscribe();
         let client = Arc::new(Client::new(peer, https));
         // Per request only the worker's own context is cloned (see `Worker`).
         let svc = hyper::service::service_fn(move |req| {
@@ -431,7 +430,7 @@ impl Proxy {
         tokio::pin!(conn);
         let r = tokio::select! {
             r = conn.as_mut() => r,
-            _ = stopping(&mut stop) => {
+            _ = self.stop.stopping() => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
             }
@@ -443,7 +442,7 @@ impl Proxy {
 
     /// Stops taking connections and waits, at most `grace`, for the requests in flight.
     pub async fn stop(&self, grace: Duration) {
-        let _ = self.stop.send(true);
+        self.stop.stop();
         let until = Instant::now() + grace;
         while self.active.load(Ordering::Relaxed) > 0 && Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -821,11 +820,6 @@ impl Proxy {
             format!("meshd: could not connect to an upstream ({last})\n"),
         )
     }
-}
-
-/// Resolves once meshd is stopping (the watch's guard is not held across the await).
-async fn stopping(stop: &mut tokio::sync::watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }
 
 /// Counts a client connection (or a request) while it lives.
