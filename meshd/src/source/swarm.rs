@@ -153,8 +153,20 @@ async fn get(
     status: &Mutex<SourceStatus>,
     path: &str,
 ) -> Result<bytes::Bytes, ApiError> {
+    let mut body = Vec::new();
+    get_into(managers, status, path, &mut body).await?;
+    Ok(body.into())
+}
+
+/// `get` into a buffer the caller reuses.
+async fn get_into(
+    managers: &Managers,
+    status: &Mutex<SourceStatus>,
+    path: &str,
+    body: &mut Vec<u8>,
+) -> Result<(), ApiError> {
     let (which, api) = managers.pick();
-    let r = api.get_bytes(path).await;
+    let r = api.get_into(path, body).await;
     match &r {
         Ok(_) => status.lock().unwrap().reads += 1,
         Err(e) if DockerApi::is_not_found(e) => {}
@@ -390,16 +402,22 @@ impl SwarmSource {
         // source would use one core of the two the reconciler shares with it.
         let (managers, status) = (self.managers.clone(), self.status.clone());
         let queries: Vec<String> = services.chunks(SLICE).map(tasks_query).collect();
+        // The slices in flight pass their answer buffers on; they go when this read ends.
+        let buffers: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
         let mut slices = futures_util::stream::iter(queries)
             .map(move |q| {
                 let (managers, status) = (managers.clone(), status.clone());
+                let buffers = buffers.clone();
                 let mut read = Ahead(tokio::spawn(async move {
-                    let body = get(&managers, &status, &q).await?;
-                    decode::tasks(&body).map_err(|e| {
+                    let mut body = buffers.lock().unwrap().pop().unwrap_or_default();
+                    get_into(&managers, &status, &q, &mut body).await?;
+                    let r = decode::tasks(&body).map_err(|e| {
                         let e = undecodable("/tasks", e);
                         failed(&managers, &status, managers.pick().0, &e);
                         e
-                    })
+                    });
+                    buffers.lock().unwrap().push(body);
+                    r
                 }));
                 async move {
                     match (&mut read.0).await {
