@@ -268,6 +268,13 @@ impl Node {
         test_run(fd, ifindex, packet)
     }
 
+    /// `run`, which must redirect the packet: what it became.
+    fn redirected(&self, prog: &str, ifindex: u32, packet: &[u8]) -> Seen {
+        let (verdict, out) = self.run(prog, ifindex, packet);
+        assert_eq!(verdict, TC_ACT_REDIRECT, "{prog} on interface {ifindex}");
+        seen(&out)
+    }
+
     fn stats(&self) -> Vec<u64> {
         (0..ingress_stat::COUNT).map(|i| self.stat(i)).collect()
     }
@@ -842,22 +849,15 @@ fn the_node_itself_and_its_containers_reach_published_ports() {
         let localhost = Ipv4Addr::LOCALHOST;
         // localhost:8080 from the node itself (tc on lo): to the task, from the node's
         // address (the reply must come back to something the bridge can reach).
-        let (verdict, out) = n.run(
+        let s = n.redirected(
             prog_names::INGRESS_IN,
             1,
             &packet((localhost, 45000), (localhost, 8080), TCP, 0),
         );
-        assert_eq!(verdict, TC_ACT_REDIRECT);
-        let s = seen(&out);
         assert_eq!((s.src.0, s.dst), (NODE, (TASK_GW, 80)));
         // The reply goes in through lo, as from localhost:8080.
-        let (verdict, back) = n.run(
-            prog_names::INGRESS_BACK,
-            n.bridge,
-            &packet((TASK_GW, 80), s.src, TCP, 0),
-        );
-        assert_eq!(verdict, TC_ACT_REDIRECT);
-        let b = seen(&back);
+        let reply = packet((TASK_GW, 80), s.src, TCP, 0);
+        let b = n.redirected(prog_names::INGRESS_BACK, n.bridge, &reply);
         assert_eq!((b.src, b.dst), ((localhost, 8080), (localhost, 45000)));
         assert_eq!(b.dst_mac, [0; 6], "loopback frame");
         // localhost from outside is not ours to answer.
@@ -870,38 +870,31 @@ fn the_node_itself_and_its_containers_reach_published_ports() {
         // A container on this node (through the bridge) asking the node's address: SNAT to
         // that address, so the task's reply does not go straight back over the bridge.
         let container = Ipv4Addr::new(172, 17, 0, 9);
-        let (verdict, out) = n.run(
+        let from_container =
+            |port: u16, to: Ipv4Addr| packet((container, port), (to, 8080), TCP, 0);
+        let s = n.redirected(
             prog_names::INGRESS_BACK,
             n.bridge,
-            &packet((container, 46000), (NODE, 8080), TCP, 0),
+            &from_container(46000, NODE),
         );
-        assert_eq!(verdict, TC_ACT_REDIRECT);
-        let s = seen(&out);
         assert_eq!((s.src.0, s.dst), (NODE, (TASK_GW, 80)));
         // The same container asking another node's address is served here, from this
         // node's address (its private source would not come back from the other node),
         // and the reply shows the address it asked.
-        let (verdict, out) = n.run(
+        let s = n.redirected(
             prog_names::INGRESS_BACK,
             n.bridge,
-            &packet((container, 46001), (PEER, 8080), TCP, 0),
+            &from_container(46001, PEER),
         );
-        assert_eq!(verdict, TC_ACT_REDIRECT);
-        let s = seen(&out);
         assert_eq!((s.src.0, s.dst), (NODE, (TASK_GW, 80)));
-        let (verdict, back) = n.run(
-            prog_names::INGRESS_BACK,
-            n.bridge,
-            &packet((TASK_GW, 80), s.src, TCP, 0),
-        );
-        assert_eq!(verdict, TC_ACT_REDIRECT);
-        let b = seen(&back);
+        let reply = packet((TASK_GW, 80), s.src, TCP, 0);
+        let b = n.redirected(prog_names::INGRESS_BACK, n.bridge, &reply);
         assert_eq!((b.src, b.dst), ((PEER, 8080), (container, 46001)));
         // An address that is no swarm node's is routed as the kernel would.
         let (verdict, out) = n.run(
             prog_names::INGRESS_BACK,
             n.bridge,
-            &packet((container, 46002), (CLIENT, 8080), TCP, 0),
+            &from_container(46002, CLIENT),
         );
         assert_eq!(verdict, TC_ACT_OK);
         assert_eq!(seen(&out).dst, (CLIENT, 8080), "untouched");
