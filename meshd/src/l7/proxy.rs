@@ -1024,11 +1024,10 @@ fn forwarded_headers(h: &mut HeaderMap, host: &HeaderValue, client_ip: &HeaderVa
         X_FORWARDED_PROTO,
         HeaderValue::from_static(if https { "https" } else { "http" }),
     );
-    if !host.is_empty() {
-        h.insert(X_FORWARDED_HOST, host.clone());
-        // h2 has no Host header; the upstream speaks HTTP/1.1 and needs one.
-        h.entry(header::HOST).or_insert_with(|| host.clone());
-    }
+    h.insert(X_FORWARDED_HOST, host.clone());
+    // h2 has no Host header; the upstream speaks HTTP/1.1 and needs one (empty when the
+    // client named none: a default_backend's HTTP/1.0 request).
+    h.entry(header::HOST).or_insert_with(|| host.clone());
 }
 
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -1158,6 +1157,13 @@ mod tests {
         assert_eq!(h[header::HOST], "shop.example.com");
         assert!(!h.contains_key("x-secret") && !h.contains_key("keep-alive"));
         assert!(!h.contains_key(header::CONNECTION));
+        // A request that named no host still goes upstream with one (empty), as HTTP/1.1
+        // wants.
+        let mut h = HeaderMap::new();
+        forwarded_headers(&mut h, &HeaderValue::from_static(""), &client.ip, true);
+        assert_eq!(h[header::HOST], "");
+        assert_eq!(h["x-forwarded-for"], "192.168.100.200");
+        assert_eq!(h["x-forwarded-proto"], "https");
     }
 
     #[test]
