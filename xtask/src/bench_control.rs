@@ -167,7 +167,8 @@ impl Meshd {
         Ok(serde_json::from_str(&out)?)
     }
 
-    fn rss_mb(&self) -> (f64, f64) {
+    /// Resident (all, of it file-backed: the binary's and libraries' pages) and peak.
+    fn rss_mb(&self) -> (f64, f64, f64) {
         let st =
             fs::read_to_string(format!("/proc/{}/status", self.daemon.pid())).unwrap_or_default();
         let kb = |k: &str| {
@@ -177,7 +178,11 @@ impl Meshd {
                 .and_then(|v| v.parse::<f64>().ok())
                 .unwrap_or(0.0)
         };
-        (kb("VmRSS:") / 1024.0, kb("VmHWM:") / 1024.0)
+        (
+            kb("VmRSS:") / 1024.0,
+            kb("RssFile:") / 1024.0,
+            kb("VmHWM:") / 1024.0,
+        )
     }
 
     /// CPU time meshd has used (user + system): unlike wall time, not stretched when the
@@ -246,7 +251,7 @@ pub fn control(sizes: &[usize], changes: usize, rounds: usize, fanout: &[usize])
     println!("\nCold start: a manager's meshd reads the swarm and programs the kernel maps ({NETWORKS} networks, 10 tasks per service, {LOCAL} local containers on all of them)");
     println!("{rounds} cold starts per size: median [lowest–highest]");
     println!(
-        "{:>9} {:>8} {:>17} {:>8} {:>8} {:>9} {:>9} {:>11} {:>9} {:>12} {:>17} {:>8} {:>14} {:>14}",
+        "{:>9} {:>8} {:>17} {:>8} {:>8} {:>9} {:>9} {:>11} {:>9} {:>12} {:>17} {:>8} {:>8} {:>14} {:>14}",
         "services",
         "backends",
         "ready (ms)",
@@ -258,6 +263,7 @@ pub fn control(sizes: &[usize], changes: usize, rounds: usize, fanout: &[usize])
         "apply ms",
         "map entries",
         "RSS MB",
+        "of file",
         "peak MB",
         "event→map p50",
         "event→map p99"
@@ -272,7 +278,7 @@ pub fn control(sizes: &[usize], changes: usize, rounds: usize, fanout: &[usize])
         // The latency changes run in the first round.
         let first = &runs[0];
         println!(
-            "{:>9} {:>8} {:>17} {:>8.0} {:>8.0} {:>9.0} {:>9.0} {:>11.0} {:>9.0} {:>12} {:>17} {:>8.1} {:>11.2} ms {:>11.2} ms",
+            "{:>9} {:>8} {:>17} {:>8.0} {:>8.0} {:>9.0} {:>9.0} {:>11.0} {:>9.0} {:>12} {:>17} {:>8.1} {:>8.1} {:>11.2} ms {:>11.2} ms",
             first.services,
             first.backends,
             range(|r| r.ready_ms, 0),
@@ -284,6 +290,7 @@ pub fn control(sizes: &[usize], changes: usize, rounds: usize, fanout: &[usize])
             med(|r| r.apply_ms),
             first.entries,
             range(|r| r.rss_mb, 1),
+            med(|r| r.file_mb),
             med(|r| r.peak_mb),
             first.p50,
             first.p99
@@ -297,6 +304,7 @@ pub fn control(sizes: &[usize], changes: usize, rounds: usize, fanout: &[usize])
     println!("  compile: the rest (DNS, sandboxes) once all is read;");
     println!("  apply: the first full apply (the sweep, and what was not written early); event→map: one task change");
     println!("  (a service event, then meshd re-reads that service's tasks) → maps written, with every service present.");
+    println!("  RSS at ready; of file: the binary's and libraries' pages in it; peak: the highest RSS before ready.");
     println!("  targets: 10k × 10 programmed ≤ 1 s, RSS ≤ 64 MB, event→map p99 ≤ 50 ms");
 
     let fanout: Vec<usize> = fanout.iter().copied().filter(|&n| n > 0).collect();
@@ -317,6 +325,7 @@ struct ColdRow {
     apply_ms: f64,
     entries: u64,
     rss_mb: f64,
+    file_mb: f64,
     peak_mb: f64,
     cpu_ms: f64,
     p50: f64,
@@ -352,7 +361,7 @@ fn cold_and_latency(
         .as_f64()
         .unwrap_or(f64::NAN)
         - m.started_unix_ms;
-    let (rss_mb, peak_mb) = m.rss_mb();
+    let (rss_mb, file_mb, peak_mb) = m.rss_mb();
     let cpu_ms = m.cpu_ms();
     let backends = st["counts"]["backends"].as_u64().unwrap_or(0) as usize;
     ensure!(
@@ -409,6 +418,7 @@ fn cold_and_latency(
         apply_ms,
         entries,
         rss_mb,
+        file_mb,
         peak_mb,
         cpu_ms,
         p50: percentile(samples.clone(), 0.5),

@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 
 /// mimalloc rather than glibc's malloc: the L7 request path allocates per request, and
 /// glibc's malloc and free took about 8% of its CPU (`cargo xtask bench l7`).
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -19,6 +20,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// becomes resident whole) and returning freed pages at once (purge delay 0, rather than
 /// 10 ms later, which let the cold read's garbage pile up): 77 MB, and the CPU stays
 /// mimalloc's.
+#[cfg(feature = "mimalloc")]
 fn tune_allocator() {
     // `mi_option_purge_delay` in mimalloc v3's `mi_option_e` (libmimalloc-sys names only
     // some of the options).
@@ -26,6 +28,9 @@ fn tune_allocator() {
     // SAFETY: sets an option; no memory is touched.
     unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, 0) };
 }
+
+#[cfg(not(feature = "mimalloc"))]
+fn tune_allocator() {}
 use clap::{Args, Parser, Subcommand};
 use meshd::datapath::ebpf::ingress::IngressSettings;
 use meshd::{
