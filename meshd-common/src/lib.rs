@@ -394,7 +394,7 @@ pub struct AffinityValue {
 pub const ID_LEN: usize = 32;
 
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct LbMeta {
     pub service_id: [u8; ID_LEN],
     pub network_id: [u8; ID_LEN],

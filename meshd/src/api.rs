@@ -435,7 +435,7 @@ fn handle(shared: &Shared, req: Request) -> Result<Value> {
                     let lbs: Vec<_> = desired.lbs_of(&s.id).collect();
                     ServiceSummary {
                         id: s.id.to_string(),
-                        name: s.name.clone(),
+                        name: s.name.to_string(),
                         mode: s.mode,
                         vips: s
                             .vips
@@ -466,7 +466,7 @@ fn handle(shared: &Shared, req: Request) -> Result<Value> {
             let s = state
                 .services
                 .values()
-                .find(|s| s.name == name || *s.id == *name || s.id.starts_with(&name))
+                .find(|s| *s.name == *name || *s.id == *name || s.id.starts_with(&name))
                 .with_context(|| format!("no service named {name:?}"))?;
             let node_name = |id: &str| {
                 state
@@ -558,7 +558,7 @@ fn handle(shared: &Shared, req: Request) -> Result<Value> {
                 .collect();
             Ok(serde_json::to_value(ServiceView {
                 id: s.id.to_string(),
-                name: s.name.clone(),
+                name: s.name.to_string(),
                 mode: s.mode,
                 vips,
                 not_serving,

@@ -55,7 +55,7 @@ pub struct IngressBackend {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IngressLb {
     pub service_id: Id,
-    pub service_name: String,
+    pub service_name: std::sync::Arc<str>,
     /// The port inside the task.
     pub target: u16,
     pub client: ClientAddress,

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     l7::labels::{self, BackendMode, RouteSpec},
-    model::{ClusterState, EndpointMode, Id, Kind, PublishMode, Rejected},
+    model::{ClusterState, EndpointMode, Id, Kind, PublishMode, Rejected, TaskId},
 };
 
 /// The host a `default_backend` service claims: no host name can be empty.
@@ -51,13 +51,13 @@ pub enum Via {
 pub struct Upstream {
     pub addr: SocketAddrV4,
     /// The task behind it (none for a VIP): what a sticky cookie names.
-    pub task: Option<Id>,
+    pub task: Option<TaskId>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct L7Route {
     pub service_id: Id,
-    pub service_name: String,
+    pub service_name: std::sync::Arc<str>,
     pub spec: RouteSpec,
     pub via: Via,
     /// Sorted; empty while no task serves (requests get 503).
@@ -405,10 +405,10 @@ impl L7Claims {
                     id: sid.to_string(),
                     reason: format!(
                         "{}: no L7 route: {k} is served by {} (created earlier)",
-                        route.as_ref().map_or("", |r| r.service_name.as_str()),
+                        route.as_ref().map_or("", |r| &*r.service_name),
                         self.routes
                             .get(holder)
-                            .map_or(holder.to_string(), |r| r.service_name.clone())
+                            .map_or(holder.to_string(), |r| r.service_name.to_string())
                     ),
                 }),
                 (Some(_), None) => None,

@@ -39,7 +39,7 @@ pub struct LbRef {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lb {
-    pub service_name: String,
+    pub service_name: Arc<str>,
     pub vip: Ipv4Addr,
     /// Live backends' addresses, sorted, one per address (which task each is, is the
     /// state's to say: `backend_task`; 100 000 task ids here would be 2 MB).

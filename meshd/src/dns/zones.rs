@@ -183,7 +183,7 @@ pub fn network_records(state: &ClusterState, network_id: &str) -> Option<Network
         let mut live: Vec<Ipv4Addr> = tasks.iter().map(|&(_, ip)| ip).collect();
         state.reachable_of(network_id, &mut live);
         live.sort();
-        let of: Name = svc.name.as_str().into();
+        let of: Name = svc.name.clone();
         let main = match (svc.mode, svc.vips.get(network_id)) {
             (EndpointMode::Vip, Some(vip)) => {
                 net.ptr.insert(
@@ -234,7 +234,7 @@ pub fn network_records(state: &ClusterState, network_id: &str) -> Option<Network
     // the hostnames its service's template gives it.
     let mut table = TaskNames::builder();
     for (svc, tasks) in services.iter().zip(&live_tasks) {
-        let service = table.service(&svc.name.as_str().into());
+        let service = table.service(&svc.name);
         for &(t, ip) in tasks {
             if !push_task(&mut table, service, t, ip) {
                 let name: Name = task_name(&svc.name, t).into();

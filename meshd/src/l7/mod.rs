@@ -166,7 +166,7 @@ impl RoutesView {
                 routes.push(RouteView {
                     host: k.host,
                     path: k.path,
-                    service: r.service_name.clone(),
+                    service: r.service_name.to_string(),
                     mode: mode.clone(),
                     network: network.clone(),
                     backends: r.upstreams.iter().map(|u| u.addr.to_string()).collect(),

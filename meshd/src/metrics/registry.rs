@@ -399,7 +399,7 @@ fn service_connections(r: &mut Registry, shared: &Shared, c: &crate::datapath::e
             .state
             .services
             .get(&lb.service_id)
-            .map_or_else(|| lb.service_id.to_string(), |s| s.name.clone());
+            .map_or_else(|| lb.service_id.to_string(), |s| s.name.to_string());
         *per.entry(name).or_default() += n;
     }
     r.register(

@@ -4,11 +4,13 @@
 mod netmap;
 mod objects;
 mod state;
+mod task_id;
 mod tasks;
 
 pub use netmap::NetMap;
 pub use objects::*;
 pub use state::{Change, ClusterState, Dirty, Resync};
+pub use task_id::TaskId;
 pub use tasks::Tasks;
 
 #[cfg(test)]

@@ -3,7 +3,7 @@ use std::{collections::BTreeMap, fmt, net::Ipv4Addr, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
-use super::NetMap;
+use super::{NetMap, TaskId};
 
 /// A swarm object id (service, task, node, network). Shared, not copied: a task's service,
 /// node and networks are the same allocation as the service's, node's and network's own id,
@@ -144,7 +144,8 @@ pub struct PublishedPort {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Service {
     pub id: Id,
-    pub name: String,
+    /// Shared: the load balancers and every network's DNS names hold this allocation.
+    pub name: Arc<str>,
     pub mode: EndpointMode,
     /// The service's VIP on each network it is attached to, by network id.
     pub vips: NetMap<Ipv4Addr>,
@@ -235,7 +236,7 @@ impl<'de> Deserialize<'de> for ShortId {
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Task {
-    pub id: Id,
+    pub id: TaskId,
     pub service_id: Id,
     /// Empty while the task is not scheduled.
     pub node_id: Id,

@@ -7,7 +7,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::objects::*;
+use super::{objects::*, TaskId};
 
 /// One thing a source learned.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -320,10 +320,10 @@ impl ClusterState {
             Change::PutTask(t) => self.put_task(t, &mut d),
             Change::DropTask(id) => self.drop_task(&id, &mut d),
             Change::ServiceTasks { service_id, tasks } => {
-                let keep: BTreeSet<Id> = tasks.iter().map(|t| t.id.clone()).collect();
-                let gone: Vec<Id> = self
+                let keep: BTreeSet<&str> = tasks.iter().map(|t| &*t.id).collect();
+                let gone: Vec<TaskId> = self
                     .tasks_of(&service_id)
-                    .filter(|t| !keep.contains(&t.id))
+                    .filter(|t| !keep.contains(&*t.id))
                     .map(|t| t.id.clone())
                     .collect();
                 for id in gone {
@@ -540,7 +540,7 @@ impl ClusterState {
             drop_ref(&mut self.index.services_by_network, net, id);
         }
         // Its tasks go with it.
-        let tasks: Vec<Id> = self.tasks_of(id).map(|t| t.id.clone()).collect();
+        let tasks: Vec<TaskId> = self.tasks_of(id).map(|t| t.id.clone()).collect();
         for t in tasks {
             self.drop_task(&t, d);
         }
@@ -931,7 +931,7 @@ pub(crate) mod tests {
     pub fn svc(id: &str, nets: &[(&str, [u8; 4])]) -> Service {
         Service {
             id: id.into(),
-            name: format!("svc-{id}"),
+            name: format!("svc-{id}").into(),
             mode: EndpointMode::Vip,
             vips: nets
                 .iter()

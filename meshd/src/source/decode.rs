@@ -198,7 +198,7 @@ pub fn service(raw: &RawValue) -> Result<Service, String> {
         .is_some_and(|u| matches!(u.state.as_str(), "updating" | "rollback_started"));
     Ok(Service {
         id: id.into(),
-        name,
+        name: name.into(),
         mode,
         vips,
         aliases,
@@ -843,7 +843,7 @@ mod tests {
         .to_string();
         let (ok, rejected) = list(body.as_bytes(), Kind::Service, service).unwrap();
         assert_eq!(ok.len(), 1);
-        assert_eq!(ok[0].name, "web");
+        assert_eq!(&*ok[0].name, "web");
         let ids: Vec<_> = rejected.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(ids, ["s2", "s3", "?", "s5"]);
         assert!(rejected[0].reason.contains("10.0.1.300"));

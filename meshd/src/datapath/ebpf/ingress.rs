@@ -315,7 +315,7 @@ impl Ingress {
             ports.push(PortView {
                 port: p.port,
                 protocol: p.protocol.to_string(),
-                service: lb.service_name.clone(),
+                service: lb.service_name.to_string(),
                 target: lb.target,
                 client_address: lb.client,
                 programmed: held.is_some(),

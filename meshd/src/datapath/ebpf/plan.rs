@@ -174,7 +174,7 @@ pub fn plan(
     let mut orphan_ids: BTreeSet<u32> = BTreeSet::new();
     if everything {
         lbs.extend(desired.lbs.keys().cloned());
-        lbs.extend(applied.lb_ids().keys().cloned());
+        lbs.extend(applied.lb_refs());
         cookies.extend(desired.sandboxes.keys().copied());
         cookies.extend(applied.sandboxes.keys().copied());
         // Entries whose id has no meta entry (nothing meshd wrote leaves these, but a

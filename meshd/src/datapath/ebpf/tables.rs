@@ -107,8 +107,9 @@ pub struct KernelTables {
     pub backends: BTreeMap<BackendSlot, BackendValue>,
     pub lb_meta: BTreeMap<u32, LbMeta>,
     pub net_meta: BTreeMap<u32, NetMeta>,
-    /// Derived from the tables above.
-    lb_ids: BTreeMap<LbRef, u32>,
+    /// Derived from the tables above. Keyed by the meta entry's bytes, not by `LbRef`:
+    /// an `LbRef` made from them is two fresh id allocations (1 MB at 10k services).
+    lb_ids: BTreeMap<LbMeta, u32>,
     net_ids: BTreeMap<String, u32>,
     /// Network index → how many VIP entries and sandbox entries name it.
     net_users: BTreeMap<u32, usize>,
@@ -215,11 +216,12 @@ impl KernelTables {
     }
 
     pub fn lb_id(&self, r: &LbRef) -> Option<u32> {
-        self.lb_ids.get(r).copied()
+        self.lb_ids.get(&lb_meta(r)).copied()
     }
 
-    pub fn lb_ids(&self) -> &BTreeMap<LbRef, u32> {
-        &self.lb_ids
+    /// The load balancers that have a meta entry.
+    pub fn lb_refs(&self) -> impl Iterator<Item = LbRef> + '_ {
+        self.lb_ids.keys().map(lb_ref)
     }
 
     pub fn net_index(&self, network_id: &str) -> Option<u32> {
@@ -333,12 +335,12 @@ impl KernelTables {
         match *op {
             Op::PutLbMeta(id, m) => {
                 if let Some(old) = self.lb_meta.insert(id, m) {
-                    self.lb_ids.remove(&lb_ref(&old));
+                    self.lb_ids.remove(&old);
                     self.count_lb(&old, false);
                 } else {
                     self.used_lb_ids.add(id);
                 }
-                self.lb_ids.insert(lb_ref(&m), id);
+                self.lb_ids.insert(m, id);
                 self.count_lb(&m, true);
             }
             Op::PutNetMeta(i, m) => {
@@ -403,7 +405,7 @@ impl KernelTables {
             }
             Op::DelLbMeta(id) => {
                 if let Some(old) = self.lb_meta.remove(&id) {
-                    self.lb_ids.remove(&lb_ref(&old));
+                    self.lb_ids.remove(&old);
                     self.count_lb(&old, false);
                     self.used_lb_ids.remove(id);
                 }
