@@ -315,7 +315,10 @@ impl Compiler {
                 .map(|k| Id::from(k.as_str())),
         );
         dirty.sandboxes.extend(self.cookie_of.keys().cloned());
-        self.update(state, &dirty)
+        let changed = self.update(state, &dirty);
+        // Every load balancer was just put, in service order.
+        crate::model::repack(&mut self.desired.lbs);
+        changed
     }
 
     /// Recompiles what `dirty` names and says what changed.

@@ -836,6 +836,8 @@ impl ClusterState {
         match r {
             Resync::Services(list, rej) => {
                 replace!(list, services, id, put_service, drop_service);
+                // Every service, in id order: 1 MB of half-empty nodes at 10k services.
+                super::repack(&mut self.services);
                 self.replace_rejections(Kind::Service, rej, d);
             }
             Resync::Tasks(list, rej) => {

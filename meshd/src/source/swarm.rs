@@ -552,6 +552,7 @@ impl SwarmSource {
             self.seen.entry(s.id.to_string()).or_default().updating = s.updating;
         }
         self.seen.retain(|k, _| ids.contains(k));
+        crate::model::repack(&mut self.seen);
         self.follow.retain(|k, _| ids.contains(k));
         changes.push(Change::Resync(Resync::Services(services, rs)));
         self.send(changes, None);

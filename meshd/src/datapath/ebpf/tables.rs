@@ -12,7 +12,7 @@ use meshd_common::{
 };
 
 use super::ids::IdSpace;
-use crate::compile::LbRef;
+use crate::{compile::LbRef, model::repack};
 
 /// The address as the kernel holds it in `sock_addr` (network byte order in memory).
 pub fn addr_be(ip: Ipv4Addr) -> u32 {
@@ -172,14 +172,11 @@ impl KernelTables {
     /// 100 000 backend slots that is 1.5 MB for nothing. A rebuild from sorted entries fills
     /// them; it costs a few milliseconds, once per full apply.
     pub fn compact(&mut self) {
-        fn packed<K: Ord, V>(m: &mut BTreeMap<K, V>) {
-            *m = std::mem::take(m).into_iter().collect();
-        }
-        packed(&mut self.backends);
-        packed(&mut self.vips);
-        packed(&mut self.lbs);
-        packed(&mut self.lb_meta);
-        packed(&mut self.lb_ids);
+        repack(&mut self.backends);
+        repack(&mut self.vips);
+        repack(&mut self.lbs);
+        repack(&mut self.lb_meta);
+        repack(&mut self.lb_ids);
     }
 
     /// Network indices a sandbox entry names.
