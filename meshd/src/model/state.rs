@@ -836,7 +836,7 @@ impl ClusterState {
         match r {
             Resync::Services(list, rej) => {
                 replace!(list, services, id, put_service, drop_service);
-                // Every service, in id order: 1 MB of half-empty nodes at 10k services.
+                // Every service was just put in id order: about 1 MB of node slack at 10k services.
                 super::repack(&mut self.services);
                 self.replace_rejections(Kind::Service, rej, d);
             }

@@ -43,12 +43,6 @@ impl TaskId {
     }
 }
 
-impl Default for TaskId {
-    fn default() -> TaskId {
-        TaskId::new("")
-    }
-}
-
 impl Deref for TaskId {
     type Target = str;
     fn deref(&self) -> &str {
