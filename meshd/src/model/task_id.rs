@@ -56,26 +56,8 @@ impl Borrow<str> for TaskId {
     }
 }
 
-impl AsRef<str> for TaskId {
-    fn as_ref(&self) -> &str {
-        self.as_str()
-    }
-}
-
 impl From<&str> for TaskId {
     fn from(s: &str) -> TaskId {
-        TaskId::new(s)
-    }
-}
-
-impl From<String> for TaskId {
-    fn from(s: String) -> TaskId {
-        TaskId::new(&s)
-    }
-}
-
-impl From<&String> for TaskId {
-    fn from(s: &String) -> TaskId {
         TaskId::new(s)
     }
 }
@@ -88,18 +70,6 @@ impl PartialEq for TaskId {
 }
 
 impl Eq for TaskId {}
-
-impl PartialEq<str> for TaskId {
-    fn eq(&self, o: &str) -> bool {
-        self.as_str() == o
-    }
-}
-
-impl PartialEq<&str> for TaskId {
-    fn eq(&self, o: &&str) -> bool {
-        self.as_str() == *o
-    }
-}
 
 impl PartialOrd for TaskId {
     fn partial_cmp(&self, o: &TaskId) -> Option<Ordering> {

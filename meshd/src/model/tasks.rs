@@ -57,6 +57,16 @@ fn spread(h: u32) -> u64 {
     u64::from(h) * 0x1_0000_0001
 }
 
+/// Whether a table entry is task `id`'s (hash `h`): its hash bits match and its list
+/// holds the id.
+fn is_entry<'a>(
+    lists: &'a [(Id, Vec<Task>)],
+    h: u32,
+    id: &'a str,
+) -> impl Fn(&(u32, u32)) -> bool + 'a {
+    move |&(eh, slot)| eh == h && find(&lists[slot as usize].1, id).is_ok()
+}
+
 impl Tasks {
     fn hash(&self, id: &str) -> u32 {
         #[cfg(test)]
@@ -66,13 +76,10 @@ impl Tasks {
         (self.hasher.hash_one(id) >> 32) as u32
     }
 
-    /// The slot of the list that holds task `id`.
-    fn slot_of(&self, id: &str) -> Option<u32> {
-        let h = self.hash(id);
+    /// The slot of the list that holds task `id`, whose hash is `h`.
+    fn slot_of(&self, h: u32, id: &str) -> Option<u32> {
         self.by_id
-            .find(spread(h), |&(eh, slot)| {
-                eh == h && find(&self.lists[slot as usize].1, id).is_ok()
-            })
+            .find(spread(h), is_entry(&self.lists, h, id))
             .map(|&(_, slot)| slot)
     }
 
@@ -104,12 +111,12 @@ impl Tasks {
     }
 
     pub fn get(&self, id: &str) -> Option<&Task> {
-        let list = &self.lists[self.slot_of(id)? as usize].1;
+        let list = &self.lists[self.slot_of(self.hash(id), id)? as usize].1;
         find(list, id).ok().map(|i| &list[i])
     }
 
     pub fn contains_key(&self, id: &str) -> bool {
-        self.slot_of(id).is_some()
+        self.slot_of(self.hash(id), id).is_some()
     }
 
     /// A service's tasks, sorted by id.
@@ -134,7 +141,8 @@ impl Tasks {
     /// Puts `t` in (replacing the task with its id), and returns the one it replaced. A
     /// task never changes service; one that claims to is moved.
     pub fn insert(&mut self, t: Task) -> Option<Task> {
-        let old = match self.slot_of(&t.id) {
+        let h = self.hash(&t.id);
+        let old = match self.slot_of(h, &t.id) {
             Some(s) if self.lists[s as usize].0 == t.service_id => {
                 let list = &mut self.lists[s as usize].1;
                 let i = find(list, &t.id).expect("the table points at its list");
@@ -143,7 +151,6 @@ impl Tasks {
             Some(_) => self.remove(&t.id),
             None => None,
         };
-        let h = self.hash(&t.id);
         let s = self.slot_for(&t.service_id);
         let list = &mut self.lists[s as usize].1;
         let i = find(list, &t.id).expect_err("not in the table, so not in its list");
@@ -158,12 +165,9 @@ impl Tasks {
 
     pub fn remove(&mut self, id: &str) -> Option<Task> {
         let h = self.hash(id);
-        let lists = &self.lists;
         let entry = self
             .by_id
-            .find_entry(spread(h), |&(eh, slot)| {
-                eh == h && find(&lists[slot as usize].1, id).is_ok()
-            })
+            .find_entry(spread(h), is_entry(&self.lists, h, id))
             .ok()?;
         let ((_, s), _) = entry.remove();
         let (service, list) = &mut self.lists[s as usize];
@@ -171,7 +175,8 @@ impl Tasks {
         let t = list.remove(i);
         if list.is_empty() {
             self.slots.remove(&**service);
-            self.lists[s as usize] = (Id::from(""), Vec::new());
+            // Free the list's room; the slot's id stays until `slot_for` reuses it.
+            *list = Vec::new();
             self.free.push(s);
         } else if list.capacity() > list.len() + list.len() / 4 {
             list.shrink_to_fit();
